@@ -1,1 +1,49 @@
-fn main() {}
+//! The `mmllm` binary: parse, run, map the error to an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use mmllm::cli::{Cli, Command};
+use mmllm::error::Error;
+
+fn main() -> ExitCode {
+    // Ctrl-C: stop at once with the conventional status; finished output was already flushed.
+    let _ = ctrlc::set_handler(|| std::process::exit(130));
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::GenerateDocs { out_dir } => {
+            mmllm::cli::generate_docs(out_dir).map_err(Error::from)
+        }
+        Command::Batch(_) => Err(Error::usage(
+            "batch: not available in this build yet (expected image, video, audio or embeds)",
+        )),
+        cmd => mmllm::app::oneshot::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mmllm: error: {}", chain(&e));
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+/// A reader that closed our stdout early (`| head`) is not an error.
+fn is_broken_pipe(e: &Error) -> bool {
+    match e {
+        Error::Runtime(err) => err.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        }),
+        _ => false,
+    }
+}
+
+/// The error and its causes, `: `-joined.
+fn chain(e: &Error) -> String {
+    match e {
+        Error::Runtime(err) => format!("{err:#}"),
+        other => other.to_string(),
+    }
+}

@@ -2,3 +2,4 @@
 //! drives a [`Model`](crate::models::Model). Emits events; never imports `sink`, `hub`, `cli`.
 
 pub mod kv;
+pub mod generate;

@@ -80,3 +80,76 @@ impl MediaItem {
         }
     }
 }
+
+/// Byte caps for reading each kind of input (downloads stop past them).
+pub const MAX_AUDIO_BYTES: u64 = 512 << 20;
+pub const MAX_VIDEO_BYTES: u64 = 2 << 30;
+pub const MAX_EMBEDS_BYTES: u64 = 2 << 30;
+
+/// How to decode one media argument.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub images: image::ImageLimits,
+    pub frames: video::FrameSampling,
+    /// Sample rate of `.npy` audio, which carries none.
+    pub npy_sample_rate: Option<u32>,
+}
+
+/// Reads `source` and decodes it as `modality` (or as embeddings of it when `embeds`).
+pub fn load(
+    source: &source::Source,
+    modality: Modality,
+    embeds: bool,
+    opts: &LoadOptions,
+    stdin: &mut dyn std::io::Read,
+) -> crate::error::Result<MediaItem> {
+    let input = source.display();
+    if embeds {
+        let bytes = source.read(modality, MAX_EMBEDS_BYTES, stdin)?;
+        return Ok(MediaItem::Embeds(embeds::load_embeds(
+            &bytes, &input, modality,
+        )?));
+    }
+    match modality {
+        Modality::Image => {
+            let bytes = source.read(modality, opts.images.max_bytes, stdin)?;
+            Ok(MediaItem::Image(image::decode_image(
+                &bytes,
+                &input,
+                &opts.images,
+            )?))
+        }
+        Modality::Audio => {
+            let bytes = source.read(modality, MAX_AUDIO_BYTES, stdin)?;
+            let is_npy = bytes.starts_with(b"\x93NUMPY");
+            let audio = match (is_npy, opts.npy_sample_rate) {
+                (true, Some(rate)) => audio::audio_from_npy(&bytes, &input, rate, None)?,
+                (true, None) => {
+                    return Err(crate::error::Error::input(
+                        &input,
+                        "a .npy array carries no sample rate",
+                        "--sample-rate HZ with .npy audio",
+                    ))
+                }
+                (false, _) => audio::decode_audio(&bytes, &input, None)?,
+            };
+            Ok(MediaItem::Audio(audio))
+        }
+        Modality::Video => {
+            let decode_frame = |bytes: &[u8], name: &str| image::decode_image(bytes, name, &opts.images);
+            let video = match source {
+                source::Source::Path(p) if p.is_dir() => {
+                    video::video_from_dir(p, &input, &opts.frames, &decode_frame)?
+                }
+                source::Source::Path(p) if p.is_file() => {
+                    video::decode_video(p, &input, &opts.frames)?
+                }
+                _ => {
+                    let bytes = source.read(modality, MAX_VIDEO_BYTES, stdin)?;
+                    video::decode_video_bytes(&bytes, &input, &opts.frames)?
+                }
+            };
+            Ok(MediaItem::Video(video))
+        }
+    }
+}

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""LLaVA on one GPU: parity of the tiny fixture (f32 and bf16) and speed at LLaVA-1.5-7B's
+real shape (random weights, bf16), mmllm and Hugging Face transformers side by side.
+
+Runs on a machine with an NVIDIA GPU, PyTorch and transformers, no Rust toolchain and no
+network, given an `mmllm` binary built with `--features cuda`:
+
+    python3 bench/llava_gpu.py --mmllm ./mmllm [--skip-7b]
+
+Prints a table on stdout and exits non-zero if a parity check fails.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import transformers
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "tests/fixtures/llava-tiny")
+PHOTO = os.path.join(REPO, "tests/data/llava_photo_1.jpg")
+PROMPT = "What is in this image?"
+
+
+def run_mmllm(binary, model, *extra):
+    cmd = [binary, "image", "--model", model, "--output", "jsonl", *extra, PHOTO, PROMPT]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr)
+        raise SystemExit(f"mmllm failed ({out.returncode}): {' '.join(cmd)}")
+    return json.loads(out.stdout.strip().splitlines()[-1]), wall, " ".join(cmd)
+
+
+def tiny_parity(binary):
+    """Greedy ids and top-5 logprobs of the tiny fixture on the GPU vs HF's CPU f32 reference."""
+    expected = json.load(open(os.path.join(TINY, "expected/photo_1.json")))
+    rows = []
+    ok = True
+    for dtype in ["f32", "bf16"]:
+        res, _, cmd = run_mmllm(binary, TINY, "--device", "cuda", "--dtype", dtype,
+                                "--max-tokens", str(len(expected["greedy_ids"])),
+                                "--ignore-eos", "--logprobs", "5")
+        ids_equal = res["token_ids"] == expected["greedy_ids"]
+        # Compare the top-5 logprobs of steps whose tokens agree so far.
+        max_err = 0.0
+        for step, (got, want) in enumerate(zip(res["logprobs"], expected["step_top"])):
+            if res["token_ids"][:step + 1] != expected["greedy_ids"][:step + 1]:
+                break
+            for t, (wid, wlp) in zip(got["top"], zip(want["ids"], want["logprobs"])):
+                if t["token_id"] == wid:
+                    max_err = max(max_err, abs(t["logprob"] - wlp))
+        rows.append((dtype, ids_equal, max_err, cmd))
+        if dtype == "f32" and (not ids_equal or max_err > 1e-3):
+            ok = False
+    return rows, ok
+
+
+def make_llava7b(out_dir):
+    """Random LLaVA-1.5-7B-shaped checkpoint in bf16 with the tiny fixture's tokenizer files."""
+    tok = json.load(open(os.path.join(TINY, "config.json")))
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text = transformers.LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=tok["pad_token_id"])
+    config = transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tok["image_token_index"],
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = transformers.LlavaForConditionalGeneration(config)
+        torch.set_default_dtype(torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for f in os.listdir(TINY):
+        if f not in ("config.json", "model.safetensors", "generation_config.json") and \
+                os.path.isfile(os.path.join(TINY, f)):
+            shutil.copy(os.path.join(TINY, f), out_dir)
+    return model
+
+
+def hf_speed(model, model_dir, new_tokens):
+    processor = transformers.AutoProcessor.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=Image.open(PHOTO), text=text, return_tensors="pt").to("cuda")
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    model.eval()
+
+    def timed(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timed(2)  # warm-up
+    ttft = min(timed(1) for _ in range(3))
+    total = timed(new_tokens)
+    return ttft, (new_tokens - 1) / (total - ttft), inputs["input_ids"].shape[1]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mmllm", required=True)
+    ap.add_argument("--skip-7b", action="store_true")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    args = ap.parse_args()
+    print(f"card: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
+          f"transformers {transformers.__version__}")
+    rows, ok = tiny_parity(args.mmllm)
+    print("\n| tiny LLaVA on GPU | greedy ids equal HF (CPU f32) | max top-5 logprob error |")
+    print("|---|---|---|")
+    for dtype, eq, err, _ in rows:
+        print(f"| {dtype} | {eq} | {err:.2e} |")
+    for _, _, _, cmd in rows:
+        print(f"  command: {cmd}")
+    if not args.skip_7b:
+        d = tempfile.mkdtemp(prefix="llava7b-")
+        t0 = time.perf_counter()
+        model = make_llava7b(d)
+        print(f"\nbuilt random LLaVA-1.5-7B-shape checkpoint in {time.perf_counter() - t0:.0f} s")
+        hf_ttft, hf_tps, n_prompt = hf_speed(model, d, args.new_tokens)
+        del model
+        torch.cuda.empty_cache()
+        extra = ["--device", "cuda", "--dtype", "bf16", "--max-tokens", str(args.new_tokens),
+                 "--ignore-eos"]
+        run_mmllm(args.mmllm, d, *extra)  # warm-up (PTX JIT, page cache)
+        res, wall, cmd = run_mmllm(args.mmllm, d, *extra)
+        t = res["timing"]
+        weight_bytes = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
+                           if f.endswith(".safetensors"))
+        print(f"\n| LLaVA-1.5-7B shape, bf16, batch 1, {n_prompt} prompt tokens | TTFT ms | decode tok/s |")
+        print("|---|---|---|")
+        print(f"| HF transformers {transformers.__version__} generate | {hf_ttft * 1e3:.1f} | {hf_tps:.1f} |")
+        print(f"| mmllm | {t['ttft_ms']:.1f} | {t['tokens_per_s']:.1f} |")
+        print(f"  weights {weight_bytes / 1e9:.2f} GB; mmllm load {t['load_ms']:.0f} ms; "
+              f"process wall {wall:.1f} s; command: {cmd}")
+        shutil.rmtree(d, ignore_errors=True)
+    if not ok:
+        raise SystemExit("parity check failed on the GPU (f32)")
+
+
+if __name__ == "__main__":
+    main()
