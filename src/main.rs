@@ -14,9 +14,7 @@ fn main() -> ExitCode {
         Command::GenerateDocs { out_dir } => {
             mmllm::cli::generate_docs(out_dir).map_err(Error::from)
         }
-        Command::Batch(_) => Err(Error::usage(
-            "batch: not available in this build yet (expected image, video, audio or embeds)",
-        )),
+        Command::Batch(args) => mmllm::app::batch::run(args),
         cmd => mmllm::app::oneshot::run(cmd),
     };
     match result {

@@ -1,4 +1,6 @@
-//! Commands: `oneshot` runs image/video/audio/embeds prompts. Batch and serve build the same
-//! requests. Only `main` imports this module.
+//! Commands: `oneshot` runs image/video/audio/embeds prompts, `batch` runs manifests; both go
+//! through `pipeline`. Only `main` imports this module.
 
+pub mod batch;
 pub mod oneshot;
+pub mod pipeline;

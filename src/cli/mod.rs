@@ -146,6 +146,21 @@ pub struct GenArgs {
     pub dry_run: bool,
 }
 
+impl GenArgs {
+    /// The flags' defaults for `model`, as if nothing else were given (batch jobs start here).
+    pub fn default_for(model: &str) -> GenArgs {
+        // Parsing a minimal command line keeps these defaults identical to the flags'.
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            gen: GenArgs,
+        }
+        let mut gen = Only::parse_from(["mmllm", "--model", "m"]).gen;
+        gen.model = model.to_string();
+        gen
+    }
+}
+
 #[derive(Debug, Args, Clone)]
 pub struct ImageArgs {
     #[command(flatten)]

@@ -3,10 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::path::Path;
 
 use super::{Command, DTypeArg, FrameArgs, GenArgs, ModalityArg, OutputFormat, PromptArgs};
 use crate::engine::sampler::SamplingParams;
 use crate::error::{Error, Result};
+use crate::manifest::Job;
 use crate::media::source::Source;
 use crate::media::video::FrameSampling;
 use crate::media::{MediaItem, Modality};
@@ -152,16 +154,7 @@ impl Plan {
             }
         }
         let chat_template = match &prompt.chat_template {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    Error::input(
-                        path.display().to_string(),
-                        format!("cannot read the chat template: {e}"),
-                        "a readable Jinja template file",
-                    )
-                })?;
-                Some((path.display().to_string(), text))
-            }
+            Some(path) => Some((path.display().to_string(), read_template(path)?)),
             None => None,
         };
         let limits = match &prompt.limit_mm_per_prompt {
@@ -200,6 +193,88 @@ impl Plan {
             device: parse_device(&gen.device)?,
             dtype: gen.dtype,
             dry_run: gen.dry_run,
+        })
+    }
+
+    /// Builds the plan of one batch job (its settings already merged with the defaults).
+    pub fn from_job(job: &Job, device: DeviceChoice, dtype: DTypeArg) -> Result<Plan> {
+        let s = &job.settings;
+        let embeds_modality = match s.modality.as_deref() {
+            None | Some("image") => Modality::Image,
+            Some("video") => Modality::Video,
+            Some("audio") => Modality::Audio,
+            Some(other) => {
+                return Err(Error::usage(format!(
+                    "modality {other:?} (expected image, video or audio)"
+                )))
+            }
+        };
+        let mut media = Vec::new();
+        for (list, kind) in [
+            (&s.images, InputKind::Media(Modality::Image)),
+            (&s.videos, InputKind::Media(Modality::Video)),
+            (&s.audios, InputKind::Media(Modality::Audio)),
+            (&s.embeds, InputKind::Embeds(embeds_modality)),
+        ] {
+            for item in list.iter().flatten() {
+                if item == "-" {
+                    return Err(Error::usage(
+                        "`-` (standard input) cannot be used in a manifest (expected a path or URL)",
+                    ));
+                }
+                media.push(MediaArg {
+                    source: Source::parse(item)?,
+                    kind,
+                });
+            }
+        }
+        let chat_template = match &s.chat_template {
+            Some(path) => Some((path.clone(), read_template(Path::new(path))?)),
+            None => None,
+        };
+        let limits = match &s.limit_mm_per_prompt {
+            Some(spec) => parse_limits(spec)?,
+            None => BTreeMap::new(),
+        };
+        let frames = frame_sampling(FrameArgs {
+            num_frames: s.num_frames.map(|n| n as usize),
+            fps: s.fps,
+        })?;
+        if s.sample_rate == Some(0) {
+            return Err(Error::usage("sample_rate: 0 Hz (expected a positive rate)"));
+        }
+        let defaults = GenArgs::default_for(job.model());
+        let gen = GenArgs {
+            max_tokens: s.max_tokens.map_or(defaults.max_tokens, |n| n as usize),
+            temperature: s.temperature.unwrap_or(defaults.temperature),
+            top_p: s.top_p,
+            top_k: s.top_k.map(|k| k as usize),
+            repetition_penalty: s.repetition_penalty.map(|p| p as f32),
+            seed: s.seed.unwrap_or(defaults.seed),
+            stop: s.stop.clone().unwrap_or_default(),
+            logprobs: s.logprobs.map(|n| n as usize),
+            ..defaults
+        };
+        Ok(Plan {
+            model: job.model().to_string(),
+            id: job.id.clone(),
+            prompt: s.prompt.clone().unwrap_or_default(),
+            system: s.system.clone(),
+            raw: s.raw.unwrap_or(false),
+            chat_template,
+            media,
+            extra_tensors: Vec::new(),
+            limits,
+            frames,
+            as_images: s.as_images.unwrap_or(false),
+            sample_rate: s.sample_rate.map(|r| r as u32),
+            min_pixels: s.min_pixels,
+            max_pixels: s.max_pixels,
+            gen: gen_settings(&gen)?,
+            output: OutputFormat::Jsonl,
+            device,
+            dtype,
+            dry_run: false,
         })
     }
 
@@ -287,6 +362,16 @@ impl Plan {
         }
         Ok(())
     }
+}
+
+fn read_template(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| {
+        Error::input(
+            path.display().to_string(),
+            format!("cannot read the chat template: {e}"),
+            "a readable Jinja template file",
+        )
+    })
 }
 
 fn modality_of(m: ModalityArg) -> Modality {

@@ -1,0 +1,302 @@
+//! `mmllm batch`: a manifest of jobs run model by model (each model loaded once), one JSONL
+//! line per job written whole and flushed, in manifest order (or completion order with
+//! `--unordered`). A failed job gets an error line and the batch goes on; `--resume` keeps the
+//! finished results of an earlier run (repairing a line cut by a kill) and runs the rest.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::OpenOptions;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::pipeline::{self, Loaded, Resolved};
+use crate::cli::plan::{parse_device, Plan};
+use crate::cli::BatchArgs;
+use crate::engine::generate::generate;
+use crate::error::{Error, Result};
+use crate::manifest::{self, Job};
+use crate::sink::JsonResult;
+
+/// Runs the manifest; exit status 1 (as a runtime error) when any job failed.
+pub fn run(args: &BatchArgs) -> Result<()> {
+    let started = Instant::now();
+    let jobs = manifest::load(&args.manifest)?;
+    let device = parse_device(&args.device)?;
+    let name = args.manifest.display().to_string();
+    let mut plans = Vec::with_capacity(jobs.len());
+    let mut problems = Vec::new();
+    for job in &jobs {
+        match Plan::from_job(job, device, args.dtype) {
+            Ok(plan) => plans.push(plan),
+            Err(e) => problems.push(format!("  {name}:{}: job {:?}: {e}", job.line, job.id)),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::usage(format!(
+            "{name}: {} job(s) with invalid settings (expected values the matching flags accept):\n{}",
+            problems.len(),
+            problems.join("\n")
+        )));
+    }
+
+    let done: HashSet<String> = match (&args.output, args.resume) {
+        (Some(path), true) => repair_and_read(path)?,
+        _ => HashSet::new(),
+    };
+    let todo: Vec<usize> = (0..jobs.len())
+        .filter(|&i| !done.contains(&jobs[i].id))
+        .collect();
+    if !done.is_empty() {
+        eprintln!(
+            "mmllm: resuming: {} of {} job(s) already have results",
+            jobs.len() - todo.len(),
+            jobs.len()
+        );
+    }
+
+    // Models in order of first use; resolving reads only config.json.
+    let mut models: Vec<(String, Vec<usize>)> = Vec::new();
+    for &i in &todo {
+        let model = jobs[i].model().to_string();
+        match models.iter_mut().find(|(m, _)| *m == model) {
+            Some((_, list)) => list.push(i),
+            None => models.push((model, vec![i])),
+        }
+    }
+    let mut resolved: BTreeMap<String, Result<Resolved>> = BTreeMap::new();
+    for (model, _) in &models {
+        resolved.insert(model.clone(), pipeline::resolve(model));
+    }
+
+    let mut no_stdin = std::io::empty();
+    if args.strict {
+        let mut problems = Vec::new();
+        for &i in &todo {
+            let check = match &resolved[jobs[i].model()] {
+                Ok(r) => pipeline::prepare_media(&plans[i], r, &mut no_stdin).map(|_| ()),
+                Err(e) => Err(Error::usage(e.to_string())),
+            };
+            if let Err(e) = check {
+                problems.push(format!("  {name}:{}: job {:?}: {e}", jobs[i].line, jobs[i].id));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::usage(format!(
+                "{name}: --strict: {} job(s) with bad media or models (expected every job to be runnable):\n{}",
+                problems.len(),
+                problems.join("\n")
+            )));
+        }
+    }
+
+    let mut out = Output::open(args, &todo)?;
+    let progress = Progress::new(todo.len());
+    let (mut failed, mut tokens) = (0usize, 0usize);
+    for (model, indices) in &models {
+        let mut loaded: Option<Result<Loaded>> = None;
+        for &i in indices {
+            let (job, plan) = (&jobs[i], &plans[i]);
+            let result = match &resolved[model] {
+                Err(e) => Err(Error::usage(e.to_string())),
+                Ok(r) => run_job(plan, r, &mut loaded, &mut no_stdin),
+            };
+            let line = match result {
+                Ok((line, n)) => {
+                    tokens += n;
+                    line
+                }
+                Err(e) => {
+                    failed += 1;
+                    error_line(job, &e)
+                }
+            };
+            out.finished(i, line)?;
+            progress.tick(tokens, started);
+        }
+    }
+    progress.finish();
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "mmllm: batch: {} job(s) run, {failed} failed, {} skipped; {tokens} tokens in {secs:.1} s ({:.1} tokens/s)",
+        todo.len(),
+        jobs.len() - todo.len(),
+        tokens as f64 / secs.max(1e-9)
+    );
+    if failed > 0 {
+        return Err(Error::Runtime(anyhow::anyhow!(
+            "{failed} of {} job(s) failed (their lines in the output carry the errors)",
+            todo.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Runs one job, loading its model on first use; returns its result line and token count.
+fn run_job(
+    plan: &Plan,
+    resolved: &Resolved,
+    loaded: &mut Option<Result<Loaded>>,
+    stdin: &mut dyn std::io::Read,
+) -> Result<(String, usize)> {
+    let media = pipeline::prepare_media(plan, resolved, stdin)?;
+    let loaded = loaded.get_or_insert_with(|| pipeline::load(resolved, plan.device, plan.dtype));
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(e) => return Err(Error::Runtime(anyhow::anyhow!("loading {}: {e}", resolved.name))),
+    };
+    let request = pipeline::request(plan, resolved, loaded, &media)?;
+    let done = generate(loaded.model.as_ref(), &loaded.tokenizer, &request, &mut |_| Ok(()))?;
+    let line = serde_json::to_string(&JsonResult::new(&plan.id, &plan.model, &done, loaded.load_s))
+        .map_err(|e| Error::Runtime(e.into()))?;
+    Ok((line, done.token_ids.len()))
+}
+
+fn error_line(job: &Job, e: &Error) -> String {
+    let kind = match e {
+        Error::Usage(_) | Error::Input { .. } => "input",
+        Error::Runtime(_) => "runtime",
+    };
+    let message = match e {
+        Error::Runtime(err) => format!("{err:#}"),
+        other => other.to_string(),
+    };
+    json!({"id": job.id, "model": job.model(), "error": {"kind": kind, "message": message}})
+        .to_string()
+}
+
+/// Reads an earlier output for `--resume`: cuts a last line left unfinished by a kill, drops
+/// error lines (those jobs run again), and returns the ids that have results. The file is
+/// rewritten through a temporary file and a rename, so a second kill cannot lose lines.
+fn repair_and_read(path: &Path) -> Result<HashSet<String>> {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
+        Err(e) => {
+            return Err(Error::input(
+                path.display().to_string(),
+                format!("cannot read for --resume: {e}"),
+                "a readable JSONL results file",
+            ))
+        }
+    };
+    let complete = match text.iter().rposition(|&b| b == b'\n') {
+        Some(end) => &text[..=end],
+        None => &text[..0],
+    };
+    let mut keep = Vec::with_capacity(complete.len());
+    let mut ids = HashSet::new();
+    for line in complete.split_inclusive(|&b| b == b'\n') {
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(line) else {
+            continue;
+        };
+        match (value.get("id").and_then(|v| v.as_str()), value.get("error")) {
+            (Some(id), None) if ids.insert(id.to_string()) => keep.extend_from_slice(line),
+            _ => {}
+        }
+    }
+    if keep != text {
+        let tmp = path.with_extension("jsonl.resume-tmp");
+        std::fs::write(&tmp, &keep)?;
+        std::fs::rename(&tmp, path)?;
+    }
+    Ok(ids)
+}
+
+/// Where result lines go, in manifest order unless `--unordered`.
+struct Output {
+    writer: Box<dyn Write>,
+    /// Job indices in the order their lines must appear; `None` for completion order.
+    order: Option<Vec<usize>>,
+    next: usize,
+    pending: BTreeMap<usize, String>,
+}
+
+impl Output {
+    fn open(args: &BatchArgs, todo: &[usize]) -> Result<Self> {
+        let writer: Box<dyn Write> = match &args.output {
+            Some(path) => Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(args.resume)
+                    .write(true)
+                    .truncate(!args.resume)
+                    .open(path)
+                    .map_err(|e| {
+                        Error::input(
+                            path.display().to_string(),
+                            format!("cannot open for writing: {e}"),
+                            "a writable path",
+                        )
+                    })?,
+            ),
+            None => Box::new(std::io::stdout()),
+        };
+        Ok(Self {
+            writer,
+            order: (!args.unordered).then(|| todo.to_vec()),
+            next: 0,
+            pending: BTreeMap::new(),
+        })
+    }
+
+    /// Job `index` finished with `line`: write it, and any buffered lines now due.
+    fn finished(&mut self, index: usize, line: String) -> Result<()> {
+        let Some(order) = &self.order else {
+            return write_line(&mut self.writer, &line);
+        };
+        self.pending.insert(index, line);
+        while let Some(&due) = order.get(self.next) {
+            let Some(line) = self.pending.remove(&due) else {
+                break;
+            };
+            write_line(&mut self.writer, &line)?;
+            self.next += 1;
+        }
+        Ok(())
+    }
+}
+
+/// One whole line per write, flushed, so a kill leaves at most one unfinished line.
+fn write_line(w: &mut dyn Write, line: &str) -> Result<()> {
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line.as_bytes());
+    bytes.push(b'\n');
+    w.write_all(&bytes)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Jobs done / total, tokens/s and ETA on stderr, only on a terminal.
+struct Progress(Option<indicatif::ProgressBar>);
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        if !std::io::stderr().is_terminal() || total == 0 {
+            return Self(None);
+        }
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} jobs {msg} eta {eta}",
+        ) {
+            bar.set_style(style);
+        }
+        Self(Some(bar))
+    }
+
+    fn tick(&self, tokens: usize, started: Instant) {
+        if let Some(bar) = &self.0 {
+            let rate = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!("{rate:.1} tok/s"));
+            bar.inc(1);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
