@@ -2,3 +2,4 @@
 
 mod cli;
 mod llava_e2e;
+mod batch;
