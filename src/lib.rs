@@ -5,5 +5,6 @@
 
 pub mod engine;
 pub mod error;
+pub mod hub;
 pub mod media;
 pub mod models;
