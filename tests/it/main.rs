@@ -1,5 +1,8 @@
 //! The one integration-test binary: one module per area.
 
-mod cli;
-mod llava_e2e;
 mod batch;
+mod cli;
+mod hub;
+mod llava_e2e;
+mod source;
+mod util_http;
