@@ -518,6 +518,34 @@ fn stop_random_pieces_match_a_one_shot_search() {
     }
 }
 
+#[test]
+fn stop_over_detokenized_pieces_cuts_the_text() {
+    // The engine's pipeline: ids -> Detokenizer -> StopMatcher.
+    for (name, tok) in all_tokenizers() {
+        let text = "The café said 猫!\n\nUSER: more 😀";
+        let ids = tok.encode(text, false).expect("encode").get_ids().to_vec();
+        let mut d = Detokenizer::new(tok.clone(), true);
+        let stops = vec!["\n\nUSER".to_string(), "never".to_string()];
+        let full = tok.decode(&ids, true).expect("decode");
+        let (want, _) = mmllm::engine::stop::truncate_at_stop(&full, &stops).expect("stop in text");
+        assert!(want.ends_with("The café said 猫!"), "{name}: {want:?}");
+        let mut m = StopMatcher::new(stops.clone());
+        let mut out = String::new();
+        let mut used = 0;
+        for &id in &ids {
+            used += 1;
+            let step = m.push(&d.push(id).expect("push"));
+            out += &step.emit;
+            if step.stopped {
+                break;
+            }
+        }
+        assert!(m.stopped(), "{name}");
+        assert!(used < ids.len(), "{name}: stopped only at the end");
+        assert_eq!(out, want, "{name}");
+    }
+}
+
 // ---------------------------------------------------------------- sampler
 
 fn random_logits(rng: &mut StdRng, n: usize) -> Vec<f32> {
