@@ -1,5 +1,8 @@
 //! Generation: KV cache, sampler, UTF-8-safe detokenizer, stop strings, and the loop that
 //! drives a [`Model`](crate::models::Model). Emits events; never imports `sink`, `hub`, `cli`.
 
-pub mod kv;
+pub mod detok;
 pub mod generate;
+pub mod kv;
+pub mod sampler;
+pub mod stop;

@@ -2,6 +2,7 @@
 
 mod batch;
 mod cli;
+mod engine_pure;
 mod hub;
 mod llava_e2e;
 mod source;
