@@ -3,16 +3,15 @@
 //! the media and splice them into a request for the engine.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use serde_json::json;
 use tokenizers::Tokenizer;
 
 use crate::cli::plan::{DeviceChoice, InputKind, MediaInput, Plan};
-use crate::cli::{Command, DTypeArg, OutputFormat};
-use crate::engine::generate::{generate, Event, Request};
+use crate::cli::DTypeArg;
+use crate::engine::generate::Request;
 use crate::error::{Error, Result};
 use crate::hub::{self, HubOptions, ModelDir};
 use crate::media::{self, MediaItem, Modality};
@@ -20,7 +19,7 @@ use crate::models::registry::{self, Family, LoadContext};
 use crate::models::{FamilyDefaults, Model};
 use crate::prompt::template::{ChatTemplate, ContentPart, Message, TemplateFiles};
 use crate::prompt::{self, Expansion};
-use crate::sink::{self, JsonResult, TextSink};
+use crate::sink;
 
 /// A model resolved to its directory and family, with its cheap defaults: enough to
 /// validate requests before any weights are read.
@@ -67,7 +66,7 @@ pub fn prepare_media(
 /// A model with its weights and tokenizer loaded.
 pub struct Loaded {
     pub model: Box<dyn Model>,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: Arc<Tokenizer>,
     pub tokenizer_config: Option<serde_json::Value>,
     pub eos: Vec<u32>,
     pub load_s: f64,
@@ -77,7 +76,7 @@ pub struct Loaded {
 pub fn load(resolved: &Resolved, device: DeviceChoice, dtype: DTypeArg) -> Result<Loaded> {
     let start = Instant::now();
     let dir = &resolved.dir;
-    let tokenizer = load_tokenizer(dir)?;
+    let tokenizer = Arc::new(load_tokenizer(dir)?);
     let tokenizer_config = tokenizer_config(dir)?;
     let eos = eos_ids(dir, &tokenizer, tokenizer_config.as_ref())?;
     let (device, dtype) = device_and_dtype(device, dtype)?;

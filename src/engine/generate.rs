@@ -1,6 +1,7 @@
 //! The generation loop for one sequence: prefill of text + media embeddings, then decode with
 //! the sampler, EOS and stop strings, emitting events as text becomes valid UTF-8.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -75,7 +76,7 @@ pub struct Completion {
 /// Runs `req` to completion, calling `on_event` as text becomes available.
 pub fn generate(
     model: &dyn Model,
-    tokenizer: &Tokenizer,
+    tokenizer: &Arc<Tokenizer>,
     req: &Request,
     on_event: &mut dyn FnMut(Event) -> Result<()>,
 ) -> Result<Completion> {
@@ -92,7 +93,7 @@ pub fn generate(
     let capacity = (prompt_len + req.max_tokens).min(max_positions);
     let mut cache = model.new_cache(capacity)?;
     let mut sampler = Sampler::new(req.sampling.clone());
-    let mut detok = Detokenizer::new(tokenizer, true);
+    let mut detok = Detokenizer::new(Arc::clone(tokenizer), true);
     let mut stops = StopMatcher::new(req.stop.clone());
 
     let mut logits = model.prefill(&req.prompt, &req.items, &mut cache)?;
