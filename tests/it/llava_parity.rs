@@ -16,11 +16,18 @@ use mmllm::models::Model;
 const REL_TOL: f32 = 1e-4;
 
 fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llava-tiny")
+    // At run time too, so a test binary built elsewhere can run in a copy of the repository.
+    let root = std::env::var("CARGO_MANIFEST_DIR")
+        .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    Path::new(&root).join("tests/fixtures/llava-tiny")
 }
 
 fn load_model() -> LlavaModel {
-    llava::load(&fixture_dir(), &Device::Cpu, DType::F32).expect("load tiny llava")
+    load_on(&Device::Cpu, DType::F32)
+}
+
+fn load_on(device: &Device, dtype: DType) -> LlavaModel {
+    llava::load(&fixture_dir(), device, dtype).expect("load tiny llava")
 }
 
 fn expected(name: &str) -> HashMap<String, Tensor> {
@@ -81,6 +88,7 @@ fn pixel_values(case: &HashMap<String, Tensor>) -> Tensor {
 
 /// `max |a - b| / max |b|`.
 fn rel_err(ours: &Tensor, hf: &Tensor) -> f32 {
+    let ours = ours.to_device(&Device::Cpu).unwrap();
     let a: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
     let b: Vec<f32> = hf.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(a.len(), b.len(), "length");
@@ -144,7 +152,10 @@ fn pixel_case(model: &LlavaModel, case_name: &str) {
     let info = meta(&format!("{case_name}.json"));
     let ids = ids_of(&case["input_ids"]);
     let features = model.encode_pixels(&pixel_values(&case)).unwrap();
-    let feat_err = rel_err(&features, &case["image_features"]);
+    let feat_err = rel_err(
+        &features.to_dtype(DType::F32).unwrap(),
+        &case["image_features"],
+    );
     let slot = model.config().image_token_id;
     let embeds =
         llava::splice_features(&model.embed_tokens(&ids).unwrap(), &ids, slot, &features).unwrap();
@@ -285,4 +296,30 @@ fn reduced_precision_stays_close_to_f32() {
         eprintln!("{dtype:?}: first logits rel err {err:.3e}");
         assert!(err < 0.1, "{dtype:?}: rel err {err}");
     }
+}
+
+/// The same parity on a GPU (f32), and a bf16 run, when built with `--features cuda`.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_f32_matches_hf_and_bf16_runs() {
+    let dev = Device::new_cuda(0).expect("a CUDA device");
+    let model = load_on(&dev, DType::F32);
+    pixel_case(&model, "photo_1");
+    pixel_case(&model, "photo_2");
+
+    let case = expected("photo_1.safetensors");
+    let ids = ids_of(&case["input_ids"]);
+    let model = load_on(&dev, DType::BF16);
+    let features = model.encode_pixels(&pixel_values(&case)).unwrap();
+    let embeds = llava::splice_features(
+        &model.embed_tokens(&ids).unwrap(),
+        &ids,
+        model.config().image_token_id,
+        &features,
+    )
+    .unwrap();
+    let (first, greedy_ids, _) = greedy(&model, &embeds, 16);
+    let err = rel_err(&first, &case["first_logits"]);
+    eprintln!("cuda bf16: first logits rel err {err:.3e}, greedy {greedy_ids:?}");
+    assert!(err < 0.1, "cuda bf16 rel err {err}");
 }
