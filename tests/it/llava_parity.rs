@@ -323,3 +323,27 @@ fn cuda_f32_matches_hf_and_bf16_runs() {
     eprintln!("cuda bf16: first logits rel err {err:.3e}, greedy {greedy_ids:?}");
     assert!(err < 0.1, "cuda bf16 rel err {err}");
 }
+
+/// The fixture's tokenizer, read by the `tokenizers` crate, gives HF's prompt ids once the
+/// image placeholder is expanded to its slots (so prompt code can use this fixture too).
+#[test]
+fn fixture_tokenizer_reproduces_hf_prompt_ids() {
+    let tok = tokenizers::Tokenizer::from_file(fixture_dir().join("tokenizer.json")).unwrap();
+    let model = load_model();
+    let expansion = model.image_expansion().unwrap();
+    for case_name in ["photo_1", "photo_2"] {
+        let info = meta(&format!("{case_name}.json"));
+        let rendered = info["rendered_prompt"].as_str().unwrap();
+        let enc = tok.encode(rendered, true).unwrap();
+        let mut ids = vec![];
+        for &id in enc.get_ids() {
+            if id == expansion.slot_token {
+                ids.extend(std::iter::repeat_n(id, expansion.slots));
+            } else {
+                ids.push(id);
+            }
+        }
+        let hf = ids_of(&expected(&format!("{case_name}.safetensors"))["input_ids"]);
+        assert_eq!(ids, hf, "{case_name}");
+    }
+}

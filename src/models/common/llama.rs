@@ -496,8 +496,9 @@ impl Llama {
     /// Runs the decoder over `embeds` `(1, t, hidden)` placed after the cached positions and
     /// returns the logits of the last position `(vocab,)` as f32. Advances the cache by `t`.
     pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (_, t, h) = embeds.dims3()?;
-        if h != self.cfg.hidden_size || t == 0 {
+        let (b, t, h) = embeds.dims3()?;
+        // The cache holds one sequence.
+        if b != 1 || h != self.cfg.hidden_size || t == 0 {
             return Err(Error::input(
                 "embeddings",
                 format!("shape {:?}", embeds.dims()),
