@@ -5,5 +5,6 @@ mod cli;
 mod engine_pure;
 mod hub;
 mod llava_e2e;
+mod llava_parity;
 mod source;
 mod util_http;

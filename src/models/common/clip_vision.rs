@@ -1,0 +1,360 @@
+//! The CLIP ViT vision tower (as `CLIPVisionModel` in transformers): patch embedding, class
+//! embedding, learned positions, `pre_layrnorm`, pre-norm encoder layers. Returns the hidden
+//! states a caller selects (`hidden_states[i]` with HF's numbering: 0 is the embedding output
+//! after `pre_layrnorm`, `i` the output of layer `i`). Knows no LLM and no preprocessing.
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{layer_norm, linear_b, LayerNorm, LayerNormConfig, Linear, VarBuilder};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// `CLIPVisionConfig` with transformers' defaults for missing keys.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipVisionConfig {
+    #[serde(default = "defaults::hidden_size")]
+    pub hidden_size: usize,
+    #[serde(default = "defaults::intermediate_size")]
+    pub intermediate_size: usize,
+    #[serde(default = "defaults::num_hidden_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "defaults::num_attention_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "defaults::num_channels")]
+    pub num_channels: usize,
+    #[serde(default = "defaults::image_size")]
+    pub image_size: usize,
+    #[serde(default = "defaults::patch_size")]
+    pub patch_size: usize,
+    #[serde(default = "defaults::hidden_act")]
+    pub hidden_act: String,
+    #[serde(default = "defaults::layer_norm_eps")]
+    pub layer_norm_eps: f64,
+}
+
+mod defaults {
+    pub fn hidden_size() -> usize {
+        768
+    }
+    pub fn intermediate_size() -> usize {
+        3072
+    }
+    pub fn num_hidden_layers() -> usize {
+        12
+    }
+    pub fn num_attention_heads() -> usize {
+        12
+    }
+    pub fn num_channels() -> usize {
+        3
+    }
+    pub fn image_size() -> usize {
+        224
+    }
+    pub fn patch_size() -> usize {
+        32
+    }
+    pub fn hidden_act() -> String {
+        "quick_gelu".into()
+    }
+    pub fn layer_norm_eps() -> f64 {
+        1e-5
+    }
+}
+
+impl ClipVisionConfig {
+    /// Patches per side; the image size must be a multiple of the patch size.
+    pub fn grid(&self) -> Result<usize> {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
+            return Err(Error::input(
+                "config.json",
+                format!(
+                    "vision_config.image_size {} is not a multiple of patch_size {}",
+                    self.image_size, self.patch_size
+                ),
+                "image_size divisible by a non-zero patch_size",
+            ));
+        }
+        Ok(self.image_size / self.patch_size)
+    }
+
+    /// Patch tokens per image (without the class token).
+    pub fn num_patches(&self) -> Result<usize> {
+        let g = self.grid()?;
+        Ok(g * g)
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.grid()?;
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            return Err(Error::input(
+                "config.json",
+                format!(
+                    "vision_config.hidden_size {} is not a multiple of num_attention_heads {}",
+                    self.hidden_size, self.num_attention_heads
+                ),
+                "hidden_size divisible by num_attention_heads",
+            ));
+        }
+        Activation::parse(&self.hidden_act)?;
+        Ok(())
+    }
+}
+
+/// Activations CLIP checkpoints use.
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    QuickGelu,
+    Gelu,
+    GeluTanh,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Result<Self> {
+        match name {
+            "quick_gelu" => Ok(Self::QuickGelu),
+            "gelu" => Ok(Self::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" => Ok(Self::GeluTanh),
+            other => Err(Error::input(
+                "config.json",
+                format!("unsupported vision_config.hidden_act {other:?}"),
+                "quick_gelu, gelu, gelu_new or gelu_pytorch_tanh",
+            )),
+        }
+    }
+
+    fn apply(self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            // x * sigmoid(1.702 x), as transformers' QuickGELUActivation.
+            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+            Self::Gelu => xs.gelu_erf(),
+            Self::GeluTanh => xs.gelu(),
+        }
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(cfg: &ClipVisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        let head_dim = h / cfg.num_attention_heads;
+        Ok(Self {
+            q: linear_b(h, h, true, vb.pp("q_proj"))?,
+            k: linear_b(h, h, true, vb.pp("k_proj"))?,
+            v: linear_b(h, h, true, vb.pp("v_proj"))?,
+            out: linear_b(h, h, true, vb.pp("out_proj"))?,
+            heads: cfg.num_attention_heads,
+            head_dim,
+            scale: (head_dim as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, h) = xs.dims3()?;
+        let split = |x: Tensor| -> candle_core::Result<Tensor> {
+            x.reshape((b, t, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.q.forward(xs)?)?;
+        let k = split(self.k.forward(xs)?)?;
+        let v = split(self.v.forward(xs)?)?;
+        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        // Softmax in f32 then back, as HF's eager attention does.
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+            .to_dtype(xs.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        self.out.forward(&out)
+    }
+}
+
+struct EncoderLayer {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl EncoderLayer {
+    fn new(cfg: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let ln = LayerNormConfig::from(cfg.layer_norm_eps);
+        Ok(Self {
+            norm1: layer_norm(h, ln, vb.pp("layer_norm1"))?,
+            attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            norm2: layer_norm(h, ln, vb.pp("layer_norm2"))?,
+            fc1: linear_b(h, cfg.intermediate_size, true, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear_b(cfg.intermediate_size, h, true, vb.pp("mlp").pp("fc2"))?,
+            act: Activation::parse(&cfg.hidden_act)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?)?)?;
+        let mlp = self.fc2.forward(
+            &self
+                .act
+                .apply(&self.fc1.forward(&self.norm2.forward(&xs)?)?)?,
+        )?;
+        xs + mlp
+    }
+}
+
+/// A loaded CLIP vision tower. Only the layers a caller needs are loaded and run.
+pub struct ClipVisionTower {
+    cfg: ClipVisionConfig,
+    /// Patch convolution as a matrix `(hidden, channels * patch * patch)`.
+    patch_weight: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+}
+
+impl ClipVisionTower {
+    /// Loads the embeddings, `pre_layrnorm` and the first `layers` encoder layers from `vb`
+    /// (the prefix holding `embeddings.*`, `pre_layrnorm.*`, `encoder.layers.*`).
+    pub fn load(cfg: &ClipVisionConfig, layers: usize, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        if layers > cfg.num_hidden_layers {
+            return Err(Error::input(
+                "config.json",
+                format!(
+                    "{layers} vision layers requested, the tower has {}",
+                    cfg.num_hidden_layers
+                ),
+                "a vision_feature_layer within the vision tower",
+            ));
+        }
+        let h = cfg.hidden_size;
+        let p = cfg.patch_size;
+        let emb = vb.pp("embeddings");
+        let patch_weight = emb
+            .get((h, cfg.num_channels, p, p), "patch_embedding.weight")?
+            .reshape((h, cfg.num_channels * p * p))?;
+        let positions = cfg.num_patches()? + 1;
+        Ok(Self {
+            cfg: cfg.clone(),
+            patch_weight,
+            class_embedding: emb.get(h, "class_embedding")?,
+            position_embedding: emb.get((positions, h), "position_embedding.weight")?,
+            pre_layrnorm: layer_norm(
+                h,
+                LayerNormConfig::from(cfg.layer_norm_eps),
+                vb.pp("pre_layrnorm"),
+            )?,
+            layers: (0..layers)
+                .map(|i| EncoderLayer::new(cfg, vb.pp("encoder").pp("layers").pp(i)))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    pub fn config(&self) -> &ClipVisionConfig {
+        &self.cfg
+    }
+
+    /// Runs the tower on `pixel_values` `(B, C, S, S)` and returns `hidden_states[i]` for each
+    /// requested `i` (HF numbering, `0..=layers loaded`), each `(B, 1 + patches, hidden)`.
+    pub fn hidden_states(&self, pixel_values: &Tensor, wanted: &[usize]) -> Result<Vec<Tensor>> {
+        let (b, c, hgt, wid) = pixel_values.dims4()?;
+        let (s, p) = (self.cfg.image_size, self.cfg.patch_size);
+        if c != self.cfg.num_channels || hgt != s || wid != s {
+            return Err(Error::input(
+                "pixel_values",
+                format!("shape {:?}", pixel_values.dims()),
+                format!("(batch, {}, {s}, {s})", self.cfg.num_channels),
+            ));
+        }
+        let g = s / p;
+        let h = self.cfg.hidden_size;
+        let dtype = self.patch_weight.dtype();
+        // A stride-p, kernel-p, bias-free convolution is a matmul over flattened patches,
+        // with the (channel, row, column) order of the convolution weight.
+        let patches = pixel_values
+            .to_dtype(dtype)?
+            .reshape((b, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * g * g, c * p * p))?;
+        let patch_embeds = patches
+            .matmul(&self.patch_weight.t()?)?
+            .reshape((b, g * g, h))?;
+        let cls = self.class_embedding.reshape((1, 1, h))?.repeat((b, 1, 1))?;
+        let xs = Tensor::cat(&[&cls, &patch_embeds], 1)?
+            .broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+        let mut xs = self.pre_layrnorm.forward(&xs)?;
+
+        let mut out: Vec<Option<Tensor>> = vec![None; wanted.len()];
+        let mut store = |i: usize, xs: &Tensor| {
+            for (slot, &w) in out.iter_mut().zip(wanted) {
+                if w == i {
+                    *slot = Some(xs.clone());
+                }
+            }
+        };
+        store(0, &xs);
+        let last = wanted.iter().copied().max().unwrap_or(0);
+        for (i, layer) in self.layers.iter().enumerate().take(last) {
+            xs = layer.forward(&xs)?;
+            store(i + 1, &xs);
+        }
+        out.into_iter()
+            .zip(wanted)
+            .map(|(t, w)| {
+                t.ok_or_else(|| {
+                    Error::Runtime(anyhow::anyhow!(
+                        "vision hidden state {w} requested but only {} layers are loaded",
+                        self.layers.len()
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_transformers() {
+        let cfg: ClipVisionConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(
+            (cfg.hidden_size, cfg.image_size, cfg.patch_size),
+            (768, 224, 32)
+        );
+        assert_eq!(cfg.num_patches().unwrap(), 49);
+        assert_eq!(cfg.hidden_act, "quick_gelu");
+    }
+
+    #[test]
+    fn rejects_image_size_not_multiple_of_patch() {
+        let cfg: ClipVisionConfig =
+            serde_json::from_str(r#"{"image_size": 330, "patch_size": 14}"#).unwrap();
+        assert!(matches!(cfg.num_patches(), Err(Error::Input { .. })));
+    }
+
+    #[test]
+    fn quick_gelu_is_x_sigmoid_1702x() -> candle_core::Result<()> {
+        let x = Tensor::new(&[-2.0f32, 0.0, 1.5], &candle_core::Device::Cpu)?;
+        let y: Vec<f32> = Activation::QuickGelu.apply(&x)?.to_vec1()?;
+        for (xi, yi) in [-2.0f32, 0.0, 1.5].iter().zip(y) {
+            let want = xi / (1.0 + (-1.702 * xi).exp());
+            assert!((yi - want).abs() < 1e-6, "{yi} vs {want}");
+        }
+        Ok(())
+    }
+}
