@@ -12,7 +12,21 @@ pub use model::{load, splice_features, LlavaModel};
 
 use crate::error::Result;
 use crate::media::Modality;
-use crate::models::FamilyDefaults;
+use crate::models::registry::{Family, LoadContext};
+use crate::models::{FamilyDefaults, Model};
+
+/// LLaVA-1.5's entry in the family table.
+pub const FAMILY: Family = Family {
+    name: "llava",
+    model_types: &["llava"],
+    architectures: &["LlavaForConditionalGeneration"],
+    defaults,
+    load: load_model,
+};
+
+fn load_model(ctx: &LoadContext) -> Result<Box<dyn Model>> {
+    Ok(Box::new(load(ctx.dir, ctx.device, ctx.dtype)?))
+}
 
 /// The placeholder a prompt writes for each image.
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
