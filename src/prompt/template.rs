@@ -4,6 +4,8 @@
 //! values, `raise_exception`, `strftime_now`, a Python-style `tojson`, and the `{% generation %}`
 //! tag (a marker for training masks that renders its body unchanged).
 
+use minijinja::syntax::SyntaxConfig;
+use minijinja::value::Serde;
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 use serde::Serialize;
 
@@ -136,7 +138,7 @@ impl ChatTemplate {
             .iter()
             .map(|(k, v)| (k.clone(), Value::from(v.clone())))
             .collect();
-        ctx.push(("messages".into(), Value::from_serialize(messages)));
+        ctx.push(("messages".into(), Value::from(Serde(messages))));
         ctx.push((
             "add_generation_prompt".into(),
             Value::from(add_generation_prompt),
@@ -211,8 +213,14 @@ fn strip_generation_tags(source: &str) -> String {
 
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
-    env.set_trim_blocks(true);
-    env.set_lstrip_blocks(true);
+    // jinja2 as Hugging Face configures it: trim_blocks and lstrip_blocks on.
+    if let Ok(syntax) = SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .build()
+    {
+        env.set_syntax(syntax);
+    }
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", |msg: String| -> Result<Value, JinjaError> {
