@@ -20,6 +20,12 @@ pub struct KvCache {
     len: usize,
     dtype: DType,
     device: Device,
+    /// Offset between cache positions and rotary positions, for position schemes (M-RoPE)
+    /// whose next text position is not the cache length; set by the model's prefill.
+    pub rope_delta: i64,
+    /// Cross-attention keys and values per decoder layer, for encoder-decoder models; set
+    /// once by the model's prefill.
+    pub cross: Vec<(Tensor, Tensor)>,
 }
 
 impl KvCache {
@@ -39,6 +45,8 @@ impl KvCache {
             len: 0,
             dtype,
             device: device.clone(),
+            rope_delta: 0,
+            cross: Vec::new(),
         }
     }
 

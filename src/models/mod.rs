@@ -14,6 +14,7 @@ use candle_core::Tensor;
 use crate::engine::kv::KvCache;
 use crate::error::Result;
 use crate::media::{MediaItem, Modality};
+pub use crate::prompt::{Expansion, Span, Spliced};
 
 /// What a family knows from `config.json` alone, used to validate a request before
 /// any weights are read.
@@ -40,16 +41,6 @@ pub struct ModelInfo {
     pub max_positions: usize,
 }
 
-/// How one media item appears in the token stream: `before`, then `slots` copies of
-/// `slot_token` (whose embeddings are replaced by the item's features), then `after`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Expansion {
-    pub before: Vec<u32>,
-    pub slot_token: u32,
-    pub slots: usize,
-    pub after: Vec<u32>,
-}
-
 /// A media item encoded into the language model's hidden space.
 #[derive(Debug, Clone)]
 pub struct EncodedItem {
@@ -59,6 +50,11 @@ pub struct EncodedItem {
 }
 
 /// A loaded model. Object safe: the engine drives any family through it.
+///
+/// The engine calls [`Model::prefill`] once per sequence and [`Model::decode`] per generated
+/// token. Decoder-only families that splice media features into token embeddings only
+/// implement `forward`; families with their own position scheme (M-RoPE) or an encoder whose
+/// output is attended to (Whisper) override `prefill`/`decode`.
 pub trait Model: Send {
     fn info(&self) -> &ModelInfo;
 
@@ -75,4 +71,56 @@ pub trait Model: Send {
     /// Runs the language model over `embeds` `(seq, hidden)` placed after the positions
     /// already in `cache`; returns the logits of the last position `(vocab,)` as f32.
     fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+
+    /// Runs the whole prompt: token embeddings with each span replaced by its item's features.
+    fn prefill(
+        &self,
+        prompt: &Spliced,
+        items: &[EncodedItem],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let embeds = splice_embeddings(self, prompt, items)?;
+        self.forward(&embeds, cache)
+    }
+
+    /// One generated token.
+    fn decode(&self, id: u32, cache: &mut KvCache) -> Result<Tensor> {
+        let embeds = self.embed_tokens(&[id])?;
+        self.forward(&embeds, cache)
+    }
+}
+
+/// Input embeddings `(seq, hidden)`: token embeddings with each span replaced by its item's
+/// features. The one place where slot and feature counts meet: they must agree.
+pub fn splice_embeddings<M: Model + ?Sized>(
+    model: &M,
+    prompt: &Spliced,
+    items: &[EncodedItem],
+) -> Result<Tensor> {
+    let ids = &prompt.ids;
+    let mut pieces = Vec::with_capacity(2 * prompt.spans.len() + 1);
+    let mut at = 0;
+    for span in &prompt.spans {
+        if span.start > at {
+            pieces.push(model.embed_tokens(&ids[at..span.start])?);
+        }
+        let item = items.get(span.item).ok_or_else(|| {
+            anyhow::anyhow!("no encoded item {} for its prompt span", span.item)
+        })?;
+        let rows = item.features.dim(0)?;
+        if rows != span.len {
+            return Err(anyhow::anyhow!(
+                "media item {} produced {rows} feature rows for {} prompt slots",
+                span.item + 1,
+                span.len
+            )
+            .into());
+        }
+        pieces.push(item.features.clone());
+        at = span.start + span.len;
+    }
+    if at < ids.len() {
+        pieces.push(model.embed_tokens(&ids[at..])?);
+    }
+    Ok(Tensor::cat(&pieces, 0)?)
 }
