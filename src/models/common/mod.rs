@@ -1,1 +1,2 @@
 //! Shared building blocks of model families.
+pub mod mel;
