@@ -57,7 +57,11 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 /// on our side and checked separately).
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    let both = || a.iter().zip(b).filter(|(x, y)| x.is_finite() && y.is_finite());
+    let both = || {
+        a.iter()
+            .zip(b)
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+    };
     let scale = both().fold(0f32, |m, (_, y)| m.max(y.abs()));
     let diff = both().fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     diff / scale
@@ -83,8 +87,14 @@ fn check_mel(n_mels: usize) {
         .compute(&speech(), Padding::MaxLength, "speech_16k.wav")
         .unwrap();
     assert_eq!((out.n_mels, out.frames), (n_mels, 3000));
-    assert_eq!(out.valid_frames as u64, meta["valid_frames"].as_u64().unwrap());
-    assert_eq!(out.attention_mask().iter().sum::<u32>() as usize, out.valid_frames);
+    assert_eq!(
+        out.valid_frames as u64,
+        meta["valid_frames"].as_u64().unwrap()
+    );
+    assert_eq!(
+        out.attention_mask().iter().sum::<u32>() as usize,
+        out.valid_frames
+    );
     let pad = meta["pad_value"].as_f64().unwrap() as f32;
     let mut max_err = 0f32;
     for (m, row) in head.iter().enumerate() {
@@ -124,11 +134,19 @@ fn mel_unpadded_and_truncated_match_hf() {
     );
     let got: Vec<f32> = longest.data.clone();
     let flat: Vec<f32> = want.concat();
-    let err = got.iter().zip(&flat).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let err = got
+        .iter()
+        .zip(&flat)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(err <= 1e-5, "unpadded max abs error {err}");
 
-    let long: Vec<f32> = std::iter::repeat_n(wav.iter().copied(), 12).flatten().collect();
-    assert_eq!(long.len() as u64, meta["mel80_truncated"]["input_samples"].as_u64().unwrap());
+    let long: Vec<f32> = std::iter::repeat_n(wav.iter().copied(), 12)
+        .flatten()
+        .collect();
+    assert_eq!(
+        long.len() as u64,
+        meta["mel80_truncated"]["input_samples"].as_u64().unwrap()
+    );
     let trunc = ex.compute(&long, Padding::MaxLength, "long").unwrap();
     assert_eq!((trunc.frames, trunc.valid_frames), (3000, 3000));
     let tail = vec2(&refs["mel80_truncated_tail"]);
@@ -143,7 +161,12 @@ fn mel_unpadded_and_truncated_match_hf() {
 }
 
 /// Greedy decoding through the `Model` trait, as the engine drives it.
-fn greedy(model: &WhisperModel, audio: Audio, prompt: Vec<u32>, max_new: usize) -> (Tensor, Vec<u32>) {
+fn greedy(
+    model: &WhisperModel,
+    audio: Audio,
+    prompt: Vec<u32>,
+    max_new: usize,
+) -> (Tensor, Vec<u32>) {
     let item = model.encode(&MediaItem::Audio(audio)).unwrap();
     assert_eq!(item.expansion.slots, 0);
     let mut cache: KvCache = model.new_cache(prompt.len() + max_new).unwrap();
@@ -184,7 +207,10 @@ fn tiny_random_whisper_matches_hf() {
     let enc = vec2(&item.features);
     assert_eq!(
         vec![enc.len(), enc[0].len()],
-        ids(&refj["encoder_shape"]).iter().map(|&x| x as usize).collect::<Vec<_>>()
+        ids(&refj["encoder_shape"])
+            .iter()
+            .map(|&x| x as usize)
+            .collect::<Vec<_>>()
     );
     let head = vec2(&refs["encoder_head"]);
     let enc_err = rel_err(&enc[..head.len()].concat(), &head.concat());
@@ -229,9 +255,16 @@ fn whisper_refuses_wrong_rate_and_bad_prompts() {
 
     // Multilingual: the language is required, must be known; task picks the task token.
     assert!(model.decoder_prompt(Task::Transcribe, None).is_err());
-    let err = model.decoder_prompt(Task::Transcribe, Some("xx")).unwrap_err();
-    assert!(err.to_string().contains("en, de") || err.to_string().contains("de, en"), "{err}");
-    let de = model.decoder_prompt(Task::Translate, Some("<|de|>")).unwrap();
+    let err = model
+        .decoder_prompt(Task::Transcribe, Some("xx"))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("en, de") || err.to_string().contains("de, en"),
+        "{err}"
+    );
+    let de = model
+        .decoder_prompt(Task::Translate, Some("<|de|>"))
+        .unwrap();
     assert_eq!(de, vec![257, 259, 260, 265]);
 
     let mut cache = model.new_cache(8).unwrap();
@@ -295,4 +328,33 @@ fn real_tiny_en_transcribes_like_hf() {
     let text = tok.decode(&out, true).unwrap();
     assert_eq!(text, want["text"].as_str().unwrap());
     assert_eq!(text.trim(), "The quick brown fox jump over the lazy dog.");
+}
+
+#[test]
+fn tiny_random_whisper_runs_in_bf16() {
+    let dir = root().join("tests/fixtures/whisper-tiny-random");
+    let refs = tensors(&dir.join("reference.safetensors"));
+    let model = WhisperModel::load(&dir, &Device::Cpu, DType::BF16).unwrap();
+    let prompt = model.decoder_prompt(Task::Transcribe, Some("en")).unwrap();
+    let audio = Audio {
+        samples: speech(),
+        sample_rate: 16000,
+    };
+    let item = model.encode(&MediaItem::Audio(audio.clone())).unwrap();
+    assert_eq!(item.features.dtype(), DType::BF16);
+    let (first, out) = greedy(&model, audio, prompt, 4);
+    assert_eq!(first.dtype(), DType::F32);
+    assert_eq!(out.len(), 4);
+    // bf16 is not held to the f32 tolerance: only the logits' direction is checked.
+    let got = first.to_vec1::<f32>().unwrap();
+    let want = refs["logits"].to_vec1::<f32>().unwrap();
+    let (mut dot, mut ng, mut nw) = (0f64, 0f64, 0f64);
+    for (g, w) in got.iter().zip(&want).filter(|(g, _)| g.is_finite()) {
+        dot += f64::from(*g) * f64::from(*w);
+        ng += f64::from(*g) * f64::from(*g);
+        nw += f64::from(*w) * f64::from(*w);
+    }
+    let cos = dot / (ng.sqrt() * nw.sqrt());
+    eprintln!("bf16 first-step logits cosine similarity {cos}");
+    assert!(cos > 0.99, "cosine {cos}");
 }

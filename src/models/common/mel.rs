@@ -147,7 +147,11 @@ impl MelExtractor {
     pub fn compute(&self, samples: &[f32], padding: Padding, what: &str) -> Result<LogMel> {
         let cfg = &self.config;
         if samples.is_empty() {
-            return Err(Error::input(what, "no audio samples", "at least one sample"));
+            return Err(Error::input(
+                what,
+                "no audio samples",
+                "at least one sample",
+            ));
         }
         if let Some(bad) = samples.iter().find(|s| !s.is_finite()) {
             return Err(Error::input(
@@ -316,14 +320,14 @@ impl Fft {
         let mut factors = Vec::new();
         let mut rest = n;
         for p in [4, 2, 3, 5] {
-            while rest % p == 0 {
+            while rest.is_multiple_of(p) {
                 factors.push(p);
                 rest /= p;
             }
         }
         let mut p = 7;
         while rest > 1 {
-            while rest % p == 0 {
+            while rest.is_multiple_of(p) {
                 factors.push(p);
                 rest /= p;
             }

@@ -44,13 +44,17 @@ fn default_true() -> bool {
 impl WhisperConfig {
     pub fn from_value(config: &Value, what: &str) -> Result<Self> {
         let c: Self = serde_json::from_value(config.clone()).map_err(|e| {
-            Error::input(what, format!("not a Whisper config: {e}"), "a Whisper config.json")
+            Error::input(
+                what,
+                format!("not a Whisper config: {e}"),
+                "a Whisper config.json",
+            )
         })?;
         if c.d_model == 0
             || c.encoder_attention_heads == 0
             || c.decoder_attention_heads == 0
-            || c.d_model % c.encoder_attention_heads != 0
-            || c.d_model % c.decoder_attention_heads != 0
+            || !c.d_model.is_multiple_of(c.encoder_attention_heads)
+            || !c.d_model.is_multiple_of(c.decoder_attention_heads)
         {
             return Err(Error::input(
                 what,
@@ -147,7 +151,11 @@ impl GenerationConfig {
                 .filter(|v| !v.is_null())
                 .or_else(|| config.get(key).filter(|v| !v.is_null()))
         };
-        let start = ids(get("decoder_start_token_id"), "decoder_start_token_id", what)?;
+        let start = ids(
+            get("decoder_start_token_id"),
+            "decoder_start_token_id",
+            what,
+        )?;
         let Some(&decoder_start_token_id) = start.first() else {
             return Err(Error::input(
                 what,
@@ -192,12 +200,20 @@ impl GenerationConfig {
         Ok(Self {
             decoder_start_token_id,
             eos_token_ids: ids(get("eos_token_id"), "eos_token_id", what)?,
-            no_timestamps_token_id: ids(get("no_timestamps_token_id"), "no_timestamps_token_id", what)?
-                .first()
-                .copied(),
+            no_timestamps_token_id: ids(
+                get("no_timestamps_token_id"),
+                "no_timestamps_token_id",
+                what,
+            )?
+            .first()
+            .copied(),
             forced_decoder_ids,
             suppress_tokens: ids(get("suppress_tokens"), "suppress_tokens", what)?,
-            begin_suppress_tokens: ids(get("begin_suppress_tokens"), "begin_suppress_tokens", what)?,
+            begin_suppress_tokens: ids(
+                get("begin_suppress_tokens"),
+                "begin_suppress_tokens",
+                what,
+            )?,
             lang_to_id,
             task_to_id: id_map(get("task_to_id"), "task_to_id", what)?,
             is_multilingual,
@@ -281,5 +297,75 @@ impl GenerationConfig {
                 format!("one of {}", known.join(", ")),
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn english_only() -> GenerationConfig {
+        let gen = json!({
+            "decoder_start_token_id": 50257, "eos_token_id": 50256, "no_timestamps_token_id": 50362,
+            "forced_decoder_ids": [[1, 50362]], "is_multilingual": false,
+            "suppress_tokens": [1, 2], "begin_suppress_tokens": [220, 50256]
+        });
+        GenerationConfig::from_values(Some(&gen), &json!({}), "generation_config.json").unwrap()
+    }
+
+    #[test]
+    fn english_only_prompt_follows_forced_decoder_ids() {
+        let g = english_only();
+        assert_eq!(
+            g.decoder_prompt(Task::Transcribe, None).unwrap(),
+            vec![50257, 50362]
+        );
+        assert_eq!(g.eos_token_ids, vec![50256]);
+        assert_eq!(g.begin_suppress_tokens, vec![220, 50256]);
+        assert_eq!(
+            g.decoder_prompt(Task::Translate, None)
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
+        assert_eq!(
+            g.decoder_prompt(Task::Transcribe, Some("en"))
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
+    }
+
+    #[test]
+    fn multilingual_prompt_has_language_and_task() {
+        let gen = json!({
+            "decoder_start_token_id": 50258, "no_timestamps_token_id": 50363,
+            "forced_decoder_ids": [[1, null], [2, 50359]],
+            "lang_to_id": {"<|en|>": 50259, "<|fr|>": 50265},
+            "task_to_id": {"transcribe": 50359, "translate": 50358}
+        });
+        // eos only in config.json: read from there, as transformers falls back.
+        let cfg = json!({"eos_token_id": 50257});
+        let g = GenerationConfig::from_values(Some(&gen), &cfg, "g").unwrap();
+        assert!(g.is_multilingual);
+        assert_eq!(g.eos_token_ids, vec![50257]);
+        assert_eq!(
+            g.decoder_prompt(Task::Transcribe, Some("FR")).unwrap(),
+            vec![50258, 50265, 50359, 50363]
+        );
+        assert_eq!(
+            g.decoder_prompt(Task::Translate, Some("<|en|>")).unwrap(),
+            vec![50258, 50259, 50358, 50363]
+        );
+        let err = g.decoder_prompt(Task::Transcribe, Some("zz")).unwrap_err();
+        assert!(err.to_string().contains("one of en, fr"), "{err}");
+        assert!(g.decoder_prompt(Task::Transcribe, None).is_err());
+    }
+
+    #[test]
+    fn missing_start_token_is_an_input_error() {
+        let err = GenerationConfig::from_values(None, &json!({}), "config.json").unwrap_err();
+        assert!(err.to_string().contains("decoder_start_token_id"), "{err}");
     }
 }

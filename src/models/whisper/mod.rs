@@ -47,10 +47,18 @@ pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
 
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        Error::input(path.display().to_string(), e.to_string(), "a readable JSON file")
+        Error::input(
+            path.display().to_string(),
+            e.to_string(),
+            "a readable JSON file",
+        )
     })?;
     serde_json::from_str(&text).map_err(|e| {
-        Error::input(path.display().to_string(), format!("invalid JSON: {e}"), "a JSON file")
+        Error::input(
+            path.display().to_string(),
+            format!("invalid JSON: {e}"),
+            "a JSON file",
+        )
     })
 }
 
@@ -63,7 +71,11 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .get("weight_map")
             .and_then(Value::as_object)
             .ok_or_else(|| {
-                Error::input(index.display().to_string(), "no weight_map", "a safetensors index")
+                Error::input(
+                    index.display().to_string(),
+                    "no weight_map",
+                    "a safetensors index",
+                )
             })?
             .values()
             .filter_map(Value::as_str)
@@ -100,7 +112,12 @@ impl WhisperModel {
         let mel_config = if pre_path.is_file() {
             MelConfig::from_preprocessor(&read_json(&pre_path)?, &pre_path.display().to_string())?
         } else {
-            MelConfig::whisper(config_value.get("num_mel_bins").and_then(Value::as_u64).unwrap_or(80) as usize)
+            MelConfig::whisper(
+                config_value
+                    .get("num_mel_bins")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(80) as usize,
+            )
         };
         Self::from_parts(
             &config_value,
@@ -122,7 +139,8 @@ impl WhisperModel {
         dtype: DType,
     ) -> Result<WhisperModel> {
         let config = WhisperConfig::from_value(config_value, "config.json")?;
-        let generation = GenerationConfig::from_values(generation, config_value, "generation_config.json")?;
+        let generation =
+            GenerationConfig::from_values(generation, config_value, "generation_config.json")?;
         let expected_samples = config.max_source_positions * 2 * mel_config.hop_length;
         if mel_config.n_mels != config.num_mel_bins || mel_config.n_samples != expected_samples {
             return Err(Error::input(
@@ -190,7 +208,8 @@ impl WhisperModel {
                 format!("{rate} Hz mono audio (resample before encoding)"),
             ));
         }
-        self.mel.compute(&audio.samples, Padding::MaxLength, "audio")
+        self.mel
+            .compute(&audio.samples, Padding::MaxLength, "audio")
     }
 
     /// Encoder output `(max_source_positions, d_model)` for `input_features`
@@ -201,7 +220,11 @@ impl WhisperModel {
     }
 
     /// Fills `cache.cross` with every decoder layer's cross-attention keys and values.
-    pub fn attach_encoder_output(&self, encoder_states: &Tensor, cache: &mut KvCache) -> Result<()> {
+    pub fn attach_encoder_output(
+        &self,
+        encoder_states: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<()> {
         let (n, d) = encoder_states.dims2()?;
         if d != self.config.d_model || n == 0 {
             return Err(Error::input(
@@ -226,11 +249,19 @@ impl WhisperModel {
         }
         let mut cache = self.new_cache(1)?;
         self.attach_encoder_output(encoder_states, &mut cache)?;
-        let embeds = self.decoder.embed_tokens(&[self.generation.decoder_start_token_id])?;
-        let logits = self.decoder.forward(&embeds, &mut cache)?.to_vec1::<f32>()?;
+        let embeds = self
+            .decoder
+            .embed_tokens(&[self.generation.decoder_start_token_id])?;
+        let logits = self
+            .decoder
+            .forward(&embeds, &mut cache)?
+            .to_vec1::<f32>()?;
         let mut best: Option<(u32, f32)> = None;
         for &id in self.generation.lang_to_id.values() {
-            let l = logits.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY);
+            let l = logits
+                .get(id as usize)
+                .copied()
+                .unwrap_or(f32::NEG_INFINITY);
             if best.is_none_or(|(bid, b)| l > b || (l == b && id < bid)) {
                 best = Some((id, l));
             }

@@ -23,7 +23,12 @@ fn layer_norm(d: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
 }
 
 /// Scaled dot-product attention over `(1, heads, n, head_dim)` tensors; softmax in f32.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     let head_dim = q.dim(D::Minus1)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
     let mut w = (q.matmul(&k.t()?)? * scale)?;
@@ -69,7 +74,10 @@ impl Attention {
     }
 
     fn project_kv(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        Ok((self.split(&self.k.forward(x)?)?, self.split(&self.v.forward(x)?)?))
+        Ok((
+            self.split(&self.k.forward(x)?)?,
+            self.split(&self.v.forward(x)?)?,
+        ))
     }
 
     fn forward_with(
@@ -286,10 +294,7 @@ impl Decoder {
         if start + seq > self.max_positions {
             return Err(Error::input(
                 "prompt",
-                format!(
-                    "{} decoder positions needed",
-                    start + seq
-                ),
+                format!("{} decoder positions needed", start + seq),
                 format!("at most {} (max_target_positions)", self.max_positions),
             ));
         }
@@ -305,7 +310,13 @@ impl Decoder {
             let total = start + seq;
             let rows: Vec<f32> = (0..seq)
                 .flat_map(|i| {
-                    (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY })
+                    (0..total).map(move |j| {
+                        if j <= start + i {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
                 })
                 .collect();
             Some(Tensor::from_vec(rows, (1, 1, seq, total), x.device())?.to_dtype(x.dtype())?)
@@ -324,7 +335,11 @@ impl Decoder {
         }
         cache.advance(seq);
         let last = self.norm.forward(&x.narrow(1, seq - 1, 1)?)?;
-        let logits = last.squeeze(0)?.squeeze(0)?.unsqueeze(0)?.matmul(&self.proj_out.t()?)?;
+        let logits = last
+            .squeeze(0)?
+            .squeeze(0)?
+            .unsqueeze(0)?
+            .matmul(&self.proj_out.t()?)?;
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
     }
 
