@@ -204,6 +204,9 @@ fn tiny_random_whisper_matches_hf() {
         sample_rate: 16000,
     };
     let item = model.encode(&MediaItem::Audio(audio.clone())).unwrap();
+    let lang = model.detect_language(&item.features).unwrap();
+    assert_eq!(Some(u64::from(lang)), refj["detected_language_id"].as_u64());
+    assert_eq!(model.language_code(lang), Some("en"));
     let enc = vec2(&item.features);
     assert_eq!(
         vec![enc.len(), enc[0].len()],

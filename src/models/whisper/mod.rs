@@ -31,6 +31,25 @@ pub struct WhisperModel {
     encoder: model::Encoder,
     decoder: model::Decoder,
     dtype: DType,
+    /// `(vocab,)` f32: -inf at `suppress_tokens`, 0 elsewhere (None when there are none).
+    suppress_mask: Option<Tensor>,
+    /// The same for `suppress_tokens` plus `begin_suppress_tokens`, for the first position.
+    begin_mask: Option<Tensor>,
+}
+
+/// An additive `(vocab,)` mask: -inf at `ids`, 0 elsewhere.
+fn suppress_mask(ids: &[u32], vocab: usize, device: &Device) -> Result<Option<Tensor>> {
+    if ids.is_empty() {
+        return Ok(None);
+    }
+    let mut v = vec![0f32; vocab];
+    for &id in ids {
+        // Ids past the vocabulary are ignored, as torch's isin-based processor does.
+        if let Some(x) = v.get_mut(id as usize) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    Ok(Some(Tensor::from_vec(v, vocab, device)?))
 }
 
 /// Cheap per-family facts from `config.json`: one audio item, no chat template, no placeholder.
@@ -169,7 +188,16 @@ impl WhisperModel {
             vocab_size: config.vocab_size,
             max_positions: config.max_target_positions,
         };
+        let vocab = config.vocab_size;
+        let begin: Vec<u32> = generation
+            .suppress_tokens
+            .iter()
+            .chain(&generation.begin_suppress_tokens)
+            .copied()
+            .collect();
         Ok(Self {
+            suppress_mask: suppress_mask(&generation.suppress_tokens, vocab, device)?,
+            begin_mask: suppress_mask(&begin, vocab, device)?,
             mel: MelExtractor::new(mel_config),
             config,
             generation,
@@ -270,19 +298,21 @@ impl WhisperModel {
             .ok_or_else(|| anyhow::anyhow!("no language ids").into())
     }
 
-    /// Sets `ids`' logits to -inf, as transformers' suppress-tokens processors do.
-    fn suppress(&self, logits: Tensor, ids: &[u32]) -> Result<Tensor> {
-        if ids.is_empty() {
-            return Ok(logits);
-        }
-        let mut v = logits.to_vec1::<f32>()?;
-        for &id in ids {
-            if let Some(x) = v.get_mut(id as usize) {
-                *x = f32::NEG_INFINITY;
-            }
-        }
-        Ok(Tensor::from_vec(v, logits.dims(), logits.device())?)
+    /// The language code (`en`) of a language token id, e.g. from [`WhisperModel::detect_language`].
+    pub fn language_code(&self, id: u32) -> Option<&str> {
+        self.generation
+            .lang_to_id
+            .iter()
+            .find(|(_, &v)| v == id)
+            .map(|(k, _)| k.trim_start_matches("<|").trim_end_matches("|>"))
     }
+}
+
+fn apply(logits: Tensor, mask: &Option<Tensor>) -> Result<Tensor> {
+    Ok(match mask {
+        Some(m) => (logits + m)?,
+        None => logits,
+    })
 }
 
 impl Model for WhisperModel {
@@ -332,8 +362,7 @@ impl Model for WhisperModel {
 
     /// Decoder over token embeddings; `suppress_tokens` are already -inf in the result.
     fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let logits = self.decoder.forward(embeds, cache)?;
-        self.suppress(logits, &self.generation.suppress_tokens)
+        apply(self.decoder.forward(embeds, cache)?, &self.suppress_mask)
     }
 
     /// Attaches `items[0]`'s encoder output, runs the decoder prompt (`prompt.ids`, usually
@@ -361,8 +390,7 @@ impl Model for WhisperModel {
         }
         self.attach_encoder_output(&item.features, cache)?;
         let embeds = self.embed_tokens(&prompt.ids)?;
-        let logits = self.forward(&embeds, cache)?;
-        self.suppress(logits, &self.generation.begin_suppress_tokens)
+        apply(self.decoder.forward(&embeds, cache)?, &self.begin_mask)
     }
 }
 
