@@ -75,6 +75,8 @@ pub enum Padding {
     MaxLength,
     /// No padding (`padding="longest"` for one item): the audio's own length.
     None,
+    /// `padding="max_length", truncation=True, max_length=n`: exactly `n` samples.
+    ToLength(usize),
 }
 
 /// Log-mel features of one waveform.
@@ -160,10 +162,12 @@ impl MelExtractor {
                 "finite audio samples",
             ));
         }
-        let (len, valid_samples) = match padding {
-            Padding::MaxLength => (cfg.n_samples, samples.len().min(cfg.n_samples)),
-            Padding::None => (samples.len(), samples.len()),
+        let len = match padding {
+            Padding::MaxLength => cfg.n_samples,
+            Padding::None => samples.len(),
+            Padding::ToLength(n) => n,
         };
+        let valid_samples = samples.len().min(len);
         let half = cfg.n_fft / 2;
         if len <= half {
             return Err(Error::input(
@@ -214,19 +218,13 @@ impl MelExtractor {
         for v in &mut logmel {
             *v = (v.max(floor) + 4.0) / 4.0;
         }
-        let valid_frames = match padding {
-            // HF: attention_mask[::hop] over the padded length (one less when it does not
-            // divide evenly, matching the dropped frame).
-            Padding::MaxLength => {
-                let hop = cfg.hop_length;
-                let mut n = valid_samples.div_ceil(hop);
-                if len % hop != 0 && (len.div_ceil(hop) - 1) * hop < valid_samples {
-                    n -= 1;
-                }
-                n
-            }
-            Padding::None => frames,
-        };
+        // HF: attention_mask[::hop] over the padded length, minus its last entry when the
+        // length is not a multiple of hop (matching the dropped frame).
+        let hop = cfg.hop_length;
+        let mut valid_frames = valid_samples.div_ceil(hop);
+        if len % hop != 0 && (len.div_ceil(hop) - 1) * hop < valid_samples {
+            valid_frames -= 1;
+        }
         Ok(LogMel {
             data: logmel,
             n_mels: cfg.n_mels,
@@ -478,6 +476,15 @@ mod tests {
         assert_eq!((out.n_mels, out.frames, out.valid_frames), (80, 3000, 100));
         // All-zero power clamps to 1e-10 -> log10 = -10 everywhere -> (-10 + 4) / 4.
         assert!(out.data.iter().all(|&v| v == -1.5));
+        // A length that is not a multiple of hop: one frame fewer than the mask's stride count.
+        let out = ex
+            .compute(&[0.1; 1000], Padding::ToLength(1050), "a.wav")
+            .unwrap();
+        assert_eq!((out.frames, out.valid_frames), (6, 6));
+        let out = ex
+            .compute(&[0.1; 800], Padding::ToLength(1050), "a.wav")
+            .unwrap();
+        assert_eq!((out.frames, out.valid_frames), (6, 5));
         let err = ex.compute(&[], Padding::None, "a.wav").unwrap_err();
         assert_eq!(err.exit_code(), 2);
         let err = ex.compute(&[0.5; 100], Padding::None, "a.wav").unwrap_err();
