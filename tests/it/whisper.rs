@@ -83,9 +83,11 @@ fn check_mel(n_mels: usize) {
     let meta = &json(&dir.join("reference.json"))[format!("mel{n_mels}")];
     let head = vec2(&tensors(&dir.join("reference.safetensors"))[&format!("mel{n_mels}_head")]);
     let ex = MelExtractor::new(MelConfig::whisper(n_mels));
+    let started = std::time::Instant::now();
     let out = ex
         .compute(&speech(), Padding::MaxLength, "speech_16k.wav")
         .unwrap();
+    let took = started.elapsed();
     assert_eq!((out.n_mels, out.frames), (n_mels, 3000));
     assert_eq!(
         out.valid_frames as u64,
@@ -103,7 +105,7 @@ fn check_mel(n_mels: usize) {
             max_err = max_err.max((out.data[m * out.frames + t] - want).abs());
         }
     }
-    eprintln!("mel{n_mels}: max abs error {max_err:e}");
+    eprintln!("mel{n_mels}: max abs error {max_err:e}, computed in {took:?}");
     assert!(max_err <= 1e-5, "mel{n_mels} max abs error {max_err}");
 }
 
@@ -239,6 +241,10 @@ fn tiny_random_whisper_matches_hf() {
         refj["unsuppressed_first_argmax"].as_u64().map(|x| x as u32)
     );
     assert_eq!(greedy_ids, ids(&refj["greedy_ids"]));
+
+    // The engine drives families as trait objects.
+    let boxed: Box<dyn Model> = Box::new(model);
+    assert_eq!(boxed.info().vocab_size, 266);
 }
 
 #[test]
@@ -310,7 +316,13 @@ fn real_tiny_en_transcribes_like_hf() {
         samples: speech(),
         sample_rate: 16000,
     };
+    let started = std::time::Instant::now();
     let (first, out) = greedy(&model, audio, prompt, 64);
+    eprintln!(
+        "tiny.en: encode + {} decoder steps in {:?} (CPU, test profile)",
+        out.len() + 1,
+        started.elapsed()
+    );
     let first = first.to_vec1::<f32>().unwrap();
     let gen = model.generation_config();
     for (i, x) in first.iter().enumerate() {

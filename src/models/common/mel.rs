@@ -116,6 +116,9 @@ pub struct MelExtractor {
     window: Vec<f64>,
     /// Row-major `(n_mels, n_fft / 2 + 1)`.
     filters: Vec<f64>,
+    /// Per filter, the bins `[start, end)` outside which its weights are zero (skipping
+    /// zeros leaves the f64 sums unchanged).
+    support: Vec<(usize, usize)>,
     fft: Fft,
 }
 
@@ -133,9 +136,19 @@ impl MelExtractor {
             8000.0,
             config.sampling_rate as f64,
         );
+        let n_freq = n / 2 + 1;
+        let support = filters
+            .chunks(n_freq)
+            .map(|row| {
+                let start = row.iter().position(|&w| w != 0.0).unwrap_or(0);
+                let end = row.iter().rposition(|&w| w != 0.0).map_or(0, |e| e + 1);
+                (start, end.max(start))
+            })
+            .collect();
         Self {
             window,
             filters,
+            support,
             fft: Fft::new(n),
             config,
         }
@@ -207,9 +220,9 @@ impl MelExtractor {
                 let im = f64::from(c.im as f32);
                 *p = re * re + im * im;
             }
-            for m in 0..cfg.n_mels {
-                let row = &self.filters[m * n_freq..(m + 1) * n_freq];
-                let mel: f64 = row.iter().zip(&power).map(|(w, p)| w * p).sum();
+            for (m, &(lo, hi)) in self.support.iter().enumerate() {
+                let row = &self.filters[m * n_freq + lo..m * n_freq + hi];
+                let mel: f64 = row.iter().zip(&power[lo..hi]).map(|(w, p)| w * p).sum();
                 logmel[m * frames + t] = mel.max(1e-10).log10() as f32;
             }
         }

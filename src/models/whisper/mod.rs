@@ -3,6 +3,12 @@
 //! output is attended to through cross-attention, set up by [`Model::prefill`].
 //! Matches `WhisperForConditionalGeneration.generate` (greedy, no timestamps), including
 //! the `suppress_tokens` / `begin_suppress_tokens` logits processors.
+//!
+//! Driving it: `prompt.ids = model.decoder_prompt(task, language)?` with no spans, `items =
+//! [model.encode(&MediaItem::Audio(audio_16k))?]`, then `prefill` once and `decode` per
+//! token until an id of `eos_token_ids()` or `info().max_positions` positions.
+//! For a multilingual model without a language, `detect_language` on the encoder output
+//! gives the token HF would pick (`language_code` turns it into `en`, `de`, ...).
 
 pub mod config;
 pub mod model;
