@@ -6,6 +6,7 @@
 pub mod common;
 pub mod llava;
 pub mod registry;
+pub mod whisper;
 
 use std::collections::BTreeMap;
 

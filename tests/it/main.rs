@@ -8,3 +8,4 @@ mod llava_e2e;
 mod llava_parity;
 mod source;
 mod util_http;
+mod whisper;

@@ -2,3 +2,4 @@
 
 pub mod clip_vision;
 pub mod llama;
+pub mod mel;

@@ -1,0 +1,406 @@
+//! Whisper (speech recognition): log-mel front end, encoder, and a decoder prompted with
+//! forced tokens instead of a chat template. The audio item has no placeholder: its encoder
+//! output is attended to through cross-attention, set up by [`Model::prefill`].
+//! Matches `WhisperForConditionalGeneration.generate` (greedy, no timestamps), including
+//! the `suppress_tokens` / `begin_suppress_tokens` logits processors.
+//!
+//! Driving it: `prompt.ids = model.decoder_prompt(task, language)?` with no spans, `items =
+//! [model.encode(&MediaItem::Audio(audio_16k))?]`, then `prefill` once and `decode` per
+//! token until an id of `eos_token_ids()` or `info().max_positions` positions.
+//! For a multilingual model without a language, `detect_language` on the encoder output
+//! gives the token HF would pick (`language_code` turns it into `en`, `de`, ...).
+
+pub mod config;
+pub mod model;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::Value;
+
+pub use config::{GenerationConfig, Task, WhisperConfig};
+
+use crate::engine::kv::KvCache;
+use crate::error::{Error, Result};
+use crate::media::{Audio, MediaItem, Modality};
+use crate::models::common::mel::{LogMel, MelConfig, MelExtractor, Padding};
+use crate::models::{EncodedItem, Expansion, FamilyDefaults, Model, ModelInfo, Spliced};
+
+/// A loaded Whisper checkpoint.
+pub struct WhisperModel {
+    config: WhisperConfig,
+    generation: GenerationConfig,
+    info: ModelInfo,
+    mel: MelExtractor,
+    encoder: model::Encoder,
+    decoder: model::Decoder,
+    dtype: DType,
+    /// `(vocab,)` f32: -inf at `suppress_tokens`, 0 elsewhere (None when there are none).
+    suppress_mask: Option<Tensor>,
+    /// The same for `suppress_tokens` plus `begin_suppress_tokens`, for the first position.
+    begin_mask: Option<Tensor>,
+}
+
+/// An additive `(vocab,)` mask: -inf at `ids`, 0 elsewhere.
+fn suppress_mask(ids: &[u32], vocab: usize, device: &Device) -> Result<Option<Tensor>> {
+    if ids.is_empty() {
+        return Ok(None);
+    }
+    let mut v = vec![0f32; vocab];
+    for &id in ids {
+        // Ids past the vocabulary are ignored, as torch's isin-based processor does.
+        if let Some(x) = v.get_mut(id as usize) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    Ok(Some(Tensor::from_vec(v, vocab, device)?))
+}
+
+/// Cheap per-family facts from `config.json`: one audio item, no chat template, no placeholder.
+pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
+    WhisperConfig::from_value(config, "config.json")?;
+    Ok(FamilyDefaults {
+        family: "whisper",
+        limits: BTreeMap::from([(Modality::Audio, 1)]),
+        placeholders: BTreeMap::new(),
+        fallback_chat_template: None,
+        embeds: None,
+    })
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::input(
+            path.display().to_string(),
+            e.to_string(),
+            "a readable JSON file",
+        )
+    })?;
+    serde_json::from_str(&text).map_err(|e| {
+        Error::input(
+            path.display().to_string(),
+            format!("invalid JSON: {e}"),
+            "a JSON file",
+        )
+    })
+}
+
+/// The safetensors files of a model directory (sharded through the index, or one file).
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let v = read_json(&index)?;
+        let mut files: Vec<PathBuf> = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| {
+                Error::input(
+                    index.display().to_string(),
+                    "no weight_map",
+                    "a safetensors index",
+                )
+            })?
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(Error::input(
+        dir.display().to_string(),
+        "no model.safetensors or model.safetensors.index.json",
+        "a Hugging Face Whisper directory with safetensors weights",
+    ))
+}
+
+impl WhisperModel {
+    /// Loads `config.json`, `generation_config.json` (optional), `preprocessor_config.json`
+    /// (optional) and the safetensors weights of `dir`.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<WhisperModel> {
+        let config_path = dir.join("config.json");
+        let config_value = read_json(&config_path)?;
+        let gen_path = dir.join("generation_config.json");
+        let gen_value = if gen_path.is_file() {
+            Some(read_json(&gen_path)?)
+        } else {
+            None
+        };
+        let pre_path = dir.join("preprocessor_config.json");
+        let mel_config = if pre_path.is_file() {
+            MelConfig::from_preprocessor(&read_json(&pre_path)?, &pre_path.display().to_string())?
+        } else {
+            MelConfig::whisper(
+                config_value
+                    .get("num_mel_bins")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(80) as usize,
+            )
+        };
+        Self::from_parts(
+            &config_value,
+            gen_value.as_ref(),
+            mel_config,
+            &weight_files(dir)?,
+            device,
+            dtype,
+        )
+    }
+
+    /// As [`WhisperModel::load`], from already-read configuration values.
+    pub fn from_parts(
+        config_value: &Value,
+        generation: Option<&Value>,
+        mel_config: MelConfig,
+        weights: &[PathBuf],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<WhisperModel> {
+        let config = WhisperConfig::from_value(config_value, "config.json")?;
+        let generation =
+            GenerationConfig::from_values(generation, config_value, "generation_config.json")?;
+        let expected_samples = config.max_source_positions * 2 * mel_config.hop_length;
+        if mel_config.n_mels != config.num_mel_bins || mel_config.n_samples != expected_samples {
+            return Err(Error::input(
+                "preprocessor_config.json",
+                format!(
+                    "{} mel bins over {} samples",
+                    mel_config.n_mels, mel_config.n_samples
+                ),
+                format!(
+                    "{} mel bins over {expected_samples} samples, as config.json says",
+                    config.num_mel_bins
+                ),
+            ));
+        }
+        // SAFETY: the files are memory-mapped read-only and not modified while loaded.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device)? };
+        let encoder = model::Encoder::load(&config, vb.pp("model").pp("encoder"))?;
+        let proj_out = if !config.tie_word_embeddings && vb.contains_tensor("proj_out.weight") {
+            Some(vb.pp("proj_out"))
+        } else {
+            None
+        };
+        let decoder = model::Decoder::load(&config, vb.pp("model").pp("decoder"), proj_out)?;
+        let info = ModelInfo {
+            hidden_size: config.d_model,
+            vocab_size: config.vocab_size,
+            max_positions: config.max_target_positions,
+        };
+        let vocab = config.vocab_size;
+        let begin: Vec<u32> = generation
+            .suppress_tokens
+            .iter()
+            .chain(&generation.begin_suppress_tokens)
+            .copied()
+            .collect();
+        Ok(Self {
+            suppress_mask: suppress_mask(&generation.suppress_tokens, vocab, device)?,
+            begin_mask: suppress_mask(&begin, vocab, device)?,
+            mel: MelExtractor::new(mel_config),
+            config,
+            generation,
+            info,
+            encoder,
+            decoder,
+            dtype,
+        })
+    }
+
+    pub fn config(&self) -> &WhisperConfig {
+        &self.config
+    }
+
+    pub fn generation_config(&self) -> &GenerationConfig {
+        &self.generation
+    }
+
+    /// Ids that end generation (`eos_token_id`).
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.generation.eos_token_ids
+    }
+
+    /// The forced decoder prompt for `task` and `language` (see [`GenerationConfig::decoder_prompt`]).
+    pub fn decoder_prompt(&self, task: Task, language: Option<&str>) -> Result<Vec<u32>> {
+        self.generation.decoder_prompt(task, language)
+    }
+
+    /// Log-mel features of 16 kHz mono audio, padded or truncated to 30 s.
+    pub fn log_mel(&self, audio: &Audio) -> Result<LogMel> {
+        let rate = self.mel.config().sampling_rate;
+        if audio.sample_rate != rate {
+            return Err(Error::input(
+                "audio",
+                format!("sample rate {} Hz", audio.sample_rate),
+                format!("{rate} Hz mono audio (resample before encoding)"),
+            ));
+        }
+        self.mel
+            .compute(&audio.samples, Padding::MaxLength, "audio")
+    }
+
+    /// Encoder output `(max_source_positions, d_model)` for `input_features`
+    /// `(1, n_mels, 2 * max_source_positions)`.
+    pub fn encode_features(&self, input_features: &Tensor) -> Result<Tensor> {
+        let x = input_features.to_dtype(self.dtype)?;
+        Ok(self.encoder.forward(&x)?.squeeze(0)?)
+    }
+
+    /// Fills `cache.cross` with every decoder layer's cross-attention keys and values.
+    pub fn attach_encoder_output(
+        &self,
+        encoder_states: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<()> {
+        let (n, d) = encoder_states.dims2()?;
+        if d != self.config.d_model || n == 0 {
+            return Err(Error::input(
+                "encoder output",
+                format!("shape ({n}, {d})"),
+                format!("(positions, {})", self.config.d_model),
+            ));
+        }
+        cache.cross = self.decoder.cross_kv(encoder_states)?;
+        Ok(())
+    }
+
+    /// The language token HF's `detect_language` picks: the most likely language id after
+    /// `<|startoftranscript|>`. Multilingual models only.
+    pub fn detect_language(&self, encoder_states: &Tensor) -> Result<u32> {
+        if self.generation.lang_to_id.is_empty() {
+            return Err(Error::input(
+                "language",
+                "cannot be detected: the model has no lang_to_id",
+                "a multilingual Whisper model",
+            ));
+        }
+        let mut cache = self.new_cache(1)?;
+        self.attach_encoder_output(encoder_states, &mut cache)?;
+        let embeds = self
+            .decoder
+            .embed_tokens(&[self.generation.decoder_start_token_id])?;
+        let logits = self
+            .decoder
+            .forward(&embeds, &mut cache)?
+            .to_vec1::<f32>()?;
+        let mut best: Option<(u32, f32)> = None;
+        for &id in self.generation.lang_to_id.values() {
+            let l = logits
+                .get(id as usize)
+                .copied()
+                .unwrap_or(f32::NEG_INFINITY);
+            if best.is_none_or(|(bid, b)| l > b || (l == b && id < bid)) {
+                best = Some((id, l));
+            }
+        }
+        best.map(|(id, _)| id)
+            .ok_or_else(|| anyhow::anyhow!("no language ids").into())
+    }
+
+    /// The language code (`en`) of a language token id, e.g. from [`WhisperModel::detect_language`].
+    pub fn language_code(&self, id: u32) -> Option<&str> {
+        self.generation
+            .lang_to_id
+            .iter()
+            .find(|(_, &v)| v == id)
+            .map(|(k, _)| k.trim_start_matches("<|").trim_end_matches("|>"))
+    }
+}
+
+fn apply(logits: Tensor, mask: &Option<Tensor>) -> Result<Tensor> {
+    Ok(match mask {
+        Some(m) => (logits + m)?,
+        None => logits,
+    })
+}
+
+impl Model for WhisperModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Audio -> log-mel -> encoder output `(max_source_positions, d_model)`. Takes no prompt
+    /// slots: the decoder reads it through cross-attention.
+    fn encode(&self, item: &MediaItem) -> Result<EncodedItem> {
+        let MediaItem::Audio(audio) = item else {
+            return Err(Error::input(
+                format!("{} item", item.modality()),
+                "Whisper accepts only audio",
+                "one audio item",
+            ));
+        };
+        let mel = self.log_mel(audio)?;
+        let features = mel.to_tensor(self.decoder.device(), DType::F32)?;
+        Ok(EncodedItem {
+            expansion: Expansion {
+                before: Vec::new(),
+                slot_token: self.generation.decoder_start_token_id,
+                slots: 0,
+                after: Vec::new(),
+            },
+            features: self.encode_features(&features)?,
+        })
+    }
+
+    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
+        self.decoder.embed_tokens(ids)
+    }
+
+    fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        let heads = self.decoder.heads;
+        let capacity = capacity.min(self.decoder.max_positions);
+        Ok(KvCache::new(
+            self.config.decoder_layers,
+            heads,
+            self.config.d_model / heads,
+            capacity,
+            self.dtype,
+            self.decoder.device(),
+        ))
+    }
+
+    /// Decoder over token embeddings; `suppress_tokens` are already -inf in the result.
+    fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        apply(self.decoder.forward(embeds, cache)?, &self.suppress_mask)
+    }
+
+    /// Attaches `items[0]`'s encoder output, runs the decoder prompt (`prompt.ids`, usually
+    /// [`WhisperModel::decoder_prompt`]) and returns the first generated position's logits
+    /// with `suppress_tokens` and `begin_suppress_tokens` at -inf.
+    fn prefill(
+        &self,
+        prompt: &Spliced,
+        items: &[EncodedItem],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let [item] = items else {
+            return Err(Error::input(
+                "prompt",
+                format!("{} audio items", items.len()),
+                "exactly one audio item for Whisper",
+            ));
+        };
+        if prompt.ids.is_empty() {
+            return Err(Error::input(
+                "prompt",
+                "no decoder prompt tokens",
+                "the forced tokens from decoder_prompt()",
+            ));
+        }
+        self.attach_encoder_output(&item.features, cache)?;
+        let embeds = self.embed_tokens(&prompt.ids)?;
+        apply(self.decoder.forward(&embeds, cache)?, &self.begin_mask)
+    }
+}
+
+/// Loads a Whisper directory (the family table's `load` wraps this in a `Box<dyn Model>`).
+pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<WhisperModel> {
+    WhisperModel::load(dir, device, dtype)
+}
