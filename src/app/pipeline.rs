@@ -16,9 +16,9 @@ use crate::error::{Error, Result};
 use crate::hub::{self, HubOptions, ModelDir};
 use crate::media::{self, MediaItem, Modality};
 use crate::models::registry::{self, Family, LoadContext};
-use crate::models::{FamilyDefaults, Model};
+use crate::models::{EncodedItem, FamilyDefaults};
 use crate::prompt::template::{ChatTemplate, ContentPart, Message, TemplateFiles};
-use crate::prompt::{self, Expansion};
+use crate::prompt::{self, Expansion, Spliced};
 use crate::sink;
 
 /// A model resolved to its directory and family, with its cheap defaults: enough to
@@ -109,8 +109,45 @@ pub fn request(
     loaded: &Loaded,
     media: &[MediaInput],
 ) -> Result<Request> {
-    let text = render_prompt(plan, &resolved.dir, &resolved.defaults, media)?;
-    build_request(plan, &text, &resolved.defaults, loaded, media)
+    let items = encode_media(loaded, media)?;
+    let prompt = match loaded.model.own_prompt(&plan.prompt, &items) {
+        Some(ids) => Spliced {
+            ids: ids?,
+            spans: Vec::new(),
+        },
+        None => {
+            let text = render_prompt(plan, &resolved.dir, &resolved.defaults, media)?;
+            tokenize_and_splice(plan, &text, &resolved.defaults, loaded, media, &items)?
+        }
+    };
+    Ok(Request {
+        prompt,
+        items,
+        sampling: plan.gen.sampling.clone(),
+        max_tokens: plan.gen.max_tokens,
+        stop: plan.gen.stop.clone(),
+        eos: if plan.gen.ignore_eos {
+            Vec::new()
+        } else {
+            loaded.eos.clone()
+        },
+        logprobs: plan.gen.logprobs,
+    })
+}
+
+/// Encodes every media item; a model's input errors are renamed after the item.
+fn encode_media(loaded: &Loaded, media: &[MediaInput]) -> Result<Vec<EncodedItem>> {
+    media
+        .iter()
+        .map(|m| {
+            loaded.model.encode(&m.item).map_err(|e| match e {
+                Error::Input {
+                    problem, expected, ..
+                } => Error::input(&m.input, problem, expected),
+                other => other,
+            })
+        })
+        .collect()
 }
 
 /// Reads and decodes every media argument; video frames become images with `--as-images`.
@@ -233,25 +270,25 @@ fn render_prompt(
     Ok(text)
 }
 
-/// Tokenizes the prompt as Hugging Face processors do (special tokens added unless the
-/// rendered text already starts with the BOS token), encodes the media and splices them in.
-fn build_request(
+/// Tokenizes the rendered prompt as Hugging Face processors do (special tokens added unless
+/// the text already starts with the BOS token) and expands each placeholder to its item.
+fn tokenize_and_splice(
     plan: &Plan,
     text: &str,
     defaults: &FamilyDefaults,
     loaded: &Loaded,
     media: &[MediaInput],
-) -> Result<Request> {
-    let (tokenizer, model) = (&loaded.tokenizer, loaded.model.as_ref());
+    items: &[EncodedItem],
+) -> Result<Spliced> {
+    let tokenizer = &loaded.tokenizer;
     let bos = loaded
         .tokenizer_config
         .as_ref()
         .and_then(|c| c.get("bos_token"))
-        .and_then(|v| v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())))
-        .map(str::to_string);
-    let add_special = plan.raw || !bos.as_deref().is_some_and(|b| !b.is_empty() && text.starts_with(b));
+        .and_then(|v| v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())));
+    let starts_with_bos = bos.is_some_and(|b| !b.is_empty() && text.starts_with(b));
     let encoding = tokenizer
-        .encode(text, add_special)
+        .encode(text, plan.raw || !starts_with_bos)
         .map_err(|e| Error::Runtime(anyhow::anyhow!("tokenizing the prompt: {e}")))?;
     let mut placeholders = Vec::new();
     for (m, p) in &defaults.placeholders {
@@ -260,31 +297,13 @@ fn build_request(
         })?;
         placeholders.push((*m, id));
     }
-    let mut items = Vec::with_capacity(media.len());
-    let mut expansions: Vec<(Modality, Expansion)> = Vec::with_capacity(media.len());
-    for m in media {
-        let encoded = model.encode(&m.item).map_err(|e| match e {
-            Error::Input { problem, expected, .. } => Error::input(&m.input, problem, expected),
-            other => other,
-        })?;
-        expansions.push((m.item.modality(), encoded.expansion.clone()));
-        items.push(encoded);
-    }
+    let expansions: Vec<(Modality, Expansion)> = media
+        .iter()
+        .zip(items)
+        .map(|(m, e)| (m.item.modality(), e.expansion.clone()))
+        .collect();
     let what = if plan.raw { "--raw prompt" } else { "rendered prompt" };
-    let spliced = prompt::splice(encoding.get_ids(), &placeholders, &expansions, what)?;
-    Ok(Request {
-        prompt: spliced,
-        items,
-        sampling: plan.gen.sampling.clone(),
-        max_tokens: plan.gen.max_tokens,
-        stop: plan.gen.stop.clone(),
-        eos: if plan.gen.ignore_eos {
-            Vec::new()
-        } else {
-            loaded.eos.clone()
-        },
-        logprobs: plan.gen.logprobs,
-    })
+    prompt::splice(encoding.get_ids(), &placeholders, &expansions, what)
 }
 
 /// EOS ids: generation_config.json, else config.json (top level or text_config), else the

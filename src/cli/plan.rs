@@ -382,19 +382,26 @@ fn modality_of(m: ModalityArg) -> Modality {
     }
 }
 
-/// Media arguments and the prompt: with `-p` every positional is media, else the last one is
-/// the prompt.
+/// Media arguments and the prompt: with `-p` every positional is media; otherwise the last one
+/// is the prompt, unless it names media (an existing path or a URL), in which case the prompt
+/// is empty (`mmllm audio --model whisper speech.wav`).
 fn split_positionals(args: &PromptArgs) -> Result<(Vec<String>, String)> {
-    match &args.prompt {
-        Some(p) => Ok((args.inputs.clone(), p.clone())),
-        None => {
-            let mut media = args.inputs.clone();
-            let prompt = media.pop().ok_or_else(|| {
-                Error::usage("no prompt given (expected the prompt text as the last argument, or -p TEXT)")
-            })?;
-            Ok((media, prompt))
-        }
+    if let Some(p) = &args.prompt {
+        return Ok((args.inputs.clone(), p.clone()));
     }
+    let mut media = args.inputs.clone();
+    let last = media.pop().ok_or_else(|| {
+        Error::usage("no prompt given (expected the prompt text as the last argument, or -p TEXT)")
+    })?;
+    let names_media = ["http://", "https://", "data:"]
+        .iter()
+        .any(|p| last.starts_with(p))
+        || (last != "-" && std::path::Path::new(&last).exists());
+    if names_media {
+        media.push(last);
+        return Ok((media, String::new()));
+    }
+    Ok((media, last))
 }
 
 /// `image=2,video=1,audio=1`.

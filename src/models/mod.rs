@@ -73,6 +73,12 @@ pub trait Model: Send {
     /// already in `cache`; returns the logits of the last position `(vocab,)` as f32.
     fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
 
+    /// Families prompted without a chat template (Whisper) build their prompt ids from the
+    /// user's text and the encoded items; `None` means render the chat template.
+    fn own_prompt(&self, _text: &str, _items: &[EncodedItem]) -> Option<Result<Vec<u32>>> {
+        None
+    }
+
     /// Runs the whole prompt: token embeddings with each span replaced by its item's features.
     fn prefill(
         &self,

@@ -26,7 +26,17 @@ use crate::engine::kv::KvCache;
 use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem, Modality};
 use crate::models::common::mel::{LogMel, MelConfig, MelExtractor, Padding};
+use crate::models::registry::{Family, LoadContext};
 use crate::models::{EncodedItem, Expansion, FamilyDefaults, Model, ModelInfo, Spliced};
+
+/// Whisper's entry in the family table.
+pub const FAMILY: Family = Family {
+    name: "whisper",
+    model_types: &["whisper"],
+    architectures: &["WhisperForConditionalGeneration"],
+    defaults,
+    load: |ctx: &LoadContext| Ok(Box::new(load(ctx.dir, ctx.device, ctx.dtype)?)),
+};
 
 /// A loaded Whisper checkpoint.
 pub struct WhisperModel {
@@ -321,9 +331,47 @@ fn apply(logits: Tensor, mask: &Option<Tensor>) -> Result<Tensor> {
     })
 }
 
+impl WhisperModel {
+    /// The decoder prompt for a user's text: empty or `transcribe` (the default), `translate`,
+    /// and/or a language code such as `en`; a multilingual model without a language detects
+    /// it from the audio, as HF's `generate` does.
+    fn prompt_for(&self, text: &str, items: &[EncodedItem]) -> Result<Vec<u32>> {
+        let mut task = Task::Transcribe;
+        let mut language: Option<String> = None;
+        for word in text.split(|c: char| c.is_whitespace() || c == ',') {
+            match word.to_ascii_lowercase().as_str() {
+                "" | "transcribe" => {}
+                "translate" => task = Task::Translate,
+                w if (2..=3).contains(&w.len()) && w.chars().all(|c| c.is_ascii_lowercase()) => {
+                    language = Some(w.to_string())
+                }
+                _ => {
+                    return Err(Error::input(
+                        "prompt",
+                        format!("{word:?} is not a Whisper task or language"),
+                        "an empty prompt, `transcribe`, `translate`, and/or a language code such as `en`",
+                    ))
+                }
+            }
+        }
+        let multilingual = !self.generation.lang_to_id.is_empty();
+        if language.is_none() && multilingual {
+            if let Some(item) = items.first() {
+                let id = self.detect_language(&item.features)?;
+                language = self.language_code(id).map(str::to_string);
+            }
+        }
+        self.decoder_prompt(task, language.as_deref())
+    }
+}
+
 impl Model for WhisperModel {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    fn own_prompt(&self, text: &str, items: &[EncodedItem]) -> Option<Result<Vec<u32>>> {
+        Some(self.prompt_for(text, items))
     }
 
     /// Audio -> log-mel -> encoder output `(max_source_positions, d_model)`. Takes no prompt
