@@ -6,6 +6,12 @@
 //! Pillow); PNG, GIF, WebP and BMP through the `image` crate, with Pillow's mode conversions
 //! (16-bit samples, CMYK, palettes, alpha) reproduced here. Decompression bombs are refused from
 //! the header, before any pixel is decoded. Knows no model.
+//!
+//! Known limits of the match: `load_image(path)` alone converts with `.convert("RGB")`, which
+//! drops alpha instead of compositing; we follow the processor (`convert_to_rgb`), which is what
+//! a PIL image passed to a processor gets. Not verified against Pillow: 16-bit PNGs with a tRNS
+//! colour key, GIFs whose first frame is smaller than the logical screen, animated WebP/APNG
+//! (first frame is used), EXIF stored only in PNG "Raw profile type exif" text chunks (ignored).
 
 use std::io::Cursor;
 
@@ -502,6 +508,20 @@ fn apply_orientation(img: RgbImage, orientation: u32) -> RgbImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_from_env() {
+        // The only test touching these variables.
+        std::env::set_var("MMLLM_MAX_IMAGE_PIXELS", "1000");
+        std::env::remove_var("MMLLM_MAX_IMAGE_BYTES");
+        let l = ImageLimits::from_env().unwrap();
+        assert_eq!((l.max_pixels, l.max_bytes), (1000, 64 << 20));
+        std::env::set_var("MMLLM_MAX_IMAGE_PIXELS", "lots");
+        let err = ImageLimits::from_env().unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("MMLLM_MAX_IMAGE_PIXELS"));
+        std::env::remove_var("MMLLM_MAX_IMAGE_PIXELS");
+    }
 
     #[test]
     fn sniffs_magic_bytes() {

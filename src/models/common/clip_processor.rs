@@ -172,7 +172,10 @@ fn parse_size(v: &Value) -> Result<ResizeTarget, String> {
 fn parse_triple(v: Option<Value>, default: [f64; 3], name: &str) -> Result<[f64; 3], String> {
     match v {
         None | Some(Value::Null) => Ok(default),
-        Some(Value::Number(n)) => n.as_f64().map(|x| [x; 3]).ok_or_else(|| format!("{name}")),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .map(|x| [x; 3])
+            .ok_or_else(|| format!("{name} = {n} is not a finite number")),
         Some(Value::Array(a)) if a.len() == 3 => {
             let mut out = [0.0; 3];
             for (o, x) in out.iter_mut().zip(&a) {
