@@ -1,1 +1,576 @@
-//! TODO
+//! Image decoding to upright RGB8, pixel for pixel what transformers sees.
+//!
+//! The reference is `PIL.Image.open` + `ImageOps.exif_transpose` (as in `load_image`) followed
+//! by the image processor's `convert_to_rgb` (transparency composited on white with
+//! `Image.alpha_composite`). JPEG goes through libjpeg-turbo (islow IDCT, fancy upsampling, like
+//! Pillow); PNG, GIF, WebP and BMP through the `image` crate, with Pillow's mode conversions
+//! (16-bit samples, CMYK, palettes, alpha) reproduced here. Decompression bombs are refused from
+//! the header, before any pixel is decoded. Knows no model.
+//!
+//! Known limits of the match: `load_image(path)` alone converts with `.convert("RGB")`, which
+//! drops alpha instead of compositing; we follow the processor (`convert_to_rgb`), which is what
+//! a PIL image passed to a processor gets. Not verified against Pillow: 16-bit PNGs with a tRNS
+//! colour key, GIFs whose first frame is smaller than the logical screen, animated WebP/APNG
+//! (first frame is used), EXIF stored only in PNG "Raw profile type exif" text chunks (ignored).
+
+use std::io::Cursor;
+
+use ::image::{ColorType, ImageDecoder};
+
+use super::RgbImage;
+use crate::error::{Error, Result};
+
+const SUPPORTED: &str = "JPEG, PNG, WebP, GIF or BMP";
+
+/// Caps applied to every image before its pixels are decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Largest accepted `width * height`.
+    pub max_pixels: u64,
+    /// Largest accepted encoded size in bytes.
+    pub max_bytes: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        ImageLimits {
+            // Pillow raises DecompressionBombError above 2 * MAX_IMAGE_PIXELS.
+            max_pixels: 2 * 89_478_485,
+            max_bytes: 64 << 20,
+        }
+    }
+}
+
+impl ImageLimits {
+    /// The defaults, overridden by `MMLLM_MAX_IMAGE_PIXELS` / `MMLLM_MAX_IMAGE_BYTES`.
+    pub fn from_env() -> Result<Self> {
+        let mut limits = ImageLimits::default();
+        if let Some(v) = env_u64("MMLLM_MAX_IMAGE_PIXELS")? {
+            limits.max_pixels = v;
+        }
+        if let Some(v) = env_u64("MMLLM_MAX_IMAGE_BYTES")? {
+            limits.max_bytes = v;
+        }
+        Ok(limits)
+    }
+}
+
+fn env_u64(name: &str) -> Result<Option<u64>> {
+    match std::env::var(name) {
+        Ok(s) => match s.trim().parse::<u64>() {
+            Ok(v) if v > 0 => Ok(Some(v)),
+            _ => Err(Error::usage(format!(
+                "environment variable {name}={s:?} is invalid (expected a positive integer)"
+            ))),
+        },
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(Error::usage(format!(
+            "environment variable {name} is not valid UTF-8 (expected a positive integer)"
+        ))),
+    }
+}
+
+/// Container formats recognised from their magic bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    Jpeg,
+    Png,
+    WebP,
+    Gif,
+    Bmp,
+}
+
+impl ImageFormat {
+    /// The format announced by the first bytes, if it is one we decode.
+    pub fn sniff(bytes: &[u8]) -> Option<ImageFormat> {
+        if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+            Some(ImageFormat::Jpeg)
+        } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+            Some(ImageFormat::Png)
+        } else if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+            Some(ImageFormat::WebP)
+        } else if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+            Some(ImageFormat::Gif)
+        } else if bytes.starts_with(b"BM") {
+            Some(ImageFormat::Bmp)
+        } else {
+            None
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Jpeg => "JPEG",
+            ImageFormat::Png => "PNG",
+            ImageFormat::WebP => "WebP",
+            ImageFormat::Gif => "GIF",
+            ImageFormat::Bmp => "BMP",
+        }
+    }
+}
+
+/// Checks the byte cap, the format and the header's dimensions against the pixel cap without
+/// decoding pixels. Returns the upright `(width, height)` (EXIF orientation applied).
+pub fn probe_image(bytes: &[u8], input: &str, limits: &ImageLimits) -> Result<(u32, u32)> {
+    let format = check_bytes_and_sniff(bytes, input, limits)?;
+    let (w, h) = header_dimensions(format, bytes, input)?;
+    check_pixels(w, h, input, limits)?;
+    Ok(if orientation(format, bytes) >= 5 {
+        (h, w)
+    } else {
+        (w, h)
+    })
+}
+
+/// Decodes an image file to upright RGB8 exactly as Pillow + transformers do.
+pub fn decode_image(bytes: &[u8], input: &str, limits: &ImageLimits) -> Result<RgbImage> {
+    let format = check_bytes_and_sniff(bytes, input, limits)?;
+    let (w, h) = header_dimensions(format, bytes, input)?;
+    check_pixels(w, h, input, limits)?;
+    let rgb = match format {
+        ImageFormat::Jpeg => decode_jpeg(bytes, input)?,
+        _ => decode_with_image_crate(format, bytes, input)?,
+    };
+    Ok(apply_orientation(rgb, orientation(format, bytes)))
+}
+
+fn check_bytes_and_sniff(bytes: &[u8], input: &str, limits: &ImageLimits) -> Result<ImageFormat> {
+    if bytes.len() as u64 > limits.max_bytes {
+        return Err(Error::input(
+            input,
+            format!(
+                "image file is {} bytes, over the limit of {} bytes",
+                bytes.len(),
+                limits.max_bytes
+            ),
+            "a smaller image, or a larger MMLLM_MAX_IMAGE_BYTES",
+        ));
+    }
+    ImageFormat::sniff(bytes).ok_or_else(|| {
+        Error::input(
+            input,
+            "unsupported image format (unrecognised file signature)",
+            SUPPORTED,
+        )
+    })
+}
+
+fn check_pixels(w: u32, h: u32, input: &str, limits: &ImageLimits) -> Result<()> {
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels == 0 {
+        return Err(Error::input(
+            input,
+            format!("image has no pixels ({w}x{h})"),
+            "an image at least 1x1",
+        ));
+    }
+    if pixels > limits.max_pixels {
+        return Err(Error::input(
+            input,
+            format!(
+                "image is {w}x{h} = {pixels} pixels, over the limit of {} (possible decompression bomb)",
+                limits.max_pixels
+            ),
+            "a smaller image, or a larger MMLLM_MAX_IMAGE_PIXELS",
+        ));
+    }
+    Ok(())
+}
+
+fn corrupt(input: &str, format: ImageFormat, err: impl std::fmt::Display) -> Error {
+    Error::input(
+        input,
+        format!("cannot decode {} data: {err}", format.name()),
+        format!("a complete, valid {} file", format.name()),
+    )
+}
+
+fn header_dimensions(format: ImageFormat, bytes: &[u8], input: &str) -> Result<(u32, u32)> {
+    let dims = match format {
+        ImageFormat::Jpeg => {
+            let header = turbojpeg::read_header(bytes).map_err(|e| corrupt(input, format, e))?;
+            match (u32::try_from(header.width), u32::try_from(header.height)) {
+                (Ok(w), Ok(h)) => Ok((w, h)),
+                _ => return Err(corrupt(input, format, "dimensions out of range")),
+            }
+        }
+        ImageFormat::Png => dims_of(::image::codecs::png::PngDecoder::new(Cursor::new(bytes))),
+        ImageFormat::Gif => dims_of(::image::codecs::gif::GifDecoder::new(Cursor::new(bytes))),
+        ImageFormat::WebP => dims_of(::image::codecs::webp::WebPDecoder::new(Cursor::new(bytes))),
+        ImageFormat::Bmp => dims_of(::image::codecs::bmp::BmpDecoder::new(Cursor::new(bytes))),
+    };
+    dims.map_err(|e| corrupt(input, format, e))
+}
+
+fn dims_of<D: ImageDecoder>(decoder: ::image::ImageResult<D>) -> ::image::ImageResult<(u32, u32)> {
+    decoder.map(|d| d.dimensions())
+}
+
+// ---------------------------------------------------------------------------------------- JPEG
+
+fn decode_jpeg(bytes: &[u8], input: &str) -> Result<RgbImage> {
+    let fmt = ImageFormat::Jpeg;
+    let mut dec = turbojpeg::Decompressor::new().map_err(|e| corrupt(input, fmt, e))?;
+    let header = dec.read_header(bytes).map_err(|e| corrupt(input, fmt, e))?;
+    let (w, h) = (header.width, header.height);
+    match header.colorspace {
+        turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK => {
+            let mut cmyk = turbojpeg::Image {
+                pixels: vec![0u8; w * h * 4],
+                width: w,
+                pitch: w * 4,
+                height: h,
+                format: turbojpeg::PixelFormat::CMYK,
+            };
+            tolerate_warnings(dec.decompress(bytes, cmyk.as_deref_mut()), input)?;
+            let mut rgb = Vec::with_capacity(w * h * 3);
+            for px in cmyk.pixels.chunks_exact(4) {
+                // Pillow reads CMYK JPEGs as "CMYK;I" (Adobe polarity), then converts to RGB.
+                let inv = [255 - px[0], 255 - px[1], 255 - px[2], 255 - px[3]];
+                rgb.extend_from_slice(&cmyk_to_rgb(inv));
+            }
+            rgb_image(w as u32, h as u32, rgb, input)
+        }
+        _ => {
+            let mut out = turbojpeg::Image {
+                pixels: vec![0u8; w * h * 3],
+                width: w,
+                pitch: w * 3,
+                height: h,
+                format: turbojpeg::PixelFormat::RGB,
+            };
+            tolerate_warnings(dec.decompress(bytes, out.as_deref_mut()), input)?;
+            rgb_image(w as u32, h as u32, out.pixels, input)
+        }
+    }
+}
+
+/// TurboJPEG reports libjpeg warnings as failures after decoding the whole image. Pillow ignores
+/// warnings (corrupt-but-recoverable data such as extraneous bytes before a marker) but refuses a
+/// truncated file, which libjpeg signals with the "Premature end of JPEG file" warning.
+fn tolerate_warnings(res: turbojpeg::Result<()>, input: &str) -> Result<()> {
+    const WARNINGS: [&str; 5] = [
+        "Corrupt JPEG data",
+        "Warning:",
+        "Invalid SOS parameters",
+        "Inconsistent progression sequence",
+        "Unknown Adobe color transform",
+    ];
+    match res {
+        Ok(()) => Ok(()),
+        Err(turbojpeg::Error::TurboJpegError(msg)) if WARNINGS.iter().any(|w| msg.contains(w)) => {
+            Ok(())
+        }
+        Err(e) => Err(corrupt(input, ImageFormat::Jpeg, e)),
+    }
+}
+
+/// Pillow's `cmyk2rgb` (libImaging/Convert.c) on one pixel.
+fn cmyk_to_rgb(px: [u8; 4]) -> [u8; 3] {
+    let nk = 255 - i32::from(px[3]);
+    let muldiv255 = |a: i32, b: i32| {
+        let t = a * b + 128;
+        ((t >> 8) + t) >> 8
+    };
+    let ch = |c: u8| (nk - muldiv255(i32::from(c), nk)).clamp(0, 255) as u8;
+    [ch(px[0]), ch(px[1]), ch(px[2])]
+}
+
+fn rgb_image(w: u32, h: u32, pixels: Vec<u8>, input: &str) -> Result<RgbImage> {
+    RgbImage::from_raw(w, h, pixels).ok_or_else(|| {
+        Error::Runtime(anyhow::anyhow!(
+            "{input}: decoded buffer does not match {w}x{h}"
+        ))
+    })
+}
+
+// ------------------------------------------------------------------------ PNG, GIF, WebP, BMP
+
+fn decode_with_image_crate(format: ImageFormat, bytes: &[u8], input: &str) -> Result<RgbImage> {
+    let err = |e: ::image::ImageError| corrupt(input, format, e);
+    let (w, h, color, buf) = match format {
+        ImageFormat::Png => {
+            read_all(::image::codecs::png::PngDecoder::new(Cursor::new(bytes)).map_err(err)?)
+        }
+        ImageFormat::Gif => {
+            read_all(::image::codecs::gif::GifDecoder::new(Cursor::new(bytes)).map_err(err)?)
+        }
+        ImageFormat::WebP => {
+            read_all(::image::codecs::webp::WebPDecoder::new(Cursor::new(bytes)).map_err(err)?)
+        }
+        ImageFormat::Bmp => {
+            read_all(::image::codecs::bmp::BmpDecoder::new(Cursor::new(bytes)).map_err(err)?)
+        }
+        ImageFormat::Jpeg => unreachable!("JPEG is decoded by libjpeg-turbo"),
+    }
+    .map_err(err)?;
+    let n = w as usize * h as usize;
+    let mut rgb = Vec::with_capacity(n * 3);
+    match color {
+        ColorType::Rgb8 => rgb = buf,
+        ColorType::L8 => buf.iter().for_each(|&l| rgb.extend_from_slice(&[l, l, l])),
+        ColorType::Rgba8 if format == ImageFormat::Bmp && !bmp_has_alpha(bytes) => {
+            // Pillow reads 32-bit BI_RGB bitmaps as "BGRX": the fourth byte is padding.
+            buf.chunks_exact(4)
+                .for_each(|p| rgb.extend_from_slice(&p[..3]));
+        }
+        ColorType::Rgba8 => buf
+            .chunks_exact(4)
+            .for_each(|p| rgb.extend_from_slice(&composite_on_white([p[0], p[1], p[2]], p[3]))),
+        ColorType::La8 => buf
+            .chunks_exact(2)
+            .for_each(|p| rgb.extend_from_slice(&composite_on_white([p[0]; 3], p[1]))),
+        // 16-bit PNGs: Pillow keeps the high byte of colour samples ("RGB;16B", "LA;16B") but
+        // opens 16-bit gray as "I;16", whose conversion to 8 bits clips at 255.
+        ColorType::Rgb16 => u16s(&buf).for_each(|v| rgb.push((v >> 8) as u8)),
+        ColorType::Rgba16 => {
+            let v: Vec<u16> = u16s(&buf).collect();
+            v.chunks_exact(4).for_each(|p| {
+                let c = [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8];
+                rgb.extend_from_slice(&composite_on_white(c, (p[3] >> 8) as u8));
+            })
+        }
+        ColorType::L16 => u16s(&buf).for_each(|v| {
+            let l = v.min(255) as u8;
+            rgb.extend_from_slice(&[l, l, l]);
+        }),
+        ColorType::La16 => {
+            let v: Vec<u16> = u16s(&buf).collect();
+            v.chunks_exact(2).for_each(|p| {
+                let l = (p[0] >> 8) as u8;
+                rgb.extend_from_slice(&composite_on_white([l; 3], (p[1] >> 8) as u8));
+            })
+        }
+        other => {
+            return Err(Error::input(
+                input,
+                format!("unsupported {} pixel layout {other:?}", format.name()),
+                "8- or 16-bit gray, gray+alpha, RGB or RGBA",
+            ))
+        }
+    }
+    rgb_image(w, h, rgb, input)
+}
+
+type Raw = (u32, u32, ColorType, Vec<u8>);
+
+fn read_all<D: ImageDecoder>(decoder: D) -> ::image::ImageResult<Raw> {
+    let (w, h) = decoder.dimensions();
+    let color = decoder.color_type();
+    let mut buf = vec![0u8; decoder.total_bytes() as usize];
+    decoder.read_image(&mut buf)?;
+    Ok((w, h, color, buf))
+}
+
+/// The `image` crate hands 16-bit samples over in native byte order.
+fn u16s(buf: &[u8]) -> impl Iterator<Item = u16> + '_ {
+    buf.chunks_exact(2)
+        .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+}
+
+/// Whether a 32-bit BMP declares an alpha mask (BITFIELDS with a V3+ header); Pillow ignores the
+/// fourth byte otherwise.
+fn bmp_has_alpha(bytes: &[u8]) -> bool {
+    let u32_at = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let header_size = u32_at(14).unwrap_or(0);
+    let compression = u32_at(30).unwrap_or(0);
+    // BI_BITFIELDS (3) or BI_ALPHABITFIELDS (6) with the alpha mask at offset 54.
+    (compression == 3 || compression == 6) && header_size >= 56 && u32_at(66).unwrap_or(0) != 0
+}
+
+/// `Image.alpha_composite(white, src)` for one pixel (libImaging/AlphaComposite.c, dst = opaque
+/// white), then the alpha channel is dropped as `.convert("RGB")` does.
+pub fn composite_on_white(rgb: [u8; 3], alpha: u8) -> [u8; 3] {
+    if alpha == 0 {
+        return [255, 255, 255];
+    }
+    const PRECISION_BITS: u32 = 7;
+    let sa = u32::from(alpha);
+    let blend = 255 * (255 - sa);
+    let outa255 = sa * 255 + blend;
+    let coef1 = sa * 255 * 255 * (1 << PRECISION_BITS) / outa255;
+    let coef2 = 255 * (1 << PRECISION_BITS) - coef1;
+    let shift_div255 = |a: u32| ((a >> 8) + a) >> 8;
+    rgb.map(|c| {
+        let tmp = u32::from(c) * coef1 + 255 * coef2;
+        (shift_div255(tmp + (0x80 << PRECISION_BITS)) >> PRECISION_BITS) as u8
+    })
+}
+
+// --------------------------------------------------------------------------------- orientation
+
+/// The EXIF orientation (1..=8) Pillow's `exif_transpose` would act on; 1 when absent.
+/// EXIF IFD0 first, then XMP `tiff:Orientation` as Pillow's `getexif` falls back to it.
+fn orientation(format: ImageFormat, bytes: &[u8]) -> u32 {
+    if !matches!(
+        format,
+        ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP
+    ) {
+        return 1;
+    }
+    let exif = ::exif::Reader::new().read_from_container(&mut Cursor::new(bytes));
+    if let Ok(exif) = &exif {
+        if let Some(field) = exif.get_field(::exif::Tag::Orientation, ::exif::In::PRIMARY) {
+            return field.value.get_uint(0).unwrap_or(1);
+        }
+    }
+    xmp_packet(format, bytes)
+        .and_then(|xmp| xmp_orientation(&xmp))
+        .unwrap_or(1)
+}
+
+fn xmp_packet(format: ImageFormat, bytes: &[u8]) -> Option<Vec<u8>> {
+    match format {
+        ImageFormat::Jpeg => jpeg_xmp(bytes),
+        ImageFormat::Png => ::image::codecs::png::PngDecoder::new(Cursor::new(bytes))
+            .ok()?
+            .xmp_metadata()
+            .ok()?,
+        ImageFormat::WebP => ::image::codecs::webp::WebPDecoder::new(Cursor::new(bytes))
+            .ok()?
+            .xmp_metadata()
+            .ok()?,
+        _ => None,
+    }
+}
+
+/// The payload of the first XMP APP1 segment before the image data.
+fn jpeg_xmp(bytes: &[u8]) -> Option<Vec<u8>> {
+    const XMP_ID: &[u8] = b"http://ns.adobe.com/xap/1.0/\0";
+    let mut pos = 2;
+    while pos + 4 <= bytes.len() {
+        if bytes[pos] != 0xFF {
+            return None;
+        }
+        let marker = bytes[pos + 1];
+        if marker == 0xFF {
+            pos += 1;
+            continue;
+        }
+        if marker == 0xDA || marker == 0xD9 {
+            return None;
+        }
+        let len = usize::from(u16::from_be_bytes([bytes[pos + 2], bytes[pos + 3]]));
+        let seg = bytes.get(pos + 4..pos + 2 + len)?;
+        if marker == 0xE1 && seg.starts_with(XMP_ID) {
+            return Some(seg[XMP_ID.len()..].to_vec());
+        }
+        pos += 2 + len;
+    }
+    None
+}
+
+/// Pillow's `re.search(r'tiff:Orientation(="|>)([0-9])', xmp)`.
+fn xmp_orientation(xmp: &[u8]) -> Option<u32> {
+    const KEY: &[u8] = b"tiff:Orientation";
+    let mut i = 0;
+    while i + KEY.len() <= xmp.len() {
+        if &xmp[i..i + KEY.len()] == KEY {
+            let rest = &xmp[i + KEY.len()..];
+            let digit = match rest {
+                [b'=', b'"', d, ..] | [b'>', d, ..] => Some(*d),
+                _ => None,
+            };
+            if let Some(d) = digit.filter(u8::is_ascii_digit) {
+                return Some(u32::from(d - b'0'));
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// `Image.transpose` as `exif_transpose` maps orientations 2..=8 to it.
+fn apply_orientation(img: RgbImage, orientation: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    // Source coordinates of output pixel (x, y) for each orientation; ow/oh the output size.
+    let map: fn(u32, u32, u32, u32) -> (u32, u32) = match orientation {
+        2 => |x, y, w, _h| (w - 1 - x, y),        // FLIP_LEFT_RIGHT
+        3 => |x, y, w, h| (w - 1 - x, h - 1 - y), // ROTATE_180
+        4 => |x, y, _w, h| (x, h - 1 - y),        // FLIP_TOP_BOTTOM
+        5 => |x, y, _w, _h| (y, x),               // TRANSPOSE
+        6 => |x, y, _w, h| (y, h - 1 - x),        // ROTATE_270 (90 degrees clockwise)
+        7 => |x, y, w, h| (w - 1 - y, h - 1 - x), // TRANSVERSE
+        8 => |x, y, w, _h| (w - 1 - y, x),        // ROTATE_90 (90 degrees counter-clockwise)
+        _ => return img,
+    };
+    let (ow, oh) = if orientation >= 5 { (h, w) } else { (w, h) };
+    RgbImage::from_fn(ow, oh, |x, y| {
+        let (sx, sy) = map(x, y, w, h);
+        *img.get_pixel(sx, sy)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_from_env() {
+        // The only test touching these variables.
+        std::env::set_var("MMLLM_MAX_IMAGE_PIXELS", "1000");
+        std::env::remove_var("MMLLM_MAX_IMAGE_BYTES");
+        let l = ImageLimits::from_env().unwrap();
+        assert_eq!((l.max_pixels, l.max_bytes), (1000, 64 << 20));
+        std::env::set_var("MMLLM_MAX_IMAGE_PIXELS", "lots");
+        let err = ImageLimits::from_env().unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("MMLLM_MAX_IMAGE_PIXELS"));
+        std::env::remove_var("MMLLM_MAX_IMAGE_PIXELS");
+    }
+
+    #[test]
+    fn sniffs_magic_bytes() {
+        assert_eq!(
+            ImageFormat::sniff(b"\xFF\xD8\xFF\xE0"),
+            Some(ImageFormat::Jpeg)
+        );
+        assert_eq!(ImageFormat::sniff(b"GIF89a.."), Some(ImageFormat::Gif));
+        assert_eq!(
+            ImageFormat::sniff(b"RIFF\0\0\0\0WEBPVP8 "),
+            Some(ImageFormat::WebP)
+        );
+        assert_eq!(ImageFormat::sniff(b"RIFF\0\0\0\0WAVEfmt "), None);
+        assert_eq!(ImageFormat::sniff(b"%PDF-1.7"), None);
+    }
+
+    #[test]
+    fn composite_extremes() {
+        assert_eq!(composite_on_white([10, 20, 30], 255), [10, 20, 30]);
+        assert_eq!(composite_on_white([10, 20, 30], 0), [255, 255, 255]);
+    }
+
+    #[test]
+    fn cmyk_extremes() {
+        assert_eq!(cmyk_to_rgb([0, 0, 0, 0]), [255, 255, 255]);
+        assert_eq!(cmyk_to_rgb([0, 0, 0, 255]), [0, 0, 0]);
+        assert_eq!(cmyk_to_rgb([255, 0, 0, 0]), [0, 255, 255]);
+    }
+
+    #[test]
+    fn xmp_orientation_forms() {
+        assert_eq!(xmp_orientation(b"<a tiff:Orientation=\"6\"/>"), Some(6));
+        assert_eq!(
+            xmp_orientation(b"<tiff:Orientation>3</tiff:Orientation>"),
+            Some(3)
+        );
+        assert_eq!(xmp_orientation(b"tiff:Orientation='6'"), None);
+    }
+
+    #[test]
+    fn orientation_maps_corners() {
+        // 3x2 image whose pixel value encodes its position.
+        let img = RgbImage::from_fn(3, 2, |x, y| ::image::Rgb([x as u8, y as u8, 0]));
+        let r = apply_orientation(img.clone(), 6);
+        assert_eq!(r.dimensions(), (2, 3));
+        // Rotated 90 degrees clockwise: the top-left output is the bottom-left input.
+        assert_eq!(r.get_pixel(0, 0).0[..2], [0, 1]);
+        assert_eq!(r.get_pixel(1, 0).0[..2], [0, 0]);
+        let r = apply_orientation(img, 3);
+        assert_eq!(r.get_pixel(0, 0).0[..2], [2, 1]);
+    }
+}

@@ -4,6 +4,7 @@ mod batch;
 mod cli;
 mod engine_pure;
 mod hub;
+mod image;
 mod llava_e2e;
 mod llava_parity;
 mod source;

@@ -1,5 +1,7 @@
 //! Shared building blocks of model families.
 
+pub mod clip_processor;
 pub mod clip_vision;
 pub mod llama;
 pub mod mel;
+pub mod resize;
