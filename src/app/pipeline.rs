@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::hub::{self, HubOptions, ModelDir};
 use crate::media::{self, MediaItem, Modality};
 use crate::models::registry::{self, Family, LoadContext};
-use crate::models::{EncodedItem, FamilyDefaults};
+use crate::models::{EncodedItem, FamilyDefaults, Model};
 use crate::prompt::template::{ChatTemplate, ContentPart, Message, TemplateFiles};
 use crate::prompt::{self, Expansion, Spliced};
 use crate::sink;

@@ -11,6 +11,7 @@ use super::config::{Config, GenerationConfig, SelectStrategy};
 use crate::engine::kv::KvCache;
 use crate::error::{Error, Result};
 use crate::media::{Embeds, MediaItem, Modality};
+use crate::models::common::clip_processor::ClipProcessorConfig;
 use crate::models::common::clip_vision::ClipVisionTower;
 use crate::models::common::llama::Llama;
 use crate::models::{EncodedItem, Expansion, Model, ModelInfo};
@@ -184,9 +185,46 @@ pub struct LlavaModel {
     vision: ClipVisionTower,
     projector: Projector,
     lm: Llama,
+    processor: ClipProcessorConfig,
     eos_token_ids: Vec<u32>,
     device: Device,
     dtype: DType,
+}
+
+/// The image processor's settings: `preprocessor_config.json` (hub repos), else the
+/// `image_processor` of `processor_config.json` (what transformers 5 saves), else CLIP's
+/// defaults at the vision tower's size.
+pub fn processor_config(dir: &Path, image_size: u32) -> Result<ClipProcessorConfig> {
+    let read = |name: &str| -> Result<Option<String>> {
+        match std::fs::read_to_string(dir.join(name)) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::input(name, format!("cannot read: {e}"), "a readable JSON file")),
+        }
+    };
+    let bad = |name: &str, e: serde_json::Error| {
+        Error::input(
+            name,
+            format!("not a CLIP image processor config: {e}"),
+            "Hugging Face CLIPImageProcessor settings",
+        )
+    };
+    if let Some(text) = read("preprocessor_config.json")? {
+        return ClipProcessorConfig::from_json(&text).map_err(|e| bad("preprocessor_config.json", e));
+    }
+    if let Some(text) = read("processor_config.json")? {
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad("processor_config.json", e))?;
+        if let Some(ip) = value.get("image_processor") {
+            return ClipProcessorConfig::from_json(&ip.to_string())
+                .map_err(|e| bad("processor_config.json", e));
+        }
+    }
+    let default = serde_json::json!({
+        "size": {"shortest_edge": image_size},
+        "crop_size": {"height": image_size, "width": image_size},
+    });
+    ClipProcessorConfig::from_json(&default.to_string()).map_err(|e| bad("defaults", e))
 }
 
 /// Loads a LLaVA model directory (`config.json`, `model.safetensors` or a sharded index,
@@ -223,6 +261,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LlavaModel> {
             pvb.pp("linear_2"),
         )?,
     };
+    let processor = processor_config(dir, config.vision.image_size as u32)?;
     let lm = Llama::load(
         &config.text,
         vb.pp(p.text.trim_end_matches('.')),
@@ -244,6 +283,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LlavaModel> {
         vision,
         projector,
         lm,
+        processor,
         eos_token_ids,
         device: device.clone(),
         dtype,
@@ -399,11 +439,15 @@ impl Model for LlavaModel {
                 expansion: self.image_expansion()?,
                 features: self.check_image_embeds(embeds)?,
             }),
-            // Placeholder until the CLIP preprocessor (models/common/clip_processor.rs) lands;
-            // then: preprocess -> encode_pixels.
-            MediaItem::Image(_) => Err(Error::Runtime(anyhow::anyhow!(
-                "LLaVA image preprocessing is not wired yet (use embeds, or encode_pixels)"
-            ))),
+            MediaItem::Image(img) => {
+                let px = self.processor.preprocess(img);
+                let (h, w) = (px.height as usize, px.width as usize);
+                let pixels = Tensor::from_vec(px.data, (1, 3, h, w), &self.device)?;
+                Ok(EncodedItem {
+                    expansion: self.image_expansion()?,
+                    features: self.encode_pixels(&pixels)?,
+                })
+            }
             other => Err(Error::input(
                 other.modality().name(),
                 format!("LLaVA-1.5 does not take {} input", other.modality()),
