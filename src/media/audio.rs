@@ -207,7 +207,12 @@ fn wav_container_bits(bytes: &[u8], channels: u16) -> Option<u16> {
     let mut pos = 12usize;
     while pos + 8 <= bytes.len() {
         let id = &bytes[pos..pos + 4];
-        let len = u32::from_le_bytes([bytes[pos + 4], bytes[pos + 5], bytes[pos + 6], bytes[pos + 7]]);
+        let len = u32::from_le_bytes([
+            bytes[pos + 4],
+            bytes[pos + 5],
+            bytes[pos + 6],
+            bytes[pos + 7],
+        ]);
         let body = pos + 8;
         if id == b"fmt " {
             let align = bytes.get(body + 12..body + 14)?;
@@ -215,7 +220,9 @@ fn wav_container_bits(bytes: &[u8], channels: u16) -> Option<u16> {
             return (block_align % channels == 0).then(|| block_align / channels * 8);
         }
         // Chunks are padded to an even length.
-        pos = body.checked_add(len as usize)?.checked_add(len as usize & 1)?;
+        pos = body
+            .checked_add(len as usize)?
+            .checked_add(len as usize & 1)?;
     }
     None
 }
@@ -242,7 +249,9 @@ fn suffix_of(input: &str) -> String {
     let name = name.split(['?', '#']).next().unwrap_or(name);
     match name.rsplit_once('.') {
         Some((_, ext))
-            if !ext.is_empty() && ext.len() <= 5 && ext.chars().all(|c| c.is_ascii_alphanumeric()) =>
+            if !ext.is_empty()
+                && ext.len() <= 5
+                && ext.chars().all(|c| c.is_ascii_alphanumeric()) =>
         {
             format!(".{}", ext.to_ascii_lowercase())
         }
@@ -260,7 +269,7 @@ fn decode_with_ffmpeg(bytes: &[u8], input: &str) -> Result<Decoded> {
         "-select_streams".into(),
         "a:0".into(),
         "-show_entries".into(),
-        "stream=sample_rate,channels".into(),
+        "stream=sample_rate,channels,time_base,duration_ts".into(),
         "-of".into(),
         "json".into(),
         file.path().into(),
@@ -269,11 +278,14 @@ fn decode_with_ffmpeg(bytes: &[u8], input: &str) -> Result<Decoded> {
     if !probe.success {
         return Err(Error::input(
             input,
-            format!("not a decodable audio file ({})", ffmpeg::last_line(&probe.stderr)),
+            format!(
+                "not a decodable audio file ({})",
+                ffmpeg::last_line(&probe.stderr)
+            ),
             EXPECTED,
         ));
     }
-    let (rate, channels) = parse_probe(&probe.value)
+    let (rate, channels, duration) = parse_probe(&probe.value)
         .ok_or_else(|| Error::input(input, "the file has no audio stream", EXPECTED))?;
 
     let args: Vec<OsString> = vec![
@@ -296,7 +308,10 @@ fn decode_with_ffmpeg(bytes: &[u8], input: &str) -> Result<Decoded> {
     if !out.success {
         return Err(Error::input(
             input,
-            format!("ffmpeg could not decode it ({})", ffmpeg::last_line(&out.stderr)),
+            format!(
+                "ffmpeg could not decode it ({})",
+                ffmpeg::last_line(&out.stderr)
+            ),
             EXPECTED,
         ));
     }
@@ -306,6 +321,12 @@ fn decode_with_ffmpeg(bytes: &[u8], input: &str) -> Result<Decoded> {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     samples.truncate(samples.len() / channels * channels);
+    // ffmpeg 5.1 leaves the encoder's end padding on short Ogg/MP4 streams; libsndfile stops at
+    // the container's exact length (Ogg granule), so cut to the stream duration when it is
+    // counted in samples.
+    if let Some(frames) = duration {
+        samples.truncate(frames.saturating_mul(channels).max(channels));
+    }
     Ok(Decoded {
         samples,
         channels,
@@ -313,8 +334,9 @@ fn decode_with_ffmpeg(bytes: &[u8], input: &str) -> Result<Decoded> {
     })
 }
 
-/// `(sample_rate, channels)` of the first audio stream in ffprobe's JSON.
-fn parse_probe(json: &[u8]) -> Option<(u32, usize)> {
+/// `(sample_rate, channels, duration in samples)` of the first audio stream in ffprobe's JSON;
+/// the duration only when the stream's time base is one sample.
+fn parse_probe(json: &[u8]) -> Option<(u32, usize, Option<usize>)> {
     let v: serde_json::Value = serde_json::from_slice(json).ok()?;
     let stream = v.get("streams")?.as_array()?.first()?;
     let rate = match stream.get("sample_rate")? {
@@ -322,7 +344,13 @@ fn parse_probe(json: &[u8]) -> Option<(u32, usize)> {
         other => u32::try_from(other.as_u64()?).ok()?,
     };
     let channels = usize::try_from(stream.get("channels")?.as_u64()?).ok()?;
-    (rate > 0 && channels > 0).then_some((rate, channels))
+    let per_sample = stream.get("time_base").and_then(|t| t.as_str()) == Some(&format!("1/{rate}"));
+    let duration = stream
+        .get("duration_ts")
+        .and_then(|d| d.as_u64())
+        .filter(|&d| per_sample && d > 0)
+        .and_then(|d| usize::try_from(d).ok());
+    (rate > 0 && channels > 0).then_some((rate, channels, duration))
 }
 
 #[cfg(test)]
@@ -341,7 +369,11 @@ mod tests {
     #[test]
     fn probe_json_is_read() {
         let j = br#"{"programs":[],"streams":[{"sample_rate":"44100","channels":2}]}"#;
-        assert_eq!(parse_probe(j), Some((44100, 2)));
+        assert_eq!(parse_probe(j), Some((44100, 2, None)));
+        let j = br#"{"streams":[{"sample_rate":"22050","channels":1,"time_base":"1/22050","duration_ts":3307}]}"#;
+        assert_eq!(parse_probe(j), Some((22050, 1, Some(3307))));
+        let j = br#"{"streams":[{"sample_rate":"22050","channels":1,"time_base":"1/14112000","duration_ts":9}]}"#;
+        assert_eq!(parse_probe(j), Some((22050, 1, None)));
         assert_eq!(parse_probe(br#"{"streams":[]}"#), None);
     }
 

@@ -269,7 +269,10 @@ mod tests {
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
-        assert!(err.contains("install ffmpeg from your system's packages"), "{err}");
+        assert!(
+            err.contains("install ffmpeg from your system's packages"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -63,7 +63,12 @@ pub(crate) fn parse(bytes: &[u8], input: &str) -> Result<Npy> {
                 12,
             )
         }
-        v => return Err(bad(input, format!(".npy format version {v} is not supported"))),
+        v => {
+            return Err(bad(
+                input,
+                format!(".npy format version {v} is not supported"),
+            ))
+        }
     };
     let end = start
         .checked_add(header_len)
@@ -86,7 +91,11 @@ pub(crate) fn parse(bytes: &[u8], input: &str) -> Result<Npy> {
         .and_then(|v| v.split(')').next())
         .ok_or_else(|| bad(input, "the .npy header has no 'shape'"))?;
     let mut shape = Vec::new();
-    for part in shape_text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for part in shape_text
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         shape.push(
             part.trim_end_matches('L')
                 .parse::<usize>()
@@ -167,7 +176,8 @@ fn fortran_to_c(data: &[u8], shape: &[usize], size: usize) -> Vec<u8> {
             f_pos += idx[d] * stride;
             stride *= shape[d];
         }
-        out[c_pos * size..(c_pos + 1) * size].copy_from_slice(&data[f_pos * size..(f_pos + 1) * size]);
+        out[c_pos * size..(c_pos + 1) * size]
+            .copy_from_slice(&data[f_pos * size..(f_pos + 1) * size]);
         for d in (0..rank).rev() {
             idx[d] += 1;
             if idx[d] < shape[d] {
@@ -214,9 +224,11 @@ mod tests {
     use super::*;
 
     fn npy(descr: &str, fortran: bool, shape: &str, data: &[u8]) -> Vec<u8> {
-        let mut header =
-            format!("{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}", if fortran { "True" } else { "False" });
-        while (10 + header.len() + 1) % 64 != 0 {
+        let mut header = format!(
+            "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
+            if fortran { "True" } else { "False" }
+        );
+        while !(10 + header.len() + 1).is_multiple_of(64) {
             header.push(' ');
         }
         header.push('\n');
@@ -237,11 +249,17 @@ mod tests {
         assert_eq!(to_f32(&a, "a.npy").expect("f32"), vals.to_vec());
 
         // The same 2x3 matrix stored column-major: 1 4 2 5 3 6.
-        let f: Vec<u8> = [1f32, 4., 2., 5., 3., 6.].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f: Vec<u8> = [1f32, 4., 2., 5., 3., 6.]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let b = parse(&npy("<f4", true, "(2, 3)", &f), "b.npy").expect("fortran");
         assert_eq!(to_f32(&b, "b.npy").expect("f32"), vals.to_vec());
 
-        let be: Vec<u8> = vals.iter().flat_map(|v| (*v as f64).to_be_bytes()).collect();
+        let be: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| (*v as f64).to_be_bytes())
+            .collect();
         let c = parse(&npy(">f8", false, "(6,)", &be), "c.npy").expect("big endian");
         assert_eq!(c.shape, vec![6]);
         assert_eq!(to_f32(&c, "c.npy").expect("f32"), vals.to_vec());
@@ -250,9 +268,18 @@ mod tests {
     #[test]
     fn rejects_truncated_and_foreign_data() {
         let le: Vec<u8> = [1f32, 2.].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert!(matches!(parse(&npy("<f4", false, "(3,)", &le), "t.npy"), Err(Error::Input { .. })));
-        assert!(matches!(parse(b"RIFF....", "x.npy"), Err(Error::Input { .. })));
-        assert!(matches!(parse(&npy("<c8", false, "(1,)", &le), "c.npy"), Err(Error::Input { .. })));
+        assert!(matches!(
+            parse(&npy("<f4", false, "(3,)", &le), "t.npy"),
+            Err(Error::Input { .. })
+        ));
+        assert!(matches!(
+            parse(b"RIFF....", "x.npy"),
+            Err(Error::Input { .. })
+        ));
+        assert!(matches!(
+            parse(&npy("<c8", false, "(1,)", &le), "c.npy"),
+            Err(Error::Input { .. })
+        ));
         let ints = parse(&npy("<i4", false, "(2,)", &le), "i.npy").expect("ints parse");
         assert!(matches!(to_f32(&ints, "i.npy"), Err(Error::Input { .. })));
     }

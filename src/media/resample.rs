@@ -196,7 +196,11 @@ mod tests {
         assert_eq!(output_len(44101, 44100, 16000), 16001);
         assert_eq!(output_len(3, 48000, 16000), 1);
         assert_eq!(output_len(0, 8000, 16000), 0);
-        for (n, from, to) in [(12345usize, 44100u32, 16000u32), (999, 8000, 16000), (7, 48000, 16000)] {
+        for (n, from, to) in [
+            (12345usize, 44100u32, 16000u32),
+            (999, 8000, 16000),
+            (7, 48000, 16000),
+        ] {
             let x: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.01).sin()).collect();
             let y = resample(&x, from, to).expect("resample");
             assert_eq!(y.len(), output_len(n, from, to));
