@@ -1,12 +1,15 @@
 //! Video decoding to RGB8 frames through the system `ffprobe`/`ffmpeg`, and directories of images
-//! as videos. Frame selection follows transformers 5.23 `video_utils`: metadata is the stream's
-//! frame count and average frame rate (as PyAV's `stream.frames` / `average_rate`), indices come
-//! from `default_sample_indices_fn` (`arange(n) * total // n`; for a rate `f`,
-//! `n = max(1, int(total / fps * f))`; every frame otherwise), frames are counted in decode order
-//! (PyAV's `enumerate(container.decode(video=0))`), and timestamps are `index / fps`.
+//! as videos. Reproduces transformers 5.23 `read_video_torchcodec` (the reader its video
+//! processors fetch with): metadata from torchcodec's exact-mode scan (see [`probe_video`]),
+//! indices from `default_sample_indices_fn` (`arange(n) * total // n`; for a rate `f`,
+//! `n = max(1, int(total / fps * f))`; every frame otherwise), frames counted in presentation
+//! order, and timestamps `index / fps`.
 //!
-//! Frames are converted to RGB by ffmpeg's swscale with bilinear flags (PyAV's default); rotation
-//! metadata is not applied (PyAV and decord return the stored frames).
+//! Frames are converted to RGB by ffmpeg's swscale with bicubic flags. Measured against torchcodec
+//! 0.17 (the backend transformers' video processors fetch with) on the same FFmpeg 5.1 libraries:
+//! bit-exact for 8-bit yuv420p/yuv444p/yuvj420p (also equal to PyAV 18.1) and for 10-bit
+//! yuv420p10le (bilinear differs there by up to 103). Rotation metadata is not applied (the
+//! stored frames are returned, as torchcodec and PyAV do).
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -35,11 +38,11 @@ pub enum FrameSampling {
 /// Stream metadata, as the reference's video metadata reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VideoInfo {
-    /// `total_frames / fps`, seconds (transformers' `VideoMetadata.duration`).
+    /// Seconds from the first frame's time to the end of the last one.
     pub duration: f64,
-    /// Average frame rate of the first video stream.
+    /// Average frame rate: `total_frames / duration`.
     pub fps: f64,
-    /// Frame count of the first video stream (from the header; counted when the header has none).
+    /// Number of frames (packets) of the first video stream.
     pub total_frames: usize,
     pub width: u32,
     pub height: u32,
@@ -94,45 +97,46 @@ pub fn sample_indices(
     Ok((0..num).map(|i| i * total_frames / num).collect())
 }
 
-/// Reads the first video stream's size, frame rate and frame count with `ffprobe`.
+/// Reads the first video stream's size, frame count and frame rate with `ffprobe`, the way
+/// torchcodec's exact seek mode does: the frame count is the number of packets (those not flagged
+/// discard), the duration runs from the smallest packet time to the largest packet time plus its
+/// duration, and the rate is count / duration (the header's `r_frame_rate` when that is 0).
 pub fn probe_video(path: &Path, input: &str) -> Result<VideoInfo> {
-    let limit = ffmpeg::timeout();
-    let probe = |count: bool| -> Result<serde_json::Value> {
-        let mut args: Vec<OsString> = vec!["-v".into(), "error".into()];
-        if count {
-            args.push("-count_frames".into());
-        }
-        args.extend([
-            "-select_streams".into(),
-            "v:0".into(),
-            "-show_entries".into(),
-            "stream=width,height,avg_frame_rate,r_frame_rate,nb_frames,nb_read_frames".into(),
-            "-of".into(),
-            "json".into(),
-            path.into(),
-        ]);
-        let out = ffmpeg::run_to_end(Tool::Ffprobe, &args, input, limit)?;
-        if !out.success {
-            return Err(Error::input(
-                input,
-                format!("not a decodable video ({})", ffmpeg::last_line(&out.stderr)),
-                EXPECTED,
-            ));
-        }
-        let v: serde_json::Value = serde_json::from_slice(&out.value).map_err(|e| {
-            Error::Runtime(anyhow::anyhow!(
-                "ffprobe printed unreadable JSON for {input}: {e}"
-            ))
-        })?;
-        v.get("streams")
-            .and_then(|s| s.as_array())
-            .and_then(|s| s.first())
-            .cloned()
-            .ok_or_else(|| Error::input(input, "the file has no video stream", EXPECTED))
-    };
-    let stream = probe(false)?;
-    let width = json_u64(&stream, "width").unwrap_or(0) as u32;
-    let height = json_u64(&stream, "height").unwrap_or(0) as u32;
+    let args: Vec<OsString> = vec![
+        "-v".into(),
+        "error".into(),
+        "-select_streams".into(),
+        "v:0".into(),
+        "-show_entries".into(),
+        "stream=width,height,r_frame_rate,time_base:packet=pts,dts,duration,flags".into(),
+        "-of".into(),
+        "json".into(),
+        path.into(),
+    ];
+    let out = ffmpeg::run_to_end(Tool::Ffprobe, &args, input, ffmpeg::timeout())?;
+    if !out.success {
+        return Err(Error::input(
+            input,
+            format!("not a decodable video ({})", ffmpeg::last_line(&out.stderr)),
+            EXPECTED,
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.value).map_err(|e| {
+        Error::Runtime(anyhow::anyhow!(
+            "ffprobe printed unreadable JSON for {input}: {e}"
+        ))
+    })?;
+    let stream = v
+        .get("streams")
+        .and_then(|s| s.as_array())
+        .and_then(|s| s.first())
+        .ok_or_else(|| Error::input(input, "the file has no video stream", EXPECTED))?;
+    let width = json_i64(stream, "width")
+        .unwrap_or(0)
+        .clamp(0, u32::MAX as i64) as u32;
+    let height = json_i64(stream, "height")
+        .unwrap_or(0)
+        .clamp(0, u32::MAX as i64) as u32;
     if width == 0 || height == 0 {
         return Err(Error::input(
             input,
@@ -140,23 +144,51 @@ pub fn probe_video(path: &Path, input: &str) -> Result<VideoInfo> {
             EXPECTED,
         ));
     }
-    let fps = ["avg_frame_rate", "r_frame_rate"]
-        .iter()
-        .filter_map(|k| stream.get(*k).and_then(|v| v.as_str()).and_then(parse_rate))
-        .next()
-        .unwrap_or(0.0);
-    let total_frames = match json_u64(&stream, "nb_frames").filter(|&n| n > 0) {
-        Some(n) => n as usize,
-        // Containers such as WebM/MKV store no count: count by decoding, as a reader would.
-        None => json_u64(&probe(true)?, "nb_read_frames").unwrap_or(0) as usize,
-    };
+    let header_fps = stream
+        .get("r_frame_rate")
+        .and_then(|r| r.as_str())
+        .and_then(parse_rate);
+    let (tb_num, tb_den) = stream
+        .get("time_base")
+        .and_then(|t| t.as_str())
+        .and_then(|t| t.split_once('/'))
+        .and_then(|(n, d)| Some((n.trim().parse::<i64>().ok()?, d.trim().parse::<i64>().ok()?)))
+        .filter(|&(_, d)| d > 0)
+        .unwrap_or((1, 1));
+
+    let mut total_frames = 0usize;
+    let (mut begin, mut end) = (i64::MAX, i64::MIN);
+    for packet in v
+        .get("packets")
+        .and_then(|p| p.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let flags = packet.get("flags").and_then(|f| f.as_str()).unwrap_or("");
+        if flags.contains('D') {
+            continue;
+        }
+        total_frames += 1;
+        if let Some(t) = json_i64(packet, "pts").or_else(|| json_i64(packet, "dts")) {
+            let dur = json_i64(packet, "duration").unwrap_or(0);
+            begin = begin.min(t);
+            end = end.max(t.saturating_add(dur));
+        }
+    }
     if total_frames == 0 {
         return Err(Error::input(input, "the video has no frames", EXPECTED));
     }
-    let duration = if fps > 0.0 {
-        total_frames as f64 / fps
+    // torchcodec's pts_to_seconds: multiply before dividing, in double.
+    let seconds = |pts: i64| pts as f64 * tb_num as f64 / tb_den as f64;
+    let duration = if begin <= end {
+        seconds(end) - seconds(begin)
     } else {
         0.0
+    };
+    let fps = if duration != 0.0 {
+        total_frames as f64 / duration
+    } else {
+        header_fps.unwrap_or(0.0)
     };
     Ok(VideoInfo {
         duration,
@@ -167,10 +199,10 @@ pub fn probe_video(path: &Path, input: &str) -> Result<VideoInfo> {
     })
 }
 
-/// An unsigned integer field that ffprobe prints either as a number or as a string.
-fn json_u64(v: &serde_json::Value, key: &str) -> Option<u64> {
+/// An integer field that ffprobe prints either as a number or as a string ("N/A" when unknown).
+fn json_i64(v: &serde_json::Value, key: &str) -> Option<i64> {
     match v.get(key)? {
-        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::Number(n) => n.as_i64(),
         serde_json::Value::String(s) => s.parse().ok(),
         _ => None,
     }
@@ -204,7 +236,7 @@ pub fn decode_video(path: &Path, input: &str, sampling: &FrameSampling) -> Resul
         "-fps_mode".into(),
         "passthrough".into(),
         "-sws_flags".into(),
-        "bilinear".into(),
+        "bicubic".into(),
         "-f".into(),
         "rawvideo".into(),
         "-pix_fmt".into(),

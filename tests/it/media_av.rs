@@ -305,6 +305,53 @@ fn bad_videos_and_requests_are_input_errors() {
     assert!(matches!(too_many, Err(Error::Input { .. })));
 }
 
+#[test]
+fn frames_and_metadata_match_transformers_torchcodec_reader() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/video_expected.safetensors");
+    let exp = candle_core::safetensors::load(&p, &Device::Cpu).expect("video_expected.safetensors");
+    // 8-bit 4:2:0 H.264; a 10-bit clip (where bilinear swscale flags would be off by up to 103);
+    // a variable-frame-rate clip (where header counts and rates differ from torchcodec's scan).
+    for (key, file) in [
+        ("counter_mp4_n3", "video/counter.mp4"),
+        ("p10_mp4_n3", "video/p10.mp4"),
+        ("vfr_mp4_n3", "video/vfr.mp4"),
+    ] {
+        let meta = exp[&format!("{key}_meta")].to_vec1::<f64>().expect("meta");
+        let info = probe_video(&data(file), file).expect("probe");
+        assert_eq!(
+            (info.total_frames as f64, info.fps, info.duration),
+            (meta[0], meta[1], meta[2]),
+            "{key}: (frames, fps, duration)"
+        );
+        let want = &exp[key];
+        let indices = exp[&format!("{key}_indices")]
+            .to_vec1::<i64>()
+            .expect("indices");
+        let v = decode_video(&data(file), file, &FrameSampling::NumFrames(indices.len()))
+            .expect("decode");
+        let ts: Vec<f64> = indices.iter().map(|&i| i as f64 / meta[1]).collect();
+        assert_eq!(v.timestamps, ts, "{key}");
+        let dims = want.dims();
+        assert_eq!(v.frames.len(), dims[0], "{key}");
+        for (k, frame) in v.frames.iter().enumerate() {
+            assert_eq!(
+                (frame.height() as usize, frame.width() as usize),
+                (dims[1], dims[2]),
+                "{key}"
+            );
+            let want_k = want
+                .get(k)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<u8>())
+                .expect("frame");
+            assert!(
+                frame.as_raw() == &want_k,
+                "{key}: frame {k} differs from torchcodec's"
+            );
+        }
+    }
+}
+
 fn png_decoder(bytes: &[u8], input: &str) -> mmllm::error::Result<RgbImage> {
     image::load_from_memory(bytes)
         .map(|i| i.to_rgb8())
