@@ -8,8 +8,8 @@
 //! Frames are converted to RGB by ffmpeg's swscale with bicubic flags. Measured against torchcodec
 //! 0.17 (the backend transformers' video processors fetch with) on the same FFmpeg 5.1 libraries:
 //! bit-exact for 8-bit yuv420p/yuv444p/yuvj420p (also equal to PyAV 18.1) and for 10-bit
-//! yuv420p10le (bilinear differs there by up to 103). Rotation metadata is not applied (the
-//! stored frames are returned, as torchcodec and PyAV do).
+//! yuv420p10le (bilinear differs there by up to 103). Display-matrix rotation is applied (ffmpeg's
+//! autorotate), as torchcodec does.
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -97,7 +97,8 @@ pub fn sample_indices(
     Ok((0..num).map(|i| i * total_frames / num).collect())
 }
 
-/// Reads the first video stream's size, frame count and frame rate with `ffprobe`, the way
+/// Reads the first video stream's (attached cover pictures excluded) size, frame count and frame
+/// rate with `ffprobe`, the way
 /// torchcodec's exact seek mode does: the frame count is the number of packets (those not flagged
 /// discard), the duration runs from the smallest packet time to the largest packet time plus its
 /// duration, and the rate is count / duration (the header's `r_frame_rate` when that is 0).
@@ -106,9 +107,10 @@ pub fn probe_video(path: &Path, input: &str) -> Result<VideoInfo> {
         "-v".into(),
         "error".into(),
         "-select_streams".into(),
-        "v:0".into(),
+        "V:0".into(),
         "-show_entries".into(),
-        "stream=width,height,r_frame_rate,time_base:packet=pts,dts,duration,flags".into(),
+        "stream=width,height,r_frame_rate,time_base:stream_side_data=rotation:packet=pts,dts,duration,flags"
+            .into(),
         "-of".into(),
         "json".into(),
         path.into(),
@@ -144,6 +146,21 @@ pub fn probe_video(path: &Path, input: &str) -> Result<VideoInfo> {
             EXPECTED,
         ));
     }
+    // Frames come out rotated by the display matrix (ffmpeg's autorotate, like torchcodec), so
+    // a quarter turn swaps the frame size.
+    let quarter_turns = stream
+        .get("side_data_list")
+        .and_then(|l| l.as_array())
+        .into_iter()
+        .flatten()
+        .find_map(|d| d.get("rotation").and_then(|r| r.as_f64()))
+        .map(|deg| (deg / 90.0).round() as i64)
+        .unwrap_or(0);
+    let (width, height) = if quarter_turns.rem_euclid(2) == 1 {
+        (height, width)
+    } else {
+        (width, height)
+    };
     let header_fps = stream
         .get("r_frame_rate")
         .and_then(|r| r.as_str())
@@ -227,11 +244,10 @@ pub fn decode_video(path: &Path, input: &str, sampling: &FrameSampling) -> Resul
         "-hide_banner".into(),
         "-loglevel".into(),
         "error".into(),
-        "-noautorotate".into(),
         "-i".into(),
         path.into(),
         "-map".into(),
-        "0:v:0".into(),
+        "0:V:0".into(),
         // One output frame per decoded frame, so output index == decode index.
         "-fps_mode".into(),
         "passthrough".into(),

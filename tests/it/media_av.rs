@@ -310,11 +310,13 @@ fn frames_and_metadata_match_transformers_torchcodec_reader() {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/video_expected.safetensors");
     let exp = candle_core::safetensors::load(&p, &Device::Cpu).expect("video_expected.safetensors");
     // 8-bit 4:2:0 H.264; a 10-bit clip (where bilinear swscale flags would be off by up to 103);
-    // a variable-frame-rate clip (where header counts and rates differ from torchcodec's scan).
+    // a variable-frame-rate clip (where header counts and rates differ from torchcodec's scan);
+    // a clip with a quarter-turn display matrix (frames come out rotated, 32x48).
     for (key, file) in [
         ("counter_mp4_n3", "video/counter.mp4"),
         ("p10_mp4_n3", "video/p10.mp4"),
         ("vfr_mp4_n3", "video/vfr.mp4"),
+        ("rot90_mp4_n3", "video/rot90.mp4"),
     ] {
         let meta = exp[&format!("{key}_meta")].to_vec1::<f64>().expect("meta");
         let info = probe_video(&data(file), file).expect("probe");
