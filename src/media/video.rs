@@ -239,52 +239,11 @@ pub fn decode_video(path: &Path, input: &str, sampling: &FrameSampling) -> Resul
     let info = probe_video(path, input)?;
     let indices = sample_indices(info.total_frames, info.fps, sampling, input)?;
     let frame_bytes = info.width as usize * info.height as usize * 3;
-    let args: Vec<OsString> = vec![
-        "-nostdin".into(),
-        "-hide_banner".into(),
-        "-loglevel".into(),
-        "error".into(),
-        "-i".into(),
-        path.into(),
-        "-map".into(),
-        "0:V:0".into(),
-        // One output frame per decoded frame, so output index == decode index.
-        "-fps_mode".into(),
-        "passthrough".into(),
-        "-sws_flags".into(),
-        "bicubic".into(),
-        "-f".into(),
-        "rawvideo".into(),
-        "-pix_fmt".into(),
-        "rgb24".into(),
-        "pipe:1".into(),
-    ];
-    let wanted = indices.clone();
-    let out = ffmpeg::run(
-        Tool::Ffmpeg,
-        &Tool::Ffmpeg.path(),
-        &args,
-        input,
-        ffmpeg::timeout(),
-        move |stdout| {
-            let mut frames: Vec<(usize, Vec<u8>)> = Vec::with_capacity(wanted.len());
-            let mut buf = vec![0u8; frame_bytes];
-            let mut next = 0usize;
-            let mut index = 0usize;
-            while next < wanted.len() {
-                if !read_full(stdout, &mut buf)? {
-                    return Ok((frames, ReadEnd::Eof));
-                }
-                // Indices are strictly increasing, so one comparison per frame suffices.
-                if wanted[next] == index {
-                    frames.push((index, buf.clone()));
-                    next += 1;
-                }
-                index += 1;
-            }
-            Ok((frames, ReadEnd::Stopped))
-        },
-    )?;
+    // `-fps_mode` is ffmpeg >= 5.1; older releases only know `-vsync` (same meaning).
+    let mut out = run_decoder(path, input, "-fps_mode", &indices, frame_bytes)?;
+    if !out.success && out.value.is_empty() && out.stderr.contains("fps_mode") {
+        out = run_decoder(path, input, "-vsync", &indices, frame_bytes)?;
+    }
     if out.value.is_empty() {
         let why = if out.success {
             "ffmpeg produced no frames".to_string()
@@ -317,6 +276,65 @@ pub fn decode_video(path: &Path, input: &str, sampling: &FrameSampling) -> Resul
         source_fps: info.fps,
         duration: info.duration,
     })
+}
+
+/// A frame's index in the stream and its RGB24 bytes.
+type IndexedFrame = (usize, Vec<u8>);
+
+/// Runs ffmpeg over the whole stream as RGB24 and keeps the frames at `indices` (sorted).
+fn run_decoder(
+    path: &Path,
+    input: &str,
+    sync_flag: &str,
+    indices: &[usize],
+    frame_bytes: usize,
+) -> Result<ffmpeg::Finished<Vec<IndexedFrame>>> {
+    let args: Vec<OsString> = vec![
+        "-nostdin".into(),
+        "-hide_banner".into(),
+        "-loglevel".into(),
+        "error".into(),
+        "-i".into(),
+        path.into(),
+        "-map".into(),
+        "0:V:0".into(),
+        // One output frame per decoded frame, in presentation order, so output index == frame index.
+        sync_flag.into(),
+        "passthrough".into(),
+        "-sws_flags".into(),
+        "bicubic".into(),
+        "-f".into(),
+        "rawvideo".into(),
+        "-pix_fmt".into(),
+        "rgb24".into(),
+        "pipe:1".into(),
+    ];
+    let wanted = indices.to_vec();
+    ffmpeg::run(
+        Tool::Ffmpeg,
+        &Tool::Ffmpeg.path(),
+        &args,
+        input,
+        ffmpeg::timeout(),
+        move |stdout| {
+            let mut frames: Vec<IndexedFrame> = Vec::with_capacity(wanted.len());
+            let mut buf = vec![0u8; frame_bytes];
+            let mut next = 0usize;
+            let mut index = 0usize;
+            while next < wanted.len() {
+                if !read_full(stdout, &mut buf)? {
+                    return Ok((frames, ReadEnd::Eof));
+                }
+                // Indices are strictly increasing, so one comparison per frame suffices.
+                if wanted[next] == index {
+                    frames.push((index, buf.clone()));
+                    next += 1;
+                }
+                index += 1;
+            }
+            Ok((frames, ReadEnd::Stopped))
+        },
+    )
 }
 
 /// Fills `buf` from `r`; `false` at a clean end of stream before the first byte.
