@@ -333,9 +333,10 @@ fn tensor_from_storage(
     let layout = &info.layout;
     let elem = info.dtype.size_in_bytes();
     let numel = layout.shape().elem_count();
-    let start = layout.start_offset() * elem;
-    let data = start
-        .checked_add(numel * elem)
+    let start = layout.start_offset().saturating_mul(elem);
+    let data = numel
+        .checked_mul(elem)
+        .and_then(|n| start.checked_add(n))
         .and_then(|end| storage.get(start..end))
         .ok_or_else(|| {
             pt_error(
