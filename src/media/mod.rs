@@ -3,7 +3,9 @@
 
 pub mod audio;
 pub mod embeds;
+mod ffmpeg;
 pub mod image;
+mod npy;
 pub mod resample;
 pub mod source;
 pub mod video;

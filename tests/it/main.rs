@@ -7,6 +7,7 @@ mod hub;
 mod image;
 mod llava_e2e;
 mod llava_parity;
+mod media_av;
 mod source;
 mod util_http;
 mod whisper;

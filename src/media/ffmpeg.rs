@@ -1,0 +1,305 @@
+//! Running the system `ffmpeg` / `ffprobe` executables for audio and video decoding: locating them
+//! (ffmpeg-sidecar's lookup: next to our executable, else `PATH`; nothing is ever downloaded),
+//! wall-clock timeouts with kill, stderr capture for error messages, and temporary files for
+//! media that arrives as bytes (containers such as MP4 need a seekable input, not a pipe).
+//!
+//! We spawn the processes with `std::process::Command` rather than `FfmpegCommand`: we need raw
+//! binary stdout read incrementally (stopping early once the wanted video frames arrived), a
+//! timeout that kills the child, and `ffprobe`'s JSON output, none of which sidecar's event parser
+//! adds anything to.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// Default limit for one ffmpeg/ffprobe run; `MMLLM_FFMPEG_TIMEOUT` (seconds) overrides it.
+const DEFAULT_TIMEOUT_S: u64 = 300;
+/// How much of stderr we keep for error messages.
+const STDERR_KEEP: usize = 4096;
+
+/// Which executable to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tool {
+    Ffmpeg,
+    Ffprobe,
+}
+
+impl Tool {
+    fn name(self) -> &'static str {
+        match self {
+            Tool::Ffmpeg => "ffmpeg",
+            Tool::Ffprobe => "ffprobe",
+        }
+    }
+
+    pub(crate) fn path(self) -> PathBuf {
+        match self {
+            Tool::Ffmpeg => ffmpeg_sidecar::paths::ffmpeg_path(),
+            Tool::Ffprobe => ffmpeg_sidecar::ffprobe::ffprobe_path(),
+        }
+    }
+}
+
+/// The wall-clock limit for one run.
+pub(crate) fn timeout() -> Duration {
+    let secs = std::env::var("MMLLM_FFMPEG_TIMEOUT")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .unwrap_or(DEFAULT_TIMEOUT_S);
+    Duration::from_secs(secs)
+}
+
+/// What a finished run left behind.
+pub(crate) struct Finished<T> {
+    pub value: T,
+    /// `true` when the process exited with status 0 (or was stopped by us after `read` asked to stop).
+    pub success: bool,
+    /// The tail of stderr, trimmed.
+    pub stderr: String,
+}
+
+/// Whether `read` consumed stdout to the end or stopped early (then the child is killed).
+pub(crate) enum ReadEnd {
+    Eof,
+    Stopped,
+}
+
+/// Runs `tool` with `args`, hands its stdout to `read` on a helper thread, and enforces `limit`.
+/// `input` names the media in errors.
+pub(crate) fn run<T: Send + 'static>(
+    tool: Tool,
+    program: &Path,
+    args: &[OsString],
+    input: &str,
+    limit: Duration,
+    read: impl FnOnce(&mut ChildStdout) -> std::io::Result<(T, ReadEnd)> + Send + 'static,
+) -> Result<Finished<T>> {
+    let mut child = spawn(tool, program, args)?;
+    let deadline = Instant::now() + limit;
+    let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        kill(&mut child);
+        return Err(Error::Runtime(anyhow::anyhow!(
+            "{} started without pipes",
+            tool.name()
+        )));
+    };
+    let err_thread = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        let start = buf.len().saturating_sub(STDERR_KEEP);
+        String::from_utf8_lossy(&buf[start..]).trim().to_string()
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(read(&mut stdout));
+    });
+    let outcome = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+    let timed_out = || {
+        Error::input(
+            input,
+            format!(
+                "{} did not finish within {} s",
+                tool.name(),
+                limit.as_secs()
+            ),
+            "media that decodes in time (raise MMLLM_FFMPEG_TIMEOUT for very long files)",
+        )
+    };
+    let (value, end) = match outcome {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            kill(&mut child);
+            return Err(Error::Runtime(anyhow::anyhow!(
+                "reading {}'s output for {input}: {e}",
+                tool.name()
+            )));
+        }
+        Err(_) => {
+            kill(&mut child);
+            return Err(timed_out());
+        }
+    };
+    let success = match end {
+        ReadEnd::Stopped => {
+            kill(&mut child);
+            true
+        }
+        ReadEnd::Eof => loop {
+            match child.try_wait()? {
+                Some(status) => break status.success(),
+                None if Instant::now() >= deadline => {
+                    kill(&mut child);
+                    return Err(timed_out());
+                }
+                None => std::thread::sleep(Duration::from_millis(2)),
+            }
+        },
+    };
+    let stderr = err_thread.join().unwrap_or_default();
+    Ok(Finished {
+        value,
+        success,
+        stderr,
+    })
+}
+
+/// Runs `tool` to completion and returns all of stdout (for ffprobe and audio decoding).
+pub(crate) fn run_to_end(
+    tool: Tool,
+    args: &[OsString],
+    input: &str,
+    limit: Duration,
+) -> Result<Finished<Vec<u8>>> {
+    run(tool, &tool.path(), args, input, limit, |out| {
+        let mut buf = Vec::new();
+        out.read_to_end(&mut buf)?;
+        Ok((buf, ReadEnd::Eof))
+    })
+}
+
+fn spawn(tool: Tool, program: &Path, args: &[OsString]) -> Result<Child> {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::Runtime(anyhow::anyhow!(
+                "the `{}` executable was not found (looked for {}); install ffmpeg from your \
+                 system's packages (e.g. `apt install ffmpeg`, `brew install ffmpeg`)",
+                tool.name(),
+                program.display()
+            )),
+            _ => Error::Runtime(anyhow::anyhow!(
+                "could not start `{}` ({}): {e}",
+                tool.name(),
+                program.display()
+            )),
+        })
+}
+
+fn kill(child: &mut Child) {
+    // The child may already have exited; either way we reap it so no zombie is left.
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Last line of ffmpeg's stderr, the one that usually says what went wrong.
+pub(crate) fn last_line(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("no diagnostic from ffmpeg")
+}
+
+/// A file in the system temp folder holding media bytes, removed on drop.
+pub(crate) struct TempFile {
+    path: PathBuf,
+}
+
+impl TempFile {
+    pub(crate) fn with_bytes(bytes: &[u8], suffix: &str) -> Result<TempFile> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir();
+        for _ in 0..16 {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            let path = dir.join(format!(
+                "mmllm-{}-{n}-{nanos:08x}{suffix}",
+                std::process::id()
+            ));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    let file = TempFile { path };
+                    std::io::Write::write_all(&mut f, bytes)?;
+                    return Ok(file);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Runtime(anyhow::anyhow!(
+            "could not create a temporary file in {}",
+            dir.display()
+        )))
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_binary_says_how_to_install() {
+        let err = run(
+            Tool::Ffmpeg,
+            Path::new("/nonexistent/ffmpeg-for-mmllm-test"),
+            &[],
+            "clip.mp4",
+            Duration::from_secs(5),
+            |_| Ok(((), ReadEnd::Eof)),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            err.contains("install ffmpeg from your system's packages"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn hung_process_is_killed_at_the_deadline() {
+        let started = Instant::now();
+        let res = run(
+            Tool::Ffmpeg,
+            Path::new("sleep"),
+            &["30".into()],
+            "slow.mp4",
+            Duration::from_millis(300),
+            |out| {
+                let mut buf = Vec::new();
+                out.read_to_end(&mut buf)?;
+                Ok((buf, ReadEnd::Eof))
+            },
+        );
+        assert!(matches!(res, Err(Error::Input { .. })));
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn temp_file_is_removed_on_drop() {
+        let f = TempFile::with_bytes(b"abc", ".bin").expect("temp file");
+        let p = f.path().to_path_buf();
+        assert_eq!(std::fs::read(&p).expect("read back"), b"abc");
+        drop(f);
+        assert!(!p.exists());
+    }
+}
