@@ -78,7 +78,7 @@ fn corrupt_image_is_an_input_error() {
 #[test]
 fn more_images_than_the_limit_fail_before_loading() {
     let m = config_only_model();
-    let img = data("photo_333x517.jpg");
+    let img = data("llava_photo_1.jpg");
     let out = run(&["image", "--model", &model_arg(m.path()), &img, &img, "compare"]);
     assert_input_error(&out, "limit-mm-per-prompt");
     let out = run(&[
@@ -97,7 +97,7 @@ fn more_images_than_the_limit_fail_before_loading() {
 #[test]
 fn raw_prompt_placeholders_must_match_media() {
     let m = config_only_model();
-    let img = data("photo_333x517.jpg");
+    let img = data("llava_photo_1.jpg");
     let out = run(&[
         "image",
         "--model",
@@ -134,7 +134,7 @@ fn malformed_data_url_is_refused() {
 #[test]
 fn modality_the_model_does_not_take_is_refused() {
     let m = config_only_model();
-    let wav = data("audio/speech_16k_i16.wav");
+    let wav = data("speech_16k.wav");
     let out = run(&["audio", "--model", &model_arg(m.path()), &wav, "what is said?"]);
     assert_input_error(&out, "does not accept audio");
 }
@@ -169,7 +169,7 @@ fn bad_flags_are_usage_errors() {
 #[test]
 fn dry_run_decodes_media_and_prints_the_plan_without_weights() {
     let m = config_only_model();
-    let img = data("photo_333x517.jpg");
+    let img = data("llava_photo_1.jpg");
     let out = run_with_stdin(
         &["image", "--model", &model_arg(m.path()), "--dry-run", &img, "-p", "-"],
         b"What is in this image?\n",

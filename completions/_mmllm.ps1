@@ -1,0 +1,213 @@
+
+using namespace System.Management.Automation
+using namespace System.Management.Automation.Language
+
+Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
+    param($wordToComplete, $commandAst, $cursorPosition)
+
+    $commandElements = $commandAst.CommandElements
+    $command = @(
+        'mmllm'
+        for ($i = 1; $i -lt $commandElements.Count; $i++) {
+            $element = $commandElements[$i]
+            if ($element -isnot [StringConstantExpressionAst] -or
+                $element.StringConstantType -ne [StringConstantType]::BareWord -or
+                $element.Value.StartsWith('-') -or
+                $element.Value -eq $wordToComplete) {
+                break
+        }
+        $element.Value
+    }) -join ';'
+
+    $completions = @(switch ($command) {
+        'mmllm' {
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('image', 'image', [CompletionResultType]::ParameterValue, 'Prompt a model with one or more images')
+            [CompletionResult]::new('video', 'video', [CompletionResultType]::ParameterValue, 'Prompt a model with a video file or a directory of frames')
+            [CompletionResult]::new('audio', 'audio', [CompletionResultType]::ParameterValue, 'Prompt a model with audio (WAV, mp3, flac, ogg, m4a, .npy)')
+            [CompletionResult]::new('embeds', 'embeds', [CompletionResultType]::ParameterValue, 'Prompt a model with precomputed embeddings instead of raw media')
+            [CompletionResult]::new('batch', 'batch', [CompletionResultType]::ParameterValue, 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job')
+            [CompletionResult]::new('generate-docs', 'generate-docs', [CompletionResultType]::ParameterValue, 'Write the man pages and shell completions (for packagers)')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'mmllm;image' {
+            [CompletionResult]::new('-p', '-p', [CompletionResultType]::ParameterName, 'The prompt text (then every positional argument is a media item); - reads stdin')
+            [CompletionResult]::new('--prompt', '--prompt', [CompletionResultType]::ParameterName, 'The prompt text (then every positional argument is a media item); - reads stdin')
+            [CompletionResult]::new('--system', '--system', [CompletionResultType]::ParameterName, 'System prompt, added as a system turn of the chat template')
+            [CompletionResult]::new('--chat-template', '--chat-template', [CompletionResultType]::ParameterName, 'Jinja chat template file overriding the model''s')
+            [CompletionResult]::new('--limit-mm-per-prompt', '--limit-mm-per-prompt', [CompletionResultType]::ParameterName, 'Maximum media items per prompt, e.g. image=2,video=1,audio=1 (default: the model''s)')
+            [CompletionResult]::new('-m', '-m', [CompletionResultType]::ParameterName, 'Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory')
+            [CompletionResult]::new('--model', '--model', [CompletionResultType]::ParameterName, 'Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory')
+            [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'Output format: text streams tokens to stdout; jsonl prints one JSON object per prompt')
+            [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Output format: text streams tokens to stdout; jsonl prints one JSON object per prompt')
+            [CompletionResult]::new('--max-tokens', '--max-tokens', [CompletionResultType]::ParameterName, 'Maximum number of tokens to generate')
+            [CompletionResult]::new('--temperature', '--temperature', [CompletionResultType]::ParameterName, 'Sampling temperature; 0 is greedy decoding')
+            [CompletionResult]::new('--top-p', '--top-p', [CompletionResultType]::ParameterName, 'Nucleus sampling: keep the smallest set of tokens whose probability reaches P')
+            [CompletionResult]::new('--top-k', '--top-k', [CompletionResultType]::ParameterName, 'Keep only the K most likely tokens when sampling')
+            [CompletionResult]::new('--repetition-penalty', '--repetition-penalty', [CompletionResultType]::ParameterName, 'Penalise tokens already in the prompt or output (1.0 = off), as Hugging Face does')
+            [CompletionResult]::new('--seed', '--seed', [CompletionResultType]::ParameterName, 'Random seed for sampling')
+            [CompletionResult]::new('--stop', '--stop', [CompletionResultType]::ParameterName, 'Stop generating when this text appears (repeatable); it is not printed')
+            [CompletionResult]::new('--logprobs', '--logprobs', [CompletionResultType]::ParameterName, 'Also report the N most likely tokens and their log-probabilities at each step (jsonl)')
+            [CompletionResult]::new('--device', '--device', [CompletionResultType]::ParameterName, 'Device: auto, cpu, cuda or cuda:N')
+            [CompletionResult]::new('--dtype', '--dtype', [CompletionResultType]::ParameterName, 'Weights dtype: auto (bf16 on CUDA, f32 on CPU), bf16, f16 or f32')
+            [CompletionResult]::new('--id', '--id', [CompletionResultType]::ParameterName, 'Id reported in jsonl output')
+            [CompletionResult]::new('--min-pixels', '--min-pixels', [CompletionResultType]::ParameterName, 'Minimum pixels per image after resizing (dynamic-resolution models)')
+            [CompletionResult]::new('--max-pixels', '--max-pixels', [CompletionResultType]::ParameterName, 'Maximum pixels per image after resizing (dynamic-resolution models)')
+            [CompletionResult]::new('--raw', '--raw', [CompletionResultType]::ParameterName, 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item')
+            [CompletionResult]::new('--ignore-eos', '--ignore-eos', [CompletionResultType]::ParameterName, 'Keep generating past the end-of-sequence token (for benchmarks)')
+            [CompletionResult]::new('--dry-run', '--dry-run', [CompletionResultType]::ParameterName, 'Decode the inputs and print the validated plan as JSON without loading weights')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'mmllm;video' {
+            [CompletionResult]::new('-p', '-p', [CompletionResultType]::ParameterName, 'The prompt text (then every positional argument is a media item); - reads stdin')
+            [CompletionResult]::new('--prompt', '--prompt', [CompletionResultType]::ParameterName, 'The prompt text (then every positional argument is a media item); - reads stdin')
+            [CompletionResult]::new('--system', '--system', [CompletionResultType]::ParameterName, 'System prompt, added as a system turn of the chat template')
+            [CompletionResult]::new('--chat-template', '--chat-template', [CompletionResultType]::ParameterName, 'Jinja chat template file overriding the model''s')
+            [CompletionResult]::new('--limit-mm-per-prompt', '--limit-mm-per-prompt', [CompletionResultType]::ParameterName, 'Maximum media items per prompt, e.g. image=2,video=1,audio=1 (default: the model''s)')
+            [CompletionResult]::new('-m', '-m', [CompletionResultType]::ParameterName, 'Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory')
+            [CompletionResult]::new('--model', '--model', [CompletionResultType]::ParameterName, 'Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory')
+            [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'Output format: text streams tokens to stdout; jsonl prints one JSON object per prompt')
+            [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Output format: text streams tokens to stdout; jsonl prints one JSON object per prompt')
+            [CompletionResult]::new('--max-tokens', '--max-tokens', [CompletionResultType]::ParameterName, 'Maximum number of tokens to generate')
+            [CompletionResult]::new('--temperature', '--temperature', [CompletionResultType]::ParameterName, 'Sampling temperature; 0 is greedy decoding')
+            [CompletionResult]::new('--top-p', '--top-p', [CompletionResultType]::ParameterName, 'Nucleus sampling: keep the smallest set of tokens whose probability reaches P')
+            [CompletionResult]::new('--top-k', '--top-k', [CompletionResultType]::ParameterName, 'Keep only the K most likely tokens when sampling')
+            [CompletionResult]::new('--repetition-penalty', '--repetition-penalty', [CompletionResultType]::ParameterName, 'Penalise tokens already in the prompt or output (1.0 = off), as Hugging Face does')
+            [CompletionResult]::new('--seed', '--seed', [CompletionResultType]::ParameterName, 'Random seed for sampling')
+            [CompletionResult]::new('--stop', '--stop', [CompletionResultType]::ParameterName, 'Stop generating when this text appears (repeatable); it is not printed')
+            [CompletionResult]::new('--logprobs', '--logprobs', [CompletionResultType]::ParameterName, 'Also report the N most likely tokens and their log-probabilities at each step (jsonl)')
+            [CompletionResult]::new('--device', '--device', [CompletionResultType]::ParameterName, 'Device: auto, cpu, cuda or cuda:N')
+            [CompletionResult]::new('--dtype', '--dtype', [CompletionResultType]::ParameterName, 'Weights dtype: auto (bf16 on CUDA, f32 on CPU), bf16, f16 or f32')
+            [CompletionResult]::new('--id', '--id', [CompletionResultType]::ParameterName, 'Id reported in jsonl output')
+            [CompletionResult]::new('--min-pixels', '--min-pixels', [CompletionResultType]::ParameterName, 'Minimum pixels per image after resizing (dynamic-resolution models)')
+            [CompletionResult]::new('--max-pixels', '--max-pixels', [CompletionResultType]::ParameterName, 'Maximum pixels per image after resizing (dynamic-resolution models)')
+            [CompletionResult]::new('--num-frames', '--num-frames', [CompletionResultType]::ParameterName, 'Sample N frames uniformly over the whole video')
+            [CompletionResult]::new('--fps', '--fps', [CompletionResultType]::ParameterName, 'Sample frames at F frames per second')
+            [CompletionResult]::new('--raw', '--raw', [CompletionResultType]::ParameterName, 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item')
+            [CompletionResult]::new('--ignore-eos', '--ignore-eos', [CompletionResultType]::ParameterName, 'Keep generating past the end-of-sequence token (for benchmarks)')
+            [CompletionResult]::new('--dry-run', '--dry-run', [CompletionResultType]::ParameterName, 'Decode the inputs and print the validated plan as JSON without loading weights')
+            [CompletionResult]::new('--as-images', '--as-images', [CompletionResultType]::ParameterName, 'Send the sampled frames as a multi-image prompt (counted against the image limit)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'mmllm;audio' {
+            [CompletionResult]::new('-p', '-p', [CompletionResultType]::ParameterName, 'The prompt text (then every positional argument is a media item); - reads stdin')
+            [CompletionResult]::new('--prompt', '--prompt', [CompletionResultType]::ParameterName, 'The prompt text (then every positional argument is a media item); - reads stdin')
+            [CompletionResult]::new('--system', '--system', [CompletionResultType]::ParameterName, 'System prompt, added as a system turn of the chat template')
+            [CompletionResult]::new('--chat-template', '--chat-template', [CompletionResultType]::ParameterName, 'Jinja chat template file overriding the model''s')
+            [CompletionResult]::new('--limit-mm-per-prompt', '--limit-mm-per-prompt', [CompletionResultType]::ParameterName, 'Maximum media items per prompt, e.g. image=2,video=1,audio=1 (default: the model''s)')
+            [CompletionResult]::new('-m', '-m', [CompletionResultType]::ParameterName, 'Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory')
+            [CompletionResult]::new('--model', '--model', [CompletionResultType]::ParameterName, 'Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory')
+            [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'Output format: text streams tokens to stdout; jsonl prints one JSON object per prompt')
+            [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Output format: text streams tokens to stdout; jsonl prints one JSON object per prompt')
+            [CompletionResult]::new('--max-tokens', '--max-tokens', [CompletionResultType]::ParameterName, 'Maximum number of tokens to generate')
+            [CompletionResult]::new('--temperature', '--temperature', [CompletionResultType]::ParameterName, 'Sampling temperature; 0 is greedy decoding')
+            [CompletionResult]::new('--top-p', '--top-p', [CompletionResultType]::ParameterName, 'Nucleus sampling: keep the smallest set of tokens whose probability reaches P')
+            [CompletionResult]::new('--top-k', '--top-k', [CompletionResultType]::ParameterName, 'Keep only the K most likely tokens when sampling')
+            [CompletionResult]::new('--repetition-penalty', '--repetition-penalty', [CompletionResultType]::ParameterName, 'Penalise tokens already in the prompt or output (1.0 = off), as Hugging Face does')
+            [CompletionResult]::new('--seed', '--seed', [CompletionResultType]::ParameterName, 'Random seed for sampling')
+            [CompletionResult]::new('--stop', '--stop', [CompletionResultType]::ParameterName, 'Stop generating when this text appears (repeatable); it is not printed')
+            [CompletionResult]::new('--logprobs', '--logprobs', [CompletionResultType]::ParameterName, 'Also report the N most likely tokens and their log-probabilities at each step (jsonl)')
+            [CompletionResult]::new('--device', '--device', [CompletionResultType]::ParameterName, 'Device: auto, cpu, cuda or cuda:N')
+            [CompletionResult]::new('--dtype', '--dtype', [CompletionResultType]::ParameterName, 'Weights dtype: auto (bf16 on CUDA, f32 on CPU), bf16, f16 or f32')
+            [CompletionResult]::new('--id', '--id', [CompletionResultType]::ParameterName, 'Id reported in jsonl output')
+            [CompletionResult]::new('--sample-rate', '--sample-rate', [CompletionResultType]::ParameterName, 'Sample rate of .npy inputs (raw float arrays carry none)')
+            [CompletionResult]::new('--raw', '--raw', [CompletionResultType]::ParameterName, 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item')
+            [CompletionResult]::new('--ignore-eos', '--ignore-eos', [CompletionResultType]::ParameterName, 'Keep generating past the end-of-sequence token (for benchmarks)')
+            [CompletionResult]::new('--dry-run', '--dry-run', [CompletionResultType]::ParameterName, 'Decode the inputs and print the validated plan as JSON without loading weights')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'mmllm;embeds' {
+            [CompletionResult]::new('-p', '-p', [CompletionResultType]::ParameterName, 'The prompt text (then every positional argument is a media item); - reads stdin')
+            [CompletionResult]::new('--prompt', '--prompt', [CompletionResultType]::ParameterName, 'The prompt text (then every positional argument is a media item); - reads stdin')
+            [CompletionResult]::new('--system', '--system', [CompletionResultType]::ParameterName, 'System prompt, added as a system turn of the chat template')
+            [CompletionResult]::new('--chat-template', '--chat-template', [CompletionResultType]::ParameterName, 'Jinja chat template file overriding the model''s')
+            [CompletionResult]::new('--limit-mm-per-prompt', '--limit-mm-per-prompt', [CompletionResultType]::ParameterName, 'Maximum media items per prompt, e.g. image=2,video=1,audio=1 (default: the model''s)')
+            [CompletionResult]::new('-m', '-m', [CompletionResultType]::ParameterName, 'Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory')
+            [CompletionResult]::new('--model', '--model', [CompletionResultType]::ParameterName, 'Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory')
+            [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'Output format: text streams tokens to stdout; jsonl prints one JSON object per prompt')
+            [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Output format: text streams tokens to stdout; jsonl prints one JSON object per prompt')
+            [CompletionResult]::new('--max-tokens', '--max-tokens', [CompletionResultType]::ParameterName, 'Maximum number of tokens to generate')
+            [CompletionResult]::new('--temperature', '--temperature', [CompletionResultType]::ParameterName, 'Sampling temperature; 0 is greedy decoding')
+            [CompletionResult]::new('--top-p', '--top-p', [CompletionResultType]::ParameterName, 'Nucleus sampling: keep the smallest set of tokens whose probability reaches P')
+            [CompletionResult]::new('--top-k', '--top-k', [CompletionResultType]::ParameterName, 'Keep only the K most likely tokens when sampling')
+            [CompletionResult]::new('--repetition-penalty', '--repetition-penalty', [CompletionResultType]::ParameterName, 'Penalise tokens already in the prompt or output (1.0 = off), as Hugging Face does')
+            [CompletionResult]::new('--seed', '--seed', [CompletionResultType]::ParameterName, 'Random seed for sampling')
+            [CompletionResult]::new('--stop', '--stop', [CompletionResultType]::ParameterName, 'Stop generating when this text appears (repeatable); it is not printed')
+            [CompletionResult]::new('--logprobs', '--logprobs', [CompletionResultType]::ParameterName, 'Also report the N most likely tokens and their log-probabilities at each step (jsonl)')
+            [CompletionResult]::new('--device', '--device', [CompletionResultType]::ParameterName, 'Device: auto, cpu, cuda or cuda:N')
+            [CompletionResult]::new('--dtype', '--dtype', [CompletionResultType]::ParameterName, 'Weights dtype: auto (bf16 on CUDA, f32 on CPU), bf16, f16 or f32')
+            [CompletionResult]::new('--id', '--id', [CompletionResultType]::ParameterName, 'Id reported in jsonl output')
+            [CompletionResult]::new('--modality', '--modality', [CompletionResultType]::ParameterName, 'Which modality the embeddings stand for')
+            [CompletionResult]::new('--image-grid-thw', '--image-grid-thw', [CompletionResultType]::ParameterName, 'image_grid_thw tensor (num_items, 3) for Qwen2-VL, when not in the embeds file')
+            [CompletionResult]::new('--image-sizes', '--image-sizes', [CompletionResultType]::ParameterName, 'image_sizes tensor for MiniCPM-V, when not in the embeds file')
+            [CompletionResult]::new('--raw', '--raw', [CompletionResultType]::ParameterName, 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item')
+            [CompletionResult]::new('--ignore-eos', '--ignore-eos', [CompletionResultType]::ParameterName, 'Keep generating past the end-of-sequence token (for benchmarks)')
+            [CompletionResult]::new('--dry-run', '--dry-run', [CompletionResultType]::ParameterName, 'Decode the inputs and print the validated plan as JSON without loading weights')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'mmllm;batch' {
+            [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'Write results here (JSONL) instead of stdout')
+            [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Write results here (JSONL) instead of stdout')
+            [CompletionResult]::new('--device', '--device', [CompletionResultType]::ParameterName, 'Device: auto, cpu, cuda or cuda:N')
+            [CompletionResult]::new('--dtype', '--dtype', [CompletionResultType]::ParameterName, 'Weights dtype: auto (bf16 on CUDA, f32 on CPU), bf16, f16 or f32')
+            [CompletionResult]::new('--strict', '--strict', [CompletionResultType]::ParameterName, 'Check every job''s media before running any, and fail listing all problems')
+            [CompletionResult]::new('--resume', '--resume', [CompletionResultType]::ParameterName, 'Skip jobs whose id already has a result in the output file, and append')
+            [CompletionResult]::new('--unordered', '--unordered', [CompletionResultType]::ParameterName, 'Write results in completion order instead of manifest order')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'mmllm;generate-docs' {
+            [CompletionResult]::new('--out-dir', '--out-dir', [CompletionResultType]::ParameterName, 'Directory under which `man/` and `completions/` are written')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'mmllm;help' {
+            [CompletionResult]::new('image', 'image', [CompletionResultType]::ParameterValue, 'Prompt a model with one or more images')
+            [CompletionResult]::new('video', 'video', [CompletionResultType]::ParameterValue, 'Prompt a model with a video file or a directory of frames')
+            [CompletionResult]::new('audio', 'audio', [CompletionResultType]::ParameterValue, 'Prompt a model with audio (WAV, mp3, flac, ogg, m4a, .npy)')
+            [CompletionResult]::new('embeds', 'embeds', [CompletionResultType]::ParameterValue, 'Prompt a model with precomputed embeddings instead of raw media')
+            [CompletionResult]::new('batch', 'batch', [CompletionResultType]::ParameterValue, 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job')
+            [CompletionResult]::new('generate-docs', 'generate-docs', [CompletionResultType]::ParameterValue, 'Write the man pages and shell completions (for packagers)')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'mmllm;help;image' {
+            break
+        }
+        'mmllm;help;video' {
+            break
+        }
+        'mmllm;help;audio' {
+            break
+        }
+        'mmllm;help;embeds' {
+            break
+        }
+        'mmllm;help;batch' {
+            break
+        }
+        'mmllm;help;generate-docs' {
+            break
+        }
+        'mmllm;help;help' {
+            break
+        }
+    })
+
+    $completions.Where{ $_.CompletionText -like "$wordToComplete*" } |
+        Sort-Object -Property ListItemText
+}
