@@ -171,6 +171,28 @@ fn sine_resampled_44k_to_16k_keeps_frequency_amplitude_and_matches_soxr() {
     );
 }
 
+/// The generator script's 32-bit LCG noise, in [-1, 1).
+fn lcg_noise(n: usize) -> Vec<f32> {
+    let mut x: u32 = 12345;
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(1664525).wrapping_add(1013904223);
+            ((x >> 16) as u16 as i16) as f32 / 32768.0
+        })
+        .collect()
+}
+
+#[test]
+fn resampling_8k_and_48k_to_16k_matches_python_soxr_hq() {
+    let exp = expected();
+    for rate in [8000u32, 48000] {
+        let x = lcg_noise(rate as usize / 10);
+        let y = mmllm::media::resample::resample(&x, rate, 16000).expect("resample");
+        let err = max_abs(&y, &exp[&format!("noise_{}k_16k", rate / 1000)]);
+        assert!(err <= 1e-6, "{rate} Hz: max-abs {err}");
+    }
+}
+
 #[test]
 fn npy_audio_downmixes_channels_first_and_keeps_native_rate() {
     let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
