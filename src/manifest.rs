@@ -114,7 +114,13 @@ pub fn parse(text: &str, name: &str, base: &Path, jsonl: bool) -> Result<Vec<Job
     for (job, at) in jobs {
         let settings = merge(&defaults, &job.settings, base);
         if settings.model.is_none() {
-            problems.add(at, format!("job {:?} names no model (set `model` in the job or in defaults)", job.id));
+            problems.add(
+                at,
+                format!(
+                    "job {:?} names no model (set `model` in the job or in defaults)",
+                    job.id
+                ),
+            );
         }
         if settings.prompt.is_none() {
             problems.add(at, format!("job {:?} has no prompt", job.id));
@@ -122,7 +128,10 @@ pub fn parse(text: &str, name: &str, base: &Path, jsonl: bool) -> Result<Vec<Job
         if let Some(first) = out.iter().find(|j| j.id == job.id) {
             problems.add(
                 at,
-                format!("duplicate job id {:?} (first used on line {})", job.id, first.line),
+                format!(
+                    "duplicate job id {:?} (first used on line {})",
+                    job.id, first.line
+                ),
             );
         }
         out.push(Job { settings, ..job });
@@ -284,7 +293,10 @@ fn yaml_jobs(text: &str, problems: &mut Problems) -> (Settings, Vec<JobAt>) {
     let Value::Map(entries) = root.value else {
         problems.add(
             root.at,
-            format!("the manifest is {} (expected a mapping with `defaults` and `jobs`)", root.value.kind()),
+            format!(
+                "the manifest is {} (expected a mapping with `defaults` and `jobs`)",
+                root.value.kind()
+            ),
         );
         return (Settings::default(), Vec::new());
     };
@@ -318,7 +330,10 @@ fn yaml_jobs(text: &str, problems: &mut Problems) -> (Settings, Vec<JobAt>) {
             }
             _ => problems.add(
                 key.at,
-                format!("unknown top-level key {} (expected `defaults` or `jobs`)", describe(&key)),
+                format!(
+                    "unknown top-level key {} (expected `defaults` or `jobs`)",
+                    describe(&key)
+                ),
             ),
         }
     }
@@ -334,7 +349,10 @@ fn jsonl_jobs(text: &str, problems: &mut Problems) -> Vec<JobAt> {
         if line.trim().is_empty() {
             continue;
         }
-        let at = Pos { line: i + 1, col: 1 };
+        let at = Pos {
+            line: i + 1,
+            col: 1,
+        };
         match serde_json::from_str::<serde_json::Value>(line) {
             Ok(v) => {
                 if let Some(job) = job(json_node(&v, at), jobs.len(), problems) {
@@ -383,7 +401,11 @@ fn job(node: Node, index: usize, problems: &mut Problems) -> Option<JobAt> {
     let Value::Map(entries) = node.value else {
         problems.add(
             node.at,
-            format!("job {} is {} (expected a mapping with id and prompt)", index + 1, node.value.kind()),
+            format!(
+                "job {} is {} (expected a mapping with id and prompt)",
+                index + 1,
+                node.value.kind()
+            ),
         );
         return None;
     };
@@ -423,13 +445,20 @@ fn describe(node: &Node) -> String {
 
 /// Reads the settings of a job or of `defaults`; returns them and the `id` when `what` is a
 /// job (ids are refused in defaults).
-fn settings(entries: &[(Node, Node)], what: &str, problems: &mut Problems) -> (Settings, Option<String>) {
+fn settings(
+    entries: &[(Node, Node)],
+    what: &str,
+    problems: &mut Problems,
+) -> (Settings, Option<String>) {
     let mut s = Settings::default();
     let mut id = None;
     let mut seen: Vec<String> = Vec::new();
     for (key, value) in entries {
         let Some(k) = scalar_key(key) else {
-            problems.add(key.at, format!("{what}: a key is {} (expected a name)", key.value.kind()));
+            problems.add(
+                key.at,
+                format!("{what}: a key is {} (expected a name)", key.value.kind()),
+            );
             continue;
         };
         if seen.contains(&k) {
@@ -476,7 +505,10 @@ fn settings(entries: &[(Node, Node)], what: &str, problems: &mut Problems) -> (S
                 } else {
                     format!("id, {}", KEYS.join(", "))
                 };
-                problems.add(key.at, format!("{what}: unknown key `{k}` (expected one of {allowed})"));
+                problems.add(
+                    key.at,
+                    format!("{what}: unknown key `{k}` (expected one of {allowed})"),
+                );
             }
         }
     }
@@ -499,7 +531,10 @@ impl Field<'_> {
         };
         self.problems.add(
             self.node.at,
-            format!("{}: `{}` is {got} (expected {expected})", self.what, self.name),
+            format!(
+                "{}: `{}` is {got} (expected {expected})",
+                self.what, self.name
+            ),
         );
     }
 
@@ -523,7 +558,9 @@ impl Field<'_> {
     fn string(&mut self) -> Option<String> {
         match self.scalar() {
             Some((s, false)) => Some(s.to_string()),
-            Some((s, true)) if !is_null(s) && parse_bool(s).is_none() && s.parse::<f64>().is_err() => {
+            Some((s, true))
+                if !is_null(s) && parse_bool(s).is_none() && s.parse::<f64>().is_err() =>
+            {
                 Some(s.to_string())
             }
             _ => {
@@ -551,7 +588,12 @@ impl Field<'_> {
                     let at = item.at;
                     self.problems.add(
                         at,
-                        format!("{}: an item of `{}` is {} (expected text)", self.what, self.name, item.value.kind()),
+                        format!(
+                            "{}: an item of `{}` is {} (expected text)",
+                            self.what,
+                            self.name,
+                            item.value.kind()
+                        ),
                     );
                     return None;
                 }
@@ -561,7 +603,11 @@ impl Field<'_> {
     }
 
     fn boolean(&mut self) -> Option<bool> {
-        match self.scalar().filter(|(_, plain)| *plain).and_then(|(s, _)| parse_bool(s)) {
+        match self
+            .scalar()
+            .filter(|(_, plain)| *plain)
+            .and_then(|(s, _)| parse_bool(s))
+        {
             Some(b) => Some(b),
             None => {
                 self.wrong("true or false");
@@ -571,7 +617,11 @@ impl Field<'_> {
     }
 
     fn uint(&mut self) -> Option<u64> {
-        match self.scalar().filter(|(_, plain)| *plain).and_then(|(s, _)| s.parse().ok()) {
+        match self
+            .scalar()
+            .filter(|(_, plain)| *plain)
+            .and_then(|(s, _)| s.parse().ok())
+        {
             Some(n) => Some(n),
             None => {
                 self.wrong("a whole number");
@@ -603,7 +653,9 @@ impl Field<'_> {
                 let mut parts = Vec::new();
                 for (k, v) in entries {
                     match (&k.value, &v.value) {
-                        (Value::Scalar(k, _), Value::Scalar(v, true)) if v.parse::<u64>().is_ok() => {
+                        (Value::Scalar(k, _), Value::Scalar(v, true))
+                            if v.parse::<u64>().is_ok() =>
+                        {
                             parts.push(format!("{k}={v}"))
                         }
                         _ => {
@@ -636,9 +688,31 @@ fn merge(defaults: &Settings, job: &Settings, base: &Path) -> Settings {
         ($($f:ident),*) => { Settings { $($f: job.$f.clone().or_else(|| defaults.$f.clone()),)* } };
     }
     let mut s = pick!(
-        model, prompt, system, raw, images, videos, audios, embeds, modality, max_tokens,
-        temperature, top_p, top_k, repetition_penalty, seed, stop, logprobs, num_frames, fps,
-        as_images, sample_rate, min_pixels, max_pixels, limit_mm_per_prompt, chat_template
+        model,
+        prompt,
+        system,
+        raw,
+        images,
+        videos,
+        audios,
+        embeds,
+        modality,
+        max_tokens,
+        temperature,
+        top_p,
+        top_k,
+        repetition_penalty,
+        seed,
+        stop,
+        logprobs,
+        num_frames,
+        fps,
+        as_images,
+        sample_rate,
+        min_pixels,
+        max_pixels,
+        limit_mm_per_prompt,
+        chat_template
     );
     for list in [&mut s.images, &mut s.videos, &mut s.audios, &mut s.embeds]
         .into_iter()
@@ -656,7 +730,8 @@ fn merge(defaults: &Settings, job: &Settings, base: &Path) -> Settings {
 
 /// A relative local path against the manifest's folder; URLs, `data:` and `-` unchanged.
 fn resolve(item: &str, base: &Path) -> String {
-    let is_url = item.starts_with("http://") || item.starts_with("https://") || item.starts_with("data:");
+    let is_url =
+        item.starts_with("http://") || item.starts_with("https://") || item.starts_with("data:");
     if is_url || item == "-" || Path::new(item).is_absolute() {
         return item.to_string();
     }
@@ -697,7 +772,10 @@ jobs:
         assert_eq!(jobs[0].line, 6);
         assert_eq!(jobs[0].model(), "qwen2-vl");
         assert_eq!(jobs[0].settings.max_tokens, Some(64));
-        assert_eq!(jobs[0].settings.images.as_deref(), Some(&["/data/cat.jpg".to_string()][..]));
+        assert_eq!(
+            jobs[0].settings.images.as_deref(),
+            Some(&["/data/cat.jpg".to_string()][..])
+        );
         assert_eq!(
             jobs[1].settings.images.as_ref().unwrap()[1],
             "https://example.org/b.png"
@@ -754,9 +832,18 @@ jobs:
         let text = "{\"id\": \"a\", \"model\": \"llava\", \"prompt\": \"hi\", \"images\": [\"x.jpg\"]}\n\n{\"id\": \"b\", \"prompt\": 3, \"model\": \"llava\"}\n{oops\n";
         let err = parse(text, "m.jsonl", Path::new("/d"), true).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("m.jsonl:3:1: job 2: `prompt` is \"3\" (expected text)"), "{msg}");
+        assert!(
+            msg.contains("m.jsonl:3:1: job 2: `prompt` is \"3\" (expected text)"),
+            "{msg}"
+        );
         assert!(msg.contains("m.jsonl:4:"), "{msg}");
-        let ok = parse(&text.lines().next().unwrap().to_string(), "m.jsonl", Path::new("/d"), true).unwrap();
+        let ok = parse(
+            &text.lines().next().unwrap().to_string(),
+            "m.jsonl",
+            Path::new("/d"),
+            true,
+        )
+        .unwrap();
         assert_eq!(ok[0].settings.images.as_ref().unwrap()[0], "/d/x.jpg");
     }
 
@@ -764,7 +851,13 @@ jobs:
     fn limits_accept_a_mapping_or_the_flag_syntax() {
         let text = "jobs:\n  - id: a\n    model: m\n    prompt: p\n    limit_mm_per_prompt: {image: 2, video: 1}\n  - id: b\n    model: m\n    prompt: p\n    limit_mm_per_prompt: image=3\n";
         let jobs = parse(text, "m.yaml", Path::new("."), false).unwrap();
-        assert_eq!(jobs[0].settings.limit_mm_per_prompt.as_deref(), Some("image=2,video=1"));
-        assert_eq!(jobs[1].settings.limit_mm_per_prompt.as_deref(), Some("image=3"));
+        assert_eq!(
+            jobs[0].settings.limit_mm_per_prompt.as_deref(),
+            Some("image=2,video=1")
+        );
+        assert_eq!(
+            jobs[1].settings.limit_mm_per_prompt.as_deref(),
+            Some("image=3")
+        );
     }
 }

@@ -79,7 +79,10 @@ pub fn run(args: &BatchArgs) -> Result<()> {
                 Err(e) => Err(Error::usage(e.to_string())),
             };
             if let Err(e) = check {
-                problems.push(format!("  {name}:{}: job {:?}: {e}", jobs[i].line, jobs[i].id));
+                problems.push(format!(
+                    "  {name}:{}: job {:?}: {e}",
+                    jobs[i].line, jobs[i].id
+                ));
             }
         }
         if !problems.is_empty() {
@@ -144,12 +147,27 @@ fn run_job(
     let loaded = loaded.get_or_insert_with(|| pipeline::load(resolved, plan.device, plan.dtype));
     let loaded = match loaded {
         Ok(l) => l,
-        Err(e) => return Err(Error::Runtime(anyhow::anyhow!("loading {}: {e}", resolved.name))),
+        Err(e) => {
+            return Err(Error::Runtime(anyhow::anyhow!(
+                "loading {}: {e}",
+                resolved.name
+            )))
+        }
     };
     let request = pipeline::request(plan, resolved, loaded, &media)?;
-    let done = generate(loaded.model.as_ref(), &loaded.tokenizer, &request, &mut |_| Ok(()))?;
-    let line = serde_json::to_string(&JsonResult::new(&plan.id, &plan.model, &done, loaded.load_s))
-        .map_err(|e| Error::Runtime(e.into()))?;
+    let done = generate(
+        loaded.model.as_ref(),
+        &loaded.tokenizer,
+        &request,
+        &mut |_| Ok(()),
+    )?;
+    let line = serde_json::to_string(&JsonResult::new(
+        &plan.id,
+        &plan.model,
+        &done,
+        loaded.load_s,
+    ))
+    .map_err(|e| Error::Runtime(e.into()))?;
     Ok((line, done.token_ids.len()))
 }
 
@@ -278,9 +296,9 @@ impl Progress {
         }
         let bar = indicatif::ProgressBar::new(total as u64);
         bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} jobs {msg} eta {eta}",
-        ) {
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} jobs {msg} eta {eta}")
+        {
             bar.set_style(style);
         }
         Self(Some(bar))

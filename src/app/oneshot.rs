@@ -67,7 +67,12 @@ fn dry_run_report(plan: &Plan, resolved: &Resolved, media: &[MediaInput]) -> ser
     let limits: serde_json::Map<String, serde_json::Value> = defaults
         .limits
         .iter()
-        .map(|(m, n)| (m.to_string(), json!(plan.limits.get(m).copied().unwrap_or(*n))))
+        .map(|(m, n)| {
+            (
+                m.to_string(),
+                json!(plan.limits.get(m).copied().unwrap_or(*n)),
+            )
+        })
         .collect();
     json!({
         "id": plan.id,
@@ -81,4 +86,3 @@ fn dry_run_report(plan: &Plan, resolved: &Resolved, media: &[MediaInput]) -> ser
         "max_tokens": plan.gen.max_tokens,
     })
 }
-

@@ -170,7 +170,11 @@ fn decode_media(plan: &Plan, stdin: &mut dyn std::io::Read) -> Result<Vec<MediaI
                 let extra = media::load(source, modality, true, &opts, stdin)?;
                 if let MediaItem::Embeds(x) = extra {
                     let tensor = x.tensors.into_values().next().ok_or_else(|| {
-                        Error::input(source.display(), "holds no tensor", format!("a {name} tensor"))
+                        Error::input(
+                            source.display(),
+                            "holds no tensor",
+                            format!("a {name} tensor"),
+                        )
                     })?;
                     e.tensors.insert(name.clone(), tensor);
                 }
@@ -213,7 +217,11 @@ fn load_tokenizer(dir: &ModelDir) -> Result<Tokenizer> {
 fn read_optional(dir: &ModelDir, name: &str) -> Result<Option<String>> {
     match dir.optional_file(name)? {
         Some(path) => Ok(Some(std::fs::read_to_string(&path).map_err(|e| {
-            Error::input(path.display().to_string(), format!("cannot read: {e}"), "a UTF-8 text file")
+            Error::input(
+                path.display().to_string(),
+                format!("cannot read: {e}"),
+                "a UTF-8 text file",
+            )
         })?)),
         None => Ok(None),
     }
@@ -223,7 +231,11 @@ fn tokenizer_config(dir: &ModelDir) -> Result<Option<serde_json::Value>> {
     read_optional(dir, "tokenizer_config.json")?
         .map(|text| {
             serde_json::from_str(&text).map_err(|e| {
-                Error::input("tokenizer_config.json", format!("not valid JSON: {e}"), "a JSON object")
+                Error::input(
+                    "tokenizer_config.json",
+                    format!("not valid JSON: {e}"),
+                    "a JSON object",
+                )
             })
         })
         .transpose()
@@ -246,26 +258,34 @@ fn render_prompt(
         json: read_optional(dir, "chat_template.json")?,
         tokenizer_config: tokenizer_config(dir)?,
     };
-    let template = ChatTemplate::select(&files, defaults.fallback_chat_template)?.ok_or_else(|| {
-        Error::input(
+    let template =
+        ChatTemplate::select(&files, defaults.fallback_chat_template)?.ok_or_else(|| {
+            Error::input(
             &plan.model,
             "the model ships no chat template",
             "a chat template: pass --chat-template FILE, or --raw with the model's placeholders",
         )
-    })?;
+        })?;
     let mut messages = Vec::new();
     if let Some(system) = &plan.system {
         messages.push(Message {
             role: "system".into(),
-            content: vec![ContentPart::Text { text: system.clone() }],
+            content: vec![ContentPart::Text {
+                text: system.clone(),
+            }],
         });
     }
     let mut content: Vec<ContentPart> = media
         .iter()
         .map(|m| ContentPart::media(m.item.modality()))
         .collect();
-    content.push(ContentPart::Text { text: plan.prompt.clone() });
-    messages.push(Message { role: "user".into(), content });
+    content.push(ContentPart::Text {
+        text: plan.prompt.clone(),
+    });
+    messages.push(Message {
+        role: "user".into(),
+        content,
+    });
     let text = template.render(&messages, true)?;
     Ok(text)
 }
@@ -285,7 +305,10 @@ fn tokenize_and_splice(
         .tokenizer_config
         .as_ref()
         .and_then(|c| c.get("bos_token"))
-        .and_then(|v| v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())));
+        .and_then(|v| {
+            v.as_str()
+                .or_else(|| v.get("content").and_then(|c| c.as_str()))
+        });
     let starts_with_bos = bos.is_some_and(|b| !b.is_empty() && text.starts_with(b));
     let encoding = tokenizer
         .encode(text, plan.raw || !starts_with_bos)
@@ -293,7 +316,9 @@ fn tokenize_and_splice(
     let mut placeholders = Vec::new();
     for (m, p) in &defaults.placeholders {
         let id = tokenizer.token_to_id(p).ok_or_else(|| {
-            Error::Runtime(anyhow::anyhow!("the tokenizer has no {p} token for {m} items"))
+            Error::Runtime(anyhow::anyhow!(
+                "the tokenizer has no {p} token for {m} items"
+            ))
         })?;
         placeholders.push((*m, id));
     }
@@ -302,38 +327,60 @@ fn tokenize_and_splice(
         .zip(items)
         .map(|(m, e)| (m.item.modality(), e.expansion.clone()))
         .collect();
-    let what = if plan.raw { "--raw prompt" } else { "rendered prompt" };
+    let what = if plan.raw {
+        "--raw prompt"
+    } else {
+        "rendered prompt"
+    };
     prompt::splice(encoding.get_ids(), &placeholders, &expansions, what)
 }
 
 /// EOS ids: generation_config.json, else config.json (top level or text_config), else the
 /// tokenizer's `eos_token`.
-fn eos_ids(dir: &ModelDir, tokenizer: &Tokenizer, tok_config: Option<&serde_json::Value>) -> Result<Vec<u32>> {
+fn eos_ids(
+    dir: &ModelDir,
+    tokenizer: &Tokenizer,
+    tok_config: Option<&serde_json::Value>,
+) -> Result<Vec<u32>> {
     fn ids(v: Option<&serde_json::Value>) -> Option<Vec<u32>> {
         let v = v?;
         if let Some(n) = v.as_u64() {
             return Some(vec![n as u32]);
         }
-        let list: Vec<u32> = v.as_array()?.iter().filter_map(|x| x.as_u64()).map(|n| n as u32).collect();
+        let list: Vec<u32> = v
+            .as_array()?
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|n| n as u32)
+            .collect();
         (!list.is_empty()).then_some(list)
     }
     if let Some(text) = read_optional(dir, "generation_config.json")? {
         let gen: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-            Error::input("generation_config.json", format!("not valid JSON: {e}"), "a JSON object")
+            Error::input(
+                "generation_config.json",
+                format!("not valid JSON: {e}"),
+                "a JSON object",
+            )
         })?;
         if let Some(list) = ids(gen.get("eos_token_id")) {
             return Ok(list);
         }
     }
     let config = dir.config()?;
-    if let Some(list) = ids(config.get("eos_token_id"))
-        .or_else(|| ids(config.get("text_config").and_then(|t| t.get("eos_token_id"))))
-    {
+    if let Some(list) = ids(config.get("eos_token_id")).or_else(|| {
+        ids(config
+            .get("text_config")
+            .and_then(|t| t.get("eos_token_id")))
+    }) {
         return Ok(list);
     }
     Ok(tok_config
         .and_then(|c| c.get("eos_token"))
-        .and_then(|v| v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())))
+        .and_then(|v| {
+            v.as_str()
+                .or_else(|| v.get("content").and_then(|c| c.as_str()))
+        })
         .and_then(|t| tokenizer.token_to_id(t))
         .into_iter()
         .collect())

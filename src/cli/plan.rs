@@ -127,7 +127,11 @@ impl Plan {
         let prompt_text = if prompt_text == "-" {
             let mut s = String::new();
             stdin.read_to_string(&mut s).map_err(|e| {
-                Error::input("<stdin>", format!("cannot read the prompt: {e}"), "UTF-8 text")
+                Error::input(
+                    "<stdin>",
+                    format!("cannot read the prompt: {e}"),
+                    "UTF-8 text",
+                )
             })?;
             s.trim_end_matches(['\n', '\r']).to_string()
         } else {
@@ -437,9 +441,7 @@ pub fn parse_limits(spec: &str) -> Result<BTreeMap<Modality, usize>> {
 
 fn frame_sampling(args: FrameArgs) -> Result<FrameSampling> {
     match (args.num_frames, args.fps) {
-        (Some(0), _) => Err(Error::usage(
-            "--num-frames: 0 (expected at least 1 frame)",
-        )),
+        (Some(0), _) => Err(Error::usage("--num-frames: 0 (expected at least 1 frame)")),
         (Some(n), _) => Ok(FrameSampling::NumFrames(n)),
         (None, Some(f)) if !(f.is_finite() && f > 0.0) => Err(Error::usage(format!(
             "--fps: {f} (expected a positive number of frames per second)"

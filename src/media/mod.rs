@@ -138,7 +138,8 @@ pub fn load(
             Ok(MediaItem::Audio(audio))
         }
         Modality::Video => {
-            let decode_frame = |bytes: &[u8], name: &str| image::decode_image(bytes, name, &opts.images);
+            let decode_frame =
+                |bytes: &[u8], name: &str| image::decode_image(bytes, name, &opts.images);
             let video = match source {
                 source::Source::Path(p) if p.is_dir() => {
                     video::video_from_dir(p, &input, &opts.frames, &decode_frame)?

@@ -111,9 +111,9 @@ pub fn splice_embeddings<M: Model + ?Sized>(
         if span.start > at {
             pieces.push(model.embed_tokens(&ids[at..span.start])?);
         }
-        let item = items.get(span.item).ok_or_else(|| {
-            anyhow::anyhow!("no encoded item {} for its prompt span", span.item)
-        })?;
+        let item = items
+            .get(span.item)
+            .ok_or_else(|| anyhow::anyhow!("no encoded item {} for its prompt span", span.item))?;
         let rows = item.features.dim(0)?;
         if rows != span.len {
             return Err(anyhow::anyhow!(

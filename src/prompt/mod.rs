@@ -162,9 +162,21 @@ mod tests {
         assert_eq!(
             s.spans,
             vec![
-                Span { item: 0, start: 2, len: 2 },
-                Span { item: 1, start: 7, len: 1 },
-                Span { item: 2, start: 10, len: 3 },
+                Span {
+                    item: 0,
+                    start: 2,
+                    len: 2
+                },
+                Span {
+                    item: 1,
+                    start: 7,
+                    len: 1
+                },
+                Span {
+                    item: 2,
+                    start: 10,
+                    len: 3
+                },
             ]
         );
     }
@@ -184,12 +196,18 @@ mod tests {
     fn media_without_a_placeholder_modality_is_refused() {
         let items = [(Modality::Audio, exp(1))];
         let err = splice(&[1], &[(Modality::Image, 7)], &items, "prompt").unwrap_err();
-        assert!(err.to_string().contains("no placeholder for audio"), "{err}");
+        assert!(
+            err.to_string().contains("no placeholder for audio"),
+            "{err}"
+        );
     }
 
     #[test]
     fn counts_raw_placeholders() {
-        assert_eq!(count_placeholders("<image><image>\nhi <image>", "<image>"), 3);
+        assert_eq!(
+            count_placeholders("<image><image>\nhi <image>", "<image>"),
+            3
+        );
         assert_eq!(count_placeholders("no media", "<image>"), 0);
     }
 }

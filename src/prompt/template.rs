@@ -223,9 +223,12 @@ fn environment() -> Environment<'static> {
     }
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> Result<Value, JinjaError> {
-        Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<Value, JinjaError> {
+            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
     env.add_function("strftime_now", strftime_now);
     env.add_filter("tojson", tojson);
     env
@@ -380,7 +383,10 @@ mod tests {
                 text: "  hi  ".into(),
             },
         ])];
-        assert_eq!(t.render(&msgs, true).unwrap(), "USER: <image>\nhi ASSISTANT:");
+        assert_eq!(
+            t.render(&msgs, true).unwrap(),
+            "USER: <image>\nhi ASSISTANT:"
+        );
     }
 
     #[test]
@@ -430,7 +436,10 @@ mod tests {
             ..Default::default()
         };
         let t = ChatTemplate::select(&files, None).unwrap().unwrap();
-        assert_eq!(t.render(&[], false).unwrap(), r#"{"a": [1, "é"], "b": null}"#);
+        assert_eq!(
+            t.render(&[], false).unwrap(),
+            r#"{"a": [1, "é"], "b": null}"#
+        );
     }
 
     #[test]

@@ -15,7 +15,12 @@ fn mmllm() -> Command {
 }
 
 fn batch(manifest: &Path, extra: &[&str]) -> Output {
-    mmllm().arg("batch").arg(manifest).args(extra).output().unwrap()
+    mmllm()
+        .arg("batch")
+        .arg(manifest)
+        .args(extra)
+        .output()
+        .unwrap()
 }
 
 fn lines(path: &Path) -> Vec<serde_json::Value> {
@@ -51,9 +56,18 @@ fn schema_errors_are_all_reported_with_positions_before_loading() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(out.stdout.is_empty());
-    assert!(stderr.contains("jobs.yaml:7:5: job 1: unknown key `imgs`"), "{stderr}");
-    assert!(stderr.contains("jobs.yaml:8:5: duplicate job id \"a\""), "{stderr}");
-    assert!(stderr.contains("jobs.yaml:10:17: job 2: `max_tokens` is \"lots\""), "{stderr}");
+    assert!(
+        stderr.contains("jobs.yaml:7:5: job 1: unknown key `imgs`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("jobs.yaml:8:5: duplicate job id \"a\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("jobs.yaml:10:17: job 2: `max_tokens` is \"lots\""),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -76,9 +90,18 @@ fn bad_jobs_fail_alone_and_lines_follow_the_manifest() {
     for bad in &got[1..4] {
         assert_eq!(bad["error"]["kind"], "input", "{bad}");
     }
-    assert!(got[1]["error"]["message"].as_str().unwrap().contains("not_an_image.jpg"));
-    assert!(got[2]["error"]["message"].as_str().unwrap().contains("nowhere.jpg"));
-    assert!(got[3]["error"]["message"].as_str().unwrap().contains("at most 1"));
+    assert!(got[1]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not_an_image.jpg"));
+    assert!(got[2]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("nowhere.jpg"));
+    assert!(got[3]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("at most 1"));
 
     // Each good job equals the same prompt run alone.
     let alone = mmllm()
@@ -104,7 +127,10 @@ fn strict_checks_all_media_up_front() {
     let out = batch(&path, &["--strict", "-o", results.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("nowhere.jpg") && stderr.contains("not_an_image.jpg"), "{stderr}");
+    assert!(
+        stderr.contains("nowhere.jpg") && stderr.contains("not_an_image.jpg"),
+        "{stderr}"
+    );
     assert!(!results.exists() || std::fs::read(&results).unwrap().is_empty());
 }
 
@@ -121,7 +147,11 @@ fn kill_then_resume_keeps_one_result_per_job() {
     let (dir, path) = workspace(&jobs);
     let clean = dir.path().join("clean.jsonl");
     let out = batch(&path, &["-o", clean.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let results = dir.path().join("out.jsonl");
     let mut child = mmllm()
@@ -143,17 +173,27 @@ fn kill_then_resume_keeps_one_result_per_job() {
     child.kill().unwrap();
     child.wait().unwrap();
     let before = std::fs::read(&results).unwrap();
-    let whole_before = &before[..before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1)];
+    let whole_before = &before[..before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1)];
 
     let out = batch(&path, &["--resume", "-o", results.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let after = std::fs::read(&results).unwrap();
     assert!(
         after.starts_with(whole_before),
         "lines finished before the kill are kept byte for byte"
     );
     let got = lines(&results);
-    let mut ids: Vec<String> = got.iter().map(|l| l["id"].as_str().unwrap().to_string()).collect();
+    let mut ids: Vec<String> = got
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_string())
+        .collect();
     ids.sort();
     let mut want: Vec<String> = (0..8).map(|i| format!("job{i}")).collect();
     want.sort();
@@ -183,11 +223,20 @@ fn jsonl_manifests_and_unordered_output() {
     let path = dir.path().join("jobs.jsonl");
     std::fs::write(&path, text).unwrap();
     let out = batch(&path, &["--unordered"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let mut ids: Vec<String> = stdout
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     ids.sort();
     assert_eq!(ids, ["x", "y"]);

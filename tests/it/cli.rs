@@ -51,7 +51,11 @@ fn run_with_stdin(args: &[&str], stdin: &[u8]) -> Output {
 fn assert_input_error(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    assert!(out.stdout.is_empty(), "stdout must stay empty: {:?}", out.stdout);
+    assert!(
+        out.stdout.is_empty(),
+        "stdout must stay empty: {:?}",
+        out.stdout
+    );
     assert!(stderr.starts_with("mmllm: error: "), "stderr: {stderr}");
     assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
 }
@@ -63,7 +67,13 @@ fn model_arg(dir: &Path) -> String {
 #[test]
 fn missing_file_is_named() {
     let m = config_only_model();
-    let out = run(&["image", "--model", &model_arg(m.path()), "no-such-photo.jpg", "hi"]);
+    let out = run(&[
+        "image",
+        "--model",
+        &model_arg(m.path()),
+        "no-such-photo.jpg",
+        "hi",
+    ]);
     assert_input_error(&out, "no-such-photo.jpg");
 }
 
@@ -79,7 +89,14 @@ fn corrupt_image_is_an_input_error() {
 fn more_images_than_the_limit_fail_before_loading() {
     let m = config_only_model();
     let img = data("llava_photo_1.jpg");
-    let out = run(&["image", "--model", &model_arg(m.path()), &img, &img, "compare"]);
+    let out = run(&[
+        "image",
+        "--model",
+        &model_arg(m.path()),
+        &img,
+        &img,
+        "compare",
+    ]);
     assert_input_error(&out, "limit-mm-per-prompt");
     let out = run(&[
         "image",
@@ -127,7 +144,13 @@ fn malformed_data_url_is_refused() {
         "hi",
     ]);
     assert_input_error(&out, "data:");
-    let out = run(&["image", "--model", &model_arg(m.path()), "data:image/png", "hi"]);
+    let out = run(&[
+        "image",
+        "--model",
+        &model_arg(m.path()),
+        "data:image/png",
+        "hi",
+    ]);
     assert_input_error(&out, "data:");
 }
 
@@ -135,14 +158,25 @@ fn malformed_data_url_is_refused() {
 fn modality_the_model_does_not_take_is_refused() {
     let m = config_only_model();
     let wav = data("speech_16k.wav");
-    let out = run(&["audio", "--model", &model_arg(m.path()), &wav, "what is said?"]);
+    let out = run(&[
+        "audio",
+        "--model",
+        &model_arg(m.path()),
+        &wav,
+        "what is said?",
+    ]);
     assert_input_error(&out, "does not accept audio");
 }
 
 #[test]
 fn unknown_model_directory_or_repo_is_named() {
     let out = run(&["image", "--model", "/no/such/model/dir", "x.jpg", "hi"]);
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/model/dir"));
     assert!(out.stdout.is_empty());
 }
@@ -154,10 +188,25 @@ fn bad_flags_are_usage_errors() {
     for args in [
         vec!["image", "--model", &model, "--temperature", "-1", "hi"],
         vec!["image", "--model", &model, "--device", "tpu", "hi"],
-        vec!["image", "--model", &model, "--limit-mm-per-prompt", "image", "hi"],
+        vec![
+            "image",
+            "--model",
+            &model,
+            "--limit-mm-per-prompt",
+            "image",
+            "hi",
+        ],
         vec!["image", "--model", &model, "--top-p", "1.5", "hi"],
         vec!["image", "--model", &model, "--no-such-flag", "hi"],
-        vec!["video", "--model", &model, "--num-frames", "0", "x.mp4", "hi"],
+        vec![
+            "video",
+            "--model",
+            &model,
+            "--num-frames",
+            "0",
+            "x.mp4",
+            "hi",
+        ],
     ] {
         let out = run(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -171,10 +220,23 @@ fn dry_run_decodes_media_and_prints_the_plan_without_weights() {
     let m = config_only_model();
     let img = data("llava_photo_1.jpg");
     let out = run_with_stdin(
-        &["image", "--model", &model_arg(m.path()), "--dry-run", &img, "-p", "-"],
+        &[
+            "image",
+            "--model",
+            &model_arg(m.path()),
+            "--dry-run",
+            &img,
+            "-p",
+            "-",
+        ],
         b"What is in this image?\n",
     );
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(plan["family"], "llava");
     assert_eq!(plan["prompt"], "What is in this image?");
@@ -229,7 +291,11 @@ fn committed_man_pages_and_completions_are_current() {
         .arg(tmp.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for sub in ["man", "completions"] {
         let fresh = tmp.path().join(sub);
         let mut names: Vec<_> = std::fs::read_dir(&fresh)

@@ -11,7 +11,10 @@ fn repo() -> PathBuf {
 }
 
 fn fixture() -> String {
-    repo().join("tests/fixtures/llava-tiny").display().to_string()
+    repo()
+        .join("tests/fixtures/llava-tiny")
+        .display()
+        .to_string()
 }
 
 fn expected(case: &str) -> serde_json::Value {
@@ -63,7 +66,10 @@ fn check_against_hf(case: &str, got: &serde_json::Value) {
     assert_eq!(steps.len(), want_steps.len());
     for (step, (g, w)) in steps.iter().zip(want_steps).enumerate() {
         let top = g["top"].as_array().unwrap();
-        let got_ids: Vec<u64> = top.iter().map(|t| t["token_id"].as_u64().unwrap()).collect();
+        let got_ids: Vec<u64> = top
+            .iter()
+            .map(|t| t["token_id"].as_u64().unwrap())
+            .collect();
         assert_eq!(got_ids, ids(&w["ids"]), "{case} step {step} top-5 ids");
         for (t, wl) in top.iter().zip(w["logprobs"].as_array().unwrap()) {
             let (a, b) = (t["logprob"].as_f64().unwrap(), wl.as_f64().unwrap());
@@ -129,10 +135,26 @@ fn text_output_streams_the_same_text_and_stop_strings_cut_it() {
     let prompt = want["prompt"].as_str().unwrap();
     let model = fixture();
     let json = json_line(&mmllm(&[
-        "image", "--model", &model, "--output", "jsonl", "--max-tokens", "16", image, prompt,
+        "image",
+        "--model",
+        &model,
+        "--output",
+        "jsonl",
+        "--max-tokens",
+        "16",
+        image,
+        prompt,
     ]));
     let full = json["text"].as_str().unwrap().to_string();
-    let text = mmllm(&["image", "--model", &model, "--max-tokens", "16", image, prompt]);
+    let text = mmllm(&[
+        "image",
+        "--model",
+        &model,
+        "--max-tokens",
+        "16",
+        image,
+        prompt,
+    ]);
     assert_eq!(text.status.code(), Some(0));
     assert_eq!(String::from_utf8(text.stdout).unwrap(), format!("{full}\n"));
 
@@ -142,8 +164,17 @@ fn text_output_streams_the_same_text_and_stop_strings_cut_it() {
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
     let cut = &full[..full.find(&stop).unwrap()];
     let out = json_line(&mmllm(&[
-        "image", "--model", &model, "--output", "jsonl", "--max-tokens", "16", "--stop", &stop,
-        image, prompt,
+        "image",
+        "--model",
+        &model,
+        "--output",
+        "jsonl",
+        "--max-tokens",
+        "16",
+        "--stop",
+        &stop,
+        image,
+        prompt,
     ]));
     assert_eq!(out["text"].as_str().unwrap(), cut, "stop {stop:?}");
     assert_eq!(out["finish_reason"], "stop");
@@ -169,7 +200,10 @@ fn embeds_of_the_wrong_shape_name_the_expected_shape() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(out.stdout.is_empty());
-    assert!(stderr.contains("bad.npy") && stderr.contains("576"), "{stderr}");
+    assert!(
+        stderr.contains("bad.npy") && stderr.contains("576"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -199,7 +199,11 @@ pub fn processor_config(dir: &Path, image_size: u32) -> Result<ClipProcessorConf
         match std::fs::read_to_string(dir.join(name)) {
             Ok(text) => Ok(Some(text)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::input(name, format!("cannot read: {e}"), "a readable JSON file")),
+            Err(e) => Err(Error::input(
+                name,
+                format!("cannot read: {e}"),
+                "a readable JSON file",
+            )),
         }
     };
     let bad = |name: &str, e: serde_json::Error| {
@@ -210,7 +214,8 @@ pub fn processor_config(dir: &Path, image_size: u32) -> Result<ClipProcessorConf
         )
     };
     if let Some(text) = read("preprocessor_config.json")? {
-        return ClipProcessorConfig::from_json(&text).map_err(|e| bad("preprocessor_config.json", e));
+        return ClipProcessorConfig::from_json(&text)
+            .map_err(|e| bad("preprocessor_config.json", e));
     }
     if let Some(text) = read("processor_config.json")? {
         let value: serde_json::Value =
