@@ -547,7 +547,7 @@ impl Field<'_> {
 
     fn id(&mut self) -> Option<String> {
         match self.scalar() {
-            Some((s, plain)) if !s.is_empty() && !(plain && is_null(s)) => Some(s.to_string()),
+            Some((s, plain)) if !(s.is_empty() || plain && is_null(s)) => Some(s.to_string()),
             _ => {
                 self.wrong("a non-empty id");
                 None
@@ -838,7 +838,7 @@ jobs:
         );
         assert!(msg.contains("m.jsonl:4:"), "{msg}");
         let ok = parse(
-            &text.lines().next().unwrap().to_string(),
+            text.lines().next().unwrap(),
             "m.jsonl",
             Path::new("/d"),
             true,

@@ -187,7 +187,7 @@ fn embeds_of_the_wrong_shape_name_the_expected_shape() {
     // A (2, 3) float32 .npy: wrong rank for LLaVA's (num_items, 576, hidden).
     let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
     let mut h = header.to_string();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
     h.push('\n');
