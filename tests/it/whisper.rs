@@ -248,19 +248,26 @@ fn tiny_random_whisper_matches_hf() {
 }
 
 #[test]
-fn whisper_refuses_wrong_rate_and_bad_prompts() {
+fn whisper_resamples_other_rates_and_refuses_bad_prompts() {
     let dir = root().join("tests/fixtures/whisper-tiny-random");
     let model = WhisperModel::load(&dir, &Device::Cpu, DType::F32).unwrap();
     let (samples, rate) = read_wav(&root().join("tests/data/speech_44k.wav"));
     assert_eq!(rate, 44100);
-    let err = model
-        .encode(&MediaItem::Audio(Audio {
+    // 44.1 kHz audio is resampled to 16 kHz (soxr HQ) before the log-mel front end.
+    let at_44k = model
+        .log_mel(&Audio {
             samples,
             sample_rate: rate,
-        }))
-        .unwrap_err();
-    assert_eq!(err.exit_code(), 2);
-    assert!(err.to_string().contains("44100 Hz"), "{err}");
+        })
+        .unwrap();
+    let at_16k = model
+        .log_mel(&Audio {
+            samples: speech(),
+            sample_rate: 16000,
+        })
+        .unwrap();
+    assert_eq!(at_44k.frames, at_16k.frames);
+    assert_eq!(at_44k.valid_frames, at_16k.valid_frames);
 
     // Multilingual: the language is required, must be known; task picks the task token.
     assert!(model.decoder_prompt(Task::Transcribe, None).is_err());
@@ -390,4 +397,32 @@ fn real_tiny_en_transcribes_in_bf16() {
     // sentence right (it does so with the very same ids today).
     let expected = json(&root().join("tests/fixtures/whisper-tiny-en/expected.json"));
     assert_eq!(text, expected["speech_16k"]["text"].as_str().unwrap());
+}
+
+#[test]
+fn real_tiny_en_through_the_cli_at_16k_and_44k() {
+    let dir = tiny_en_dir();
+    let expected = json(&root().join("tests/fixtures/whisper-tiny-en/expected.json"));
+    for case in ["speech_16k", "speech_44k"] {
+        let want = &expected[case];
+        let wav = root().join(want["audio"].as_str().unwrap());
+        // No prompt: the media argument comes last and the task defaults to transcribe.
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmllm"))
+            .args(["audio", "--model"])
+            .arg(&dir)
+            .args(["--output", "jsonl"])
+            .arg(&wav)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(ids(&got["token_ids"]), ids(&want["ids"]), "{case}");
+        assert_eq!(got["text"], want["text"], "{case}");
+        assert_eq!(got["finish_reason"], "stop");
+    }
 }

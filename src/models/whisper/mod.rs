@@ -242,18 +242,18 @@ impl WhisperModel {
         self.generation.decoder_prompt(task, language)
     }
 
-    /// Log-mel features of 16 kHz mono audio, padded or truncated to 30 s.
+    /// Log-mel features, padded or truncated to 30 s. Audio at another rate is first
+    /// resampled to the feature extractor's rate with soxr HQ, as transformers' `load_audio`
+    /// (librosa) does.
     pub fn log_mel(&self, audio: &Audio) -> Result<LogMel> {
         let rate = self.mel.config().sampling_rate;
-        if audio.sample_rate != rate {
-            return Err(Error::input(
-                "audio",
-                format!("sample rate {} Hz", audio.sample_rate),
-                format!("{rate} Hz mono audio (resample before encoding)"),
-            ));
+        if audio.sample_rate == rate {
+            return self
+                .mel
+                .compute(&audio.samples, Padding::MaxLength, "audio");
         }
-        self.mel
-            .compute(&audio.samples, Padding::MaxLength, "audio")
+        let samples = crate::media::resample::resample(&audio.samples, audio.sample_rate, rate)?;
+        self.mel.compute(&samples, Padding::MaxLength, "audio")
     }
 
     /// Encoder output `(max_source_positions, d_model)` for `input_features`
