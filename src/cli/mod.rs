@@ -57,7 +57,7 @@ pub enum Command {
 pub struct PromptArgs {
     /// Media items (path, http(s):// URL, data: URL, or - for stdin), then the prompt text
     /// last (unless -p is given). A prompt of - is read from stdin.
-    #[arg(value_name = "MEDIA... PROMPT", num_args = 1.., required = true)]
+    #[arg(value_name = "MEDIA... PROMPT")]
     pub inputs: Vec<String>,
 
     /// The prompt text (then every positional argument is a media item); - reads stdin.

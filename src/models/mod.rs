@@ -1,6 +1,7 @@
 //! Model families. `registry` is the one table of families; each family lives in its own
 //! folder and contributes cheap `defaults` (from `config.json` only) and `load`.
-//! Families receive a [`ModelDir`](crate::hub::ModelDir) and never download.
+//! Families receive a directory whose files are all present (`registry::LoadContext`) and never
+//! download.
 //! Imports `media`, `prompt` types and `engine::kv`; never `cli`, `app`, `sink` or `hub` logic.
 
 pub mod common;

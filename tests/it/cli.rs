@@ -316,3 +316,38 @@ fn committed_man_pages_and_completions_are_current() {
         }
     }
 }
+
+#[test]
+fn corrupt_audio_is_an_input_error() {
+    let model = repo().join("tests/fixtures/whisper-tiny-random");
+    let out = run(&[
+        "audio",
+        "--model",
+        &model_arg(&model),
+        &data("not_an_image.jpg"),
+        "transcribe",
+    ]);
+    assert_input_error(&out, "not_an_image.jpg");
+}
+
+#[test]
+fn interrupt_exits_130() {
+    let m = config_only_model();
+    // The prompt comes from stdin, which stays open: the process waits until interrupted.
+    let mut child = mmllm()
+        .args(["image", "--model", &model_arg(m.path()), "-p", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    assert!(out.stdout.is_empty());
+}

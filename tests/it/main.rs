@@ -5,6 +5,7 @@ mod cli;
 mod engine_pure;
 mod hub;
 mod image;
+mod layering;
 mod llava_e2e;
 mod llava_parity;
 mod media_av;
