@@ -5,6 +5,7 @@
 
 pub mod common;
 pub mod llava;
+pub mod qwen2_vl;
 pub mod registry;
 
 use std::collections::BTreeMap;
