@@ -273,9 +273,13 @@ impl Qwen2VlConfig {
         if (vision.width / vision.num_heads) % 4 != 0 {
             return Err(bad("vision head_dim is not a multiple of 4 (2-D rotary)"));
         }
-        if vision.patch_size == 0 || vision.temporal_patch_size == 0 || vision.spatial_merge_size == 0
+        if vision.patch_size == 0
+            || vision.temporal_patch_size == 0
+            || vision.spatial_merge_size == 0
         {
-            return Err(bad("vision patch, temporal patch and merge sizes must be positive"));
+            return Err(bad(
+                "vision patch, temporal patch and merge sizes must be positive",
+            ));
         }
         if vision.out_hidden != text.hidden_size {
             return Err(bad(format!(
@@ -315,8 +319,11 @@ pub struct ProcessorConfig {
     pub do_normalize: bool,
 }
 
-const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+// OpenAI CLIP's statistics, written as transformers writes them (rounded to f32 here).
+#[allow(clippy::excessive_precision)]
+const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
+const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 impl ProcessorConfig {
     /// transformers' `Qwen2VLImageProcessor` defaults.
@@ -385,8 +392,10 @@ impl ProcessorConfig {
         if let Some(n) = uint("merge_size", v)? {
             self.merge_size = n as usize;
         }
-        for (key, dst) in [("image_mean", &mut self.image_mean), ("image_std", &mut self.image_std)]
-        {
+        for (key, dst) in [
+            ("image_mean", &mut self.image_mean),
+            ("image_std", &mut self.image_std),
+        ] {
             match v.get(key) {
                 None | Some(Value::Null) => {}
                 Some(Value::Array(xs)) if xs.len() == 3 => {
@@ -441,9 +450,9 @@ impl Processors {
                 return Ok(None);
             }
             let text = std::fs::read_to_string(&path)?;
-            serde_json::from_str(&text).map(Some).map_err(|e| {
-                Error::input(path.display().to_string(), e.to_string(), "valid JSON")
-            })
+            serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| Error::input(path.display().to_string(), e.to_string(), "valid JSON"))
         };
         let combined = read("processor_config.json")?;
         let image_v = match combined.as_ref().and_then(|c| c.get("image_processor")) {

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-pub use config::{Processors, ProcessorConfig, Qwen2VlConfig, Variant};
+pub use config::{ProcessorConfig, Processors, Qwen2VlConfig, Variant};
 pub use model::{load, ItemGrid, Qwen2VlModel};
 
 use crate::error::{Error, Result};
@@ -41,7 +41,10 @@ pub const DEFAULT_VIDEO_LIMIT: usize = 1;
 /// placeholders (the chat template writes `<|vision_start|>`/`<|vision_end|>` around them),
 /// image embeds accepted.
 pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
-    let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or_default();
+    let model_type = config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let variant = Variant::from_model_type(model_type).ok_or_else(|| {
         Error::input(
             "config.json",

@@ -99,7 +99,9 @@ impl TextModel {
     fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
         let vocab = self.cfg.vocab_size as u32;
         if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
-            return Err(anyhow::anyhow!("token id {bad} is outside the vocabulary of {vocab}").into());
+            return Err(
+                anyhow::anyhow!("token id {bad} is outside the vocabulary of {vocab}").into(),
+            );
         }
         let t = Tensor::from_slice(ids, ids.len(), &self.device)?;
         Ok(self.embed.forward(&t)?)
@@ -133,10 +135,17 @@ impl TextModel {
 
     /// Runs `embeds` `(seq, hidden)` at `positions` after what `cache` holds; returns the last
     /// position's logits `(vocab,)` as float32.
-    fn forward(&self, embeds: &Tensor, positions: &[[i64; 3]], cache: &mut KvCache) -> Result<Tensor> {
+    fn forward(
+        &self,
+        embeds: &Tensor,
+        positions: &[[i64; 3]],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let (seq, _) = embeds.dims2()?;
         if seq != positions.len() {
-            return Err(anyhow::anyhow!("{seq} embeddings for {} positions", positions.len()).into());
+            return Err(
+                anyhow::anyhow!("{seq} embeddings for {} positions", positions.len()).into(),
+            );
         }
         if seq == 0 {
             return Err(anyhow::anyhow!("empty prompt").into());
@@ -155,7 +164,13 @@ impl TextModel {
             let total = past + seq;
             let m: Vec<f32> = (0..seq)
                 .flat_map(|i| {
-                    (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })
+                    (0..total).map(move |j| {
+                        if j <= past + i {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
                 })
                 .collect();
             Some(Tensor::from_vec(m, (1, 1, seq, total), &self.device)?)
@@ -169,9 +184,18 @@ impl TextModel {
             let q = layer.attn.q.forward(&h)?;
             let k = layer.attn.k.forward(&h)?;
             let v = layer.attn.v.forward(&h)?;
-            let q = q.reshape((1, seq, heads, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((1, seq, kv_heads, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((1, seq, kv_heads, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = q
+                .reshape((1, seq, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = k
+                .reshape((1, seq, kv_heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = v
+                .reshape((1, seq, kv_heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
             let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
             let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
             let (k, v) = cache.append(li, &k, &v)?;
@@ -273,7 +297,11 @@ pub fn rope_index(
         out.push([pos; 3]);
         pos += 1;
     }
-    let max = out.iter().flat_map(|p| p.iter().copied()).max().unwrap_or(-1);
+    let max = out
+        .iter()
+        .flat_map(|p| p.iter().copied())
+        .max()
+        .unwrap_or(-1);
     Ok((out, max + 1 - ids_len as i64))
 }
 
@@ -300,10 +328,18 @@ const GRID_MEMORY: usize = 1024;
 pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Qwen2VlModel> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| {
-        Error::input(config_path.display().to_string(), e.to_string(), "a readable config.json")
+        Error::input(
+            config_path.display().to_string(),
+            e.to_string(),
+            "a readable config.json",
+        )
     })?;
     let config: Value = serde_json::from_str(&text).map_err(|e| {
-        Error::input(config_path.display().to_string(), e.to_string(), "valid JSON")
+        Error::input(
+            config_path.display().to_string(),
+            e.to_string(),
+            "valid JSON",
+        )
     })?;
     let cfg = Qwen2VlConfig::from_value(&config)?;
     let processors = Processors::load(dir)?;
@@ -371,7 +407,14 @@ impl Qwen2VlModel {
             MediaItem::Image(img) => {
                 let p = preprocess_image(img, &self.processors.image)?;
                 let f = self.run_patches(&p)?;
-                (f, ItemGrid { grid_thw: p.grid_thw, time_interval: 1.0 }, self.cfg.image_token_id)
+                (
+                    f,
+                    ItemGrid {
+                        grid_thw: p.grid_thw,
+                        time_interval: 1.0,
+                    },
+                    self.cfg.image_token_id,
+                )
             }
             MediaItem::Video(video) => {
                 let p = preprocess_video(&video.frames, &self.processors.video)?;
@@ -379,7 +422,10 @@ impl Qwen2VlModel {
                 let interval = self.video_time_interval(video);
                 (
                     f,
-                    ItemGrid { grid_thw: p.grid_thw, time_interval: interval },
+                    ItemGrid {
+                        grid_thw: p.grid_thw,
+                        time_interval: interval,
+                    },
                     self.cfg.video_token_id,
                 )
             }
@@ -405,7 +451,13 @@ impl Qwen2VlModel {
             slots: self.slots(grid.grid_thw),
             after: Vec::new(),
         };
-        Ok((EncodedItem { expansion, features }, grid))
+        Ok((
+            EncodedItem {
+                expansion,
+                features,
+            },
+            grid,
+        ))
     }
 
     fn run_patches(&self, p: &Patches) -> Result<Tensor> {
@@ -444,7 +496,11 @@ impl Qwen2VlModel {
         let emb = names
             .iter()
             .find_map(|n| e.tensors.get(*n))
-            .or_else(|| (e.tensors.len() == 1).then(|| e.tensors.values().next()).flatten())
+            .or_else(|| {
+                (e.tensors.len() == 1)
+                    .then(|| e.tensors.values().next())
+                    .flatten()
+            })
             .ok_or_else(|| {
                 Error::input(
                     what,
@@ -499,8 +555,12 @@ impl Qwen2VlModel {
                 "positive integers t, h, w",
             ));
         }
-        let grid = [grid_vals[0] as usize, grid_vals[1] as usize, grid_vals[2] as usize];
-        if grid[1] % m != 0 || grid[2] % m != 0 {
+        let grid = [
+            grid_vals[0] as usize,
+            grid_vals[1] as usize,
+            grid_vals[2] as usize,
+        ];
+        if !grid[1].is_multiple_of(m) || !grid[2].is_multiple_of(m) {
             return Err(Error::input(
                 grid_name,
                 format!("grid {grid:?} has h or w not a multiple of the merge size {m}"),
@@ -519,7 +579,13 @@ impl Qwen2VlModel {
             ));
         }
         let emb = emb.to_device(&self.device)?.to_dtype(self.dtype)?;
-        Ok((emb, ItemGrid { grid_thw: grid, time_interval: 1.0 }))
+        Ok((
+            emb,
+            ItemGrid {
+                grid_thw: grid,
+                time_interval: 1.0,
+            },
+        ))
     }
 
     fn remember(&self, features: &Tensor, grid: ItemGrid) {
@@ -533,7 +599,10 @@ impl Qwen2VlModel {
 
     fn recall(&self, features: &Tensor) -> Option<ItemGrid> {
         let g = self.grids.lock().ok()?;
-        g.iter().rev().find(|(id, _)| *id == features.id()).map(|(_, grid)| *grid)
+        g.iter()
+            .rev()
+            .find(|(id, _)| *id == features.id())
+            .map(|(_, grid)| *grid)
     }
 
     /// Prefill with explicit grids (one per item, in item order): splices, computes M-RoPE
@@ -558,7 +627,11 @@ impl Qwen2VlModel {
     }
 
     /// The M-RoPE position ids of a spliced prompt and its `rope_delta`.
-    pub fn position_ids(&self, prompt: &Spliced, grids: &[ItemGrid]) -> Result<(Vec<[i64; 3]>, i64)> {
+    pub fn position_ids(
+        &self,
+        prompt: &Spliced,
+        grids: &[ItemGrid],
+    ) -> Result<(Vec<[i64; 3]>, i64)> {
         rope_index(
             prompt.ids.len(),
             &prompt.spans,
@@ -606,7 +679,12 @@ impl Model for Qwen2VlModel {
         self.text.forward(embeds, &positions, cache)
     }
 
-    fn prefill(&self, prompt: &Spliced, items: &[EncodedItem], cache: &mut KvCache) -> Result<Tensor> {
+    fn prefill(
+        &self,
+        prompt: &Spliced,
+        items: &[EncodedItem],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let grids = items
             .iter()
             .enumerate()
@@ -637,8 +715,15 @@ mod tests {
     #[test]
     fn rope_index_follows_get_rope_index() {
         // 2 text tokens, an image of grid 1x4x6 (2x3 merged), 1 text token.
-        let spans = [Span { item: 0, start: 2, len: 6 }];
-        let grids = [ItemGrid { grid_thw: [1, 4, 6], time_interval: 1.0 }];
+        let spans = [Span {
+            item: 0,
+            start: 2,
+            len: 6,
+        }];
+        let grids = [ItemGrid {
+            grid_thw: [1, 4, 6],
+            time_interval: 1.0,
+        }];
         let (pos, delta) = rope_index(9, &spans, &grids, 2).unwrap();
         assert_eq!(pos[0], [0, 0, 0]);
         assert_eq!(pos[2], [2, 2, 2]);
@@ -652,8 +737,15 @@ mod tests {
 
     #[test]
     fn rope_index_spaces_video_time() {
-        let spans = [Span { item: 0, start: 0, len: 2 }];
-        let grids = [ItemGrid { grid_thw: [2, 2, 2], time_interval: 2.5 }];
+        let spans = [Span {
+            item: 0,
+            start: 0,
+            len: 2,
+        }];
+        let grids = [ItemGrid {
+            grid_thw: [2, 2, 2],
+            time_interval: 2.5,
+        }];
         let (pos, _) = rope_index(2, &spans, &grids, 2).unwrap();
         assert_eq!(pos, vec![[0, 0, 0], [2, 0, 0]]);
     }

@@ -153,7 +153,10 @@ fn patchify(frames: &[Vec<f32>], height: usize, width: usize, cfg: &ProcessorCon
 fn resized(img: &RgbImage, cfg: &ProcessorConfig) -> Result<RgbImage> {
     let factor = (cfg.patch_size * cfg.merge_size) as u32;
     if !cfg.do_resize {
-        if img.width() % factor != 0 || img.height() % factor != 0 || img.width() == 0 {
+        if !img.width().is_multiple_of(factor)
+            || !img.height().is_multiple_of(factor)
+            || img.width() == 0
+        {
             return Err(Error::input(
                 "image",
                 format!(
@@ -193,9 +196,9 @@ pub fn preprocess_image(img: &RgbImage, cfg: &ProcessorConfig) -> Result<Patches
 /// to the grid of the first, and the count is padded to a multiple of `temporal_patch_size`
 /// by repeating the last frame.
 pub fn preprocess_video(frames: &[RgbImage], cfg: &ProcessorConfig) -> Result<Patches> {
-    let first = frames.first().ok_or_else(|| {
-        Error::input("video", "it has no frames", "at least one decoded frame")
-    })?;
+    let first = frames
+        .first()
+        .ok_or_else(|| Error::input("video", "it has no frames", "at least one decoded frame"))?;
     if let Some((i, f)) = frames
         .iter()
         .enumerate()
@@ -234,7 +237,10 @@ mod tests {
     #[test]
     fn smart_resize_matches_python_rounding() {
         // 42/28 = 1.5 rounds to 2, 70/28 = 2.5 rounds to 2 (half to even), as in Python.
-        assert_eq!(smart_resize(42, 70, 28, 56 * 56, 1 << 30).unwrap(), (56, 56));
+        assert_eq!(
+            smart_resize(42, 70, 28, 56 * 56, 1 << 30).unwrap(),
+            (56, 56)
+        );
         // Too many pixels: floor after scaling by sqrt(h*w/max).
         assert_eq!(smart_resize(333, 517, 28, 3136, 12544).unwrap(), (84, 112));
         // Too few: ceil after scaling up.
@@ -248,10 +254,18 @@ mod tests {
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("aspect ratio"), "{err}");
         assert!(smart_resize(1, 200, 28, 3136, 1 << 20).is_ok());
-        assert_eq!(smart_resize(0, 10, 28, 3136, 1 << 20).unwrap_err().exit_code(), 2);
+        assert_eq!(
+            smart_resize(0, 10, 28, 3136, 1 << 20)
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
         // A tiny image is scaled up to min_pixels, as transformers does, not refused.
         assert_eq!(smart_resize(3, 3, 28, 3136, 1 << 20).unwrap(), (56, 56));
         // With min_pixels 0 it would round to nothing: an input error, not a zero grid.
-        assert_eq!(smart_resize(3, 3, 28, 0, 1 << 20).unwrap_err().exit_code(), 2);
+        assert_eq!(
+            smart_resize(3, 3, 28, 0, 1 << 20).unwrap_err().exit_code(),
+            2
+        );
     }
 }

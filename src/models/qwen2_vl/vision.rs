@@ -147,10 +147,13 @@ impl Block {
             let ks = k.narrow(1, s, len)?;
             let vs = v.narrow(1, s, len)?;
             let att = (qs.matmul(&ks.t()?)? * scale)?;
-            let att = candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+            let att =
+                candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
             outs.push(att.matmul(&vs)?);
         }
-        let o = Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((n, width))?;
+        let o = Tensor::cat(&outs, 1)?
+            .transpose(0, 1)?
+            .reshape((n, width))?;
         let x = (x + self.proj.forward(&o)?)?;
         let h = self.mlp.forward(&self.norm2.forward(&x)?)?;
         x + h
@@ -167,7 +170,10 @@ struct Merger {
 impl Merger {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (n, width) = x.dims2()?;
-        let h = self.ln_q.forward(x)?.reshape((n / self.unit, width * self.unit))?;
+        let h = self
+            .ln_q
+            .forward(x)?
+            .reshape((n / self.unit, width * self.unit))?;
         self.fc2.forward(&self.fc1.forward(&h)?.gelu_erf()?)
     }
 }
@@ -263,7 +269,10 @@ impl VisionTower {
 
     /// Width of one flattened patch row.
     pub fn patch_dim(&self) -> usize {
-        self.cfg.in_channels * self.cfg.temporal_patch_size * self.cfg.patch_size * self.cfg.patch_size
+        self.cfg.in_channels
+            * self.cfg.temporal_patch_size
+            * self.cfg.patch_size
+            * self.cfg.patch_size
     }
 
     /// Encodes `pixel_values` `(sum t*h*w, C*T*P*P)` of the items whose grids are `grids`
@@ -281,7 +290,9 @@ impl VisionTower {
             .into());
         }
         if let Some(g) = grids.iter().find(|g| g[1] % m != 0 || g[2] % m != 0) {
-            return Err(anyhow::anyhow!("grid {g:?} is not a multiple of the merge size {m}").into());
+            return Err(
+                anyhow::anyhow!("grid {g:?} is not a multiple of the merge size {m}").into(),
+            );
         }
         let x = pixel_values
             .to_dtype(self.dtype)?

@@ -1,0 +1,1 @@
+mod qwen2_vl;
