@@ -371,11 +371,14 @@ fn check_generation(
 }
 
 fn run_hf_pixels_case(model_name: &str, case_name: &str) {
-    let model = load(model_name);
+    run_hf_pixels_case_with(&load(model_name), model_name, case_name);
+}
+
+fn run_hf_pixels_case_with(model: &Qwen2VlModel, model_name: &str, case_name: &str) {
     let (want, meta) = case(model_name, case_name);
     let what = format!("{model_name}/{case_name}");
-    let (items, item_grids) = items_from_hf_pixels(&model, model_name, case_name, &meta);
-    let prompt = spliced(&model, &meta, &items);
+    let (items, item_grids) = items_from_hf_pixels(model, model_name, case_name, &meta);
+    let prompt = spliced(model, &meta, &items);
     assert_eq!(
         prompt.ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
         i64s(&want["input_ids"]),
@@ -400,7 +403,7 @@ fn run_hf_pixels_case(model_name: &str, case_name: &str) {
         .prefill_with_grids(&prompt, &encoded, &item_grids, &mut cache)
         .unwrap();
     assert_eq!(cache.rope_delta, delta);
-    check_generation(&model, first, &mut cache, &want, &meta, &what);
+    check_generation(model, first, &mut cache, &want, &meta, &what);
 }
 
 #[test]
@@ -446,6 +449,89 @@ fn qwen2_5_vl_two_images_match_transformers() {
 #[test]
 fn qwen2_5_vl_video_matches_transformers() {
     run_hf_pixels_case(MODELS[1], "video");
+}
+
+/// The same checkpoint as the hub ships Qwen2-VL: flat `config.json` with `rope_scaling`
+/// `{"type": "mrope"}` and `in_chans`, weights named `visual.*` / `model.*`, and a
+/// `preprocessor_config.json` with `min_pixels`/`max_pixels` and no video config.
+fn hub_layout_copy(model_name: &str) -> tempfile::TempDir {
+    let src = fixture(model_name);
+    let dir = tempfile::tempdir().unwrap();
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let renamed: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| {
+            let k = if let Some(r) = k.strip_prefix("model.visual.") {
+                format!("visual.{r}")
+            } else if let Some(r) = k.strip_prefix("model.language_model.") {
+                format!("model.{r}")
+            } else {
+                k
+            };
+            (k, v)
+        })
+        .collect();
+    candle_core::safetensors::save(&renamed, dir.path().join("model.safetensors")).unwrap();
+
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let obj = config.as_object_mut().unwrap();
+    let text = obj.remove("text_config").unwrap();
+    let rope = text["rope_parameters"].clone();
+    for (k, v) in text.as_object().unwrap() {
+        if !["rope_parameters", "model_type"].contains(&k.as_str()) {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
+    obj.insert("rope_theta".into(), rope["rope_theta"].clone());
+    obj.insert(
+        "rope_scaling".into(),
+        serde_json::json!({"type": "mrope", "mrope_section": rope["mrope_section"]}),
+    );
+    let vision = obj
+        .get_mut("vision_config")
+        .unwrap()
+        .as_object_mut()
+        .unwrap();
+    let ch = vision.remove("in_channels").unwrap();
+    vision.insert("in_chans".into(), ch);
+    vision.remove("rope_parameters");
+    if model_name == MODELS[0] {
+        // Qwen2-VL's hub config leaves the vision activation to its default (quick_gelu).
+        vision.remove("hidden_act");
+    }
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+
+    let processor: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("processor_config.json")).unwrap())
+            .unwrap();
+    let mut image = processor["image_processor"].clone();
+    let size = image.as_object_mut().unwrap().remove("size").unwrap();
+    image["min_pixels"] = size["shortest_edge"].clone();
+    image["max_pixels"] = size["longest_edge"].clone();
+    std::fs::write(
+        dir.path().join("preprocessor_config.json"),
+        image.to_string(),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn hub_layout_checkpoints_load_the_same_model() {
+    for m in MODELS {
+        let dir = hub_layout_copy(m);
+        let model = qwen2_vl::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+        let original = qwen2_vl::Processors::load(&fixture(m)).unwrap();
+        assert_eq!(model.processors().image, original.image);
+        // No video config: the image processor's settings apply to video, as in transformers.
+        assert_eq!(
+            model.processors().video.max_pixels,
+            original.image.max_pixels
+        );
+        run_hf_pixels_case_with(&model, m, "two_images");
+    }
 }
 
 // ---------------------------------------------------------------- through the Model trait

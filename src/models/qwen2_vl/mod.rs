@@ -31,11 +31,11 @@ pub const ARCHITECTURES: &[&str] = &[
     "Qwen2_5_VLForConditionalGeneration",
 ];
 
-/// Images per prompt by default: the model cards show multi-image prompts, and vLLM's
-/// multi-image examples for Qwen2-VL allow 5.
-pub const DEFAULT_IMAGE_LIMIT: usize = 5;
-/// Videos per prompt by default (one clip, as in the model cards' video examples).
-pub const DEFAULT_VIDEO_LIMIT: usize = 1;
+/// Images per prompt by default: the Qwen2-VL / Qwen2.5-VL model card's vLLM example serves
+/// with `limit_mm_per_prompt={"image": 10, "video": 10}`.
+pub const DEFAULT_IMAGE_LIMIT: usize = 10;
+/// Videos per prompt by default (same model-card example).
+pub const DEFAULT_VIDEO_LIMIT: usize = 10;
 
 /// What `config.json` alone says: image and video inputs, `<|image_pad|>` / `<|video_pad|>`
 /// placeholders (the chat template writes `<|vision_start|>`/`<|vision_end|>` around them),
