@@ -598,6 +598,35 @@ fn embeds_reproduce_the_image_path() {
     }
 }
 
+fn video_embeds_item(model_name: &str, keep_seconds: bool) -> MediaItem {
+    let path = fixture(model_name).join("expected/embeds_video.safetensors");
+    let mut tensors: BTreeMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
+    if !keep_seconds {
+        tensors.remove("second_per_grid_ts");
+    }
+    MediaItem::Embeds(Embeds {
+        modality: Modality::Video,
+        tensors,
+    })
+}
+
+#[test]
+fn video_embeds_reproduce_the_video_path() {
+    for m in MODELS {
+        run_trait_case(m, "video", vec![video_embeds_item(m, true)]);
+    }
+    // The fixture clip has 1 s per temporal patch, which is also transformers' assumption
+    // when `second_per_grid_ts` is absent.
+    run_trait_case(
+        MODELS[1],
+        "video",
+        vec![video_embeds_item(MODELS[1], false)],
+    );
+}
+
 #[test]
 fn embeds_with_a_leading_batch_dim_are_accepted() {
     let model = load(MODELS[0]);

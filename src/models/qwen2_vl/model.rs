@@ -578,12 +578,36 @@ impl Qwen2VlModel {
                 "t*h*w / merge^2 rows, consistent with the grid",
             ));
         }
+        // Qwen2.5-VL video: without `second_per_grid_ts` transformers assumes 1 s per temporal
+        // patch, so positions step by `tokens_per_second`.
+        let time_interval =
+            if e.modality == Modality::Video && self.cfg.variant == Variant::Qwen25Vl {
+                let seconds = match e.tensors.get("second_per_grid_ts") {
+                    None => 1.0,
+                    Some(t) => {
+                        let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                        match v.as_slice() {
+                            [s] if s.is_finite() && *s >= 0.0 => *s,
+                            _ => {
+                                return Err(Error::input(
+                                    "second_per_grid_ts",
+                                    format!("values {v:?}"),
+                                    "one non-negative number of seconds per temporal patch",
+                                ))
+                            }
+                        }
+                    }
+                };
+                self.cfg.vision.tokens_per_second as f32 * seconds
+            } else {
+                1.0
+            };
         let emb = emb.to_device(&self.device)?.to_dtype(self.dtype)?;
         Ok((
             emb,
             ItemGrid {
                 grid_thw: grid,
-                time_interval: 1.0,
+                time_interval,
             },
         ))
     }

@@ -92,6 +92,9 @@ impl Mlp {
     }
 }
 
+/// Attention scores materialised at once in the vision tower (64M floats = 256 MiB in f32).
+const MAX_SCORE_ELEMS: usize = 64 << 20;
+
 struct Block {
     norm1: Norm,
     norm2: Norm,
@@ -143,13 +146,20 @@ impl Block {
             if len == 0 {
                 continue;
             }
-            let qs = q.narrow(1, s, len)?;
-            let ks = k.narrow(1, s, len)?;
-            let vs = v.narrow(1, s, len)?;
-            let att = (qs.matmul(&ks.t()?)? * scale)?;
-            let att =
-                candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-            outs.push(att.matmul(&vs)?);
+            // A large image's score matrix is len^2 per head: take heads a few at a time.
+            let chunk = (MAX_SCORE_ELEMS / (len * len)).clamp(1, heads);
+            let mut parts = Vec::with_capacity(heads.div_ceil(chunk));
+            for h0 in (0..heads).step_by(chunk) {
+                let hn = chunk.min(heads - h0);
+                let qs = q.narrow(0, h0, hn)?.narrow(1, s, len)?;
+                let ks = k.narrow(0, h0, hn)?.narrow(1, s, len)?;
+                let vs = v.narrow(0, h0, hn)?.narrow(1, s, len)?;
+                let att = (qs.matmul(&ks.t()?)? * scale)?;
+                let att = candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?
+                    .to_dtype(dtype)?;
+                parts.push(att.matmul(&vs)?);
+            }
+            outs.push(Tensor::cat(&parts, 0)?);
         }
         let o = Tensor::cat(&outs, 1)?
             .transpose(0, 1)?
