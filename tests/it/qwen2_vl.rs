@@ -707,3 +707,26 @@ fn defaults_read_config_json_only() {
     let err = qwen2_vl::defaults(&serde_json::json!({"model_type": "llava"})).unwrap_err();
     assert_eq!(err.exit_code(), 2);
 }
+
+#[test]
+fn bf16_weights_run_and_stay_close() {
+    // The dtype plumbing (f32 rotary and softmax around bf16 matmuls) on CPU; bf16 rounding
+    // makes exact parity impossible, so only closeness is checked.
+    for m in MODELS {
+        let model = qwen2_vl::load(&fixture(m), &Device::Cpu, DType::BF16).unwrap();
+        let (want, meta) = case(m, "two_images");
+        let (items, item_grids) = items_from_hf_pixels(&model, m, "two_images", &meta);
+        let prompt = spliced(&model, &meta, &items);
+        let encoded: Vec<EncodedItem> = items.into_iter().map(|(_, it)| it).collect();
+        assert_eq!(encoded[0].features.dtype(), DType::BF16);
+        let mut cache = model.new_cache(prompt.ids.len() + 4).unwrap();
+        let first = model
+            .prefill_with_grids(&prompt, &encoded, &item_grids, &mut cache)
+            .unwrap();
+        let err = rel_err(&first, &want["logits"]);
+        eprintln!("{m}: bf16 first-step logits rel err {err:.3e}");
+        assert!(err < 0.1, "{m}: bf16 logits rel err {err}");
+        let next = model.decode(argmax(&first), &mut cache).unwrap();
+        assert_eq!(next.dtype(), DType::F32);
+    }
+}
