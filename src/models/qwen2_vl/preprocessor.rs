@@ -45,7 +45,18 @@ pub fn smart_resize(
     min_pixels: u64,
     max_pixels: u64,
 ) -> Result<(u32, u32)> {
-    let what = "image";
+    smart_resize_named("image", height, width, factor, min_pixels, max_pixels)
+}
+
+/// [`smart_resize`] whose errors name `what` (`image` or `video`).
+fn smart_resize_named(
+    what: &str,
+    height: u32,
+    width: u32,
+    factor: u32,
+    min_pixels: u64,
+    max_pixels: u64,
+) -> Result<(u32, u32)> {
     if height == 0 || width == 0 {
         return Err(Error::input(
             what,
@@ -150,7 +161,7 @@ fn patchify(frames: &[Vec<f32>], height: usize, width: usize, cfg: &ProcessorCon
 
 /// Resizes one frame to the grid `smart_resize` picks (or checks it already fits when the
 /// config disables resizing).
-fn resized(img: &RgbImage, cfg: &ProcessorConfig) -> Result<RgbImage> {
+fn resized(what: &str, img: &RgbImage, cfg: &ProcessorConfig) -> Result<RgbImage> {
     let factor = (cfg.patch_size * cfg.merge_size) as u32;
     if !cfg.do_resize {
         if !img.width().is_multiple_of(factor)
@@ -158,7 +169,7 @@ fn resized(img: &RgbImage, cfg: &ProcessorConfig) -> Result<RgbImage> {
             || img.width() == 0
         {
             return Err(Error::input(
-                "image",
+                what,
                 format!(
                     "size {}x{} is not a multiple of {factor} and resizing is disabled",
                     img.width(),
@@ -169,7 +180,8 @@ fn resized(img: &RgbImage, cfg: &ProcessorConfig) -> Result<RgbImage> {
         }
         return Ok(img.clone());
     }
-    let (h, w) = smart_resize(
+    let (h, w) = smart_resize_named(
+        what,
         img.height(),
         img.width(),
         factor,
@@ -181,7 +193,7 @@ fn resized(img: &RgbImage, cfg: &ProcessorConfig) -> Result<RgbImage> {
 
 /// `Qwen2VLImageProcessorPil` on one image: grid `[1, h, w]`.
 pub fn preprocess_image(img: &RgbImage, cfg: &ProcessorConfig) -> Result<Patches> {
-    let img = resized(img, cfg)?;
+    let img = resized("image", img, cfg)?;
     let frame = normalize(&img, cfg, false);
     let frames = vec![frame; cfg.temporal_patch_size];
     Ok(patchify(
@@ -219,7 +231,7 @@ pub fn preprocess_video(frames: &[RgbImage], cfg: &ProcessorConfig) -> Result<Pa
     let mut planes = Vec::with_capacity(frames.len() + cfg.temporal_patch_size);
     let mut size = (0, 0);
     for f in frames {
-        let r = resized(f, cfg)?;
+        let r = resized("video", f, cfg)?;
         size = (r.height() as usize, r.width() as usize);
         planes.push(normalize(&r, cfg, true));
     }
