@@ -730,3 +730,55 @@ fn bf16_weights_run_and_stay_close() {
         assert_eq!(next.dtype(), DType::F32);
     }
 }
+
+#[test]
+fn video_resize_matches_torchvision_exactly() {
+    // transformers' video processors resize with torchvision (uint8 bicubic, antialias), which
+    // differs from PIL by 1 on some pixels: the references are torchvision's own output.
+    let dir = root().join("tests/data/qwen_tv_resize");
+    let mut checked = 0;
+    for i in 0.. {
+        let input = dir.join(format!("in_{i}.png"));
+        if !input.exists() {
+            break;
+        }
+        let input = png(&input);
+        let want = png(&dir.join(format!("out_{i}.png")));
+        let ours = qwen2_vl::tv_resize::resize_bicubic(&input, want.width(), want.height());
+        let diff = ours
+            .as_raw()
+            .iter()
+            .zip(want.as_raw())
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            diff,
+            0,
+            "{}x{} -> {}x{}: {diff} bytes differ",
+            input.width(),
+            input.height(),
+            want.width(),
+            want.height()
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 5);
+}
+
+#[test]
+fn odd_size_video_frames_are_resized_like_transformers() {
+    // The processor's output for odd-size frames is its normalization of torchvision's resize
+    // (checked when the fixtures were made); here the whole path must equal that.
+    let cfg = qwen2_vl::Processors::load(&fixture("qwen2-vl-tiny"))
+        .unwrap()
+        .video;
+    let dir = root().join("tests/data/qwen_tv_resize");
+    for i in 0..5 {
+        let input = png(&dir.join(format!("in_{i}.png")));
+        let want = png(&dir.join(format!("out_{i}.png")));
+        let ours = preprocess_video(&[input.clone(), input], &cfg).unwrap();
+        let theirs = preprocess_video(&[want.clone(), want], &cfg).unwrap();
+        assert_eq!(ours.grid_thw, theirs.grid_thw);
+        assert_eq!(ours.pixel_values, theirs.pixel_values, "frame set {i}");
+    }
+}

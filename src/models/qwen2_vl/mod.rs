@@ -1,7 +1,8 @@
 //! Qwen2-VL and Qwen2.5-VL (`model_type` `qwen2_vl`, `qwen2_5_vl`): images, several per prompt,
 //! videos (native clips or frames), and precomputed image embeds with their `image_grid_thw`.
-//! `config` parses the checkpoint, `preprocessor` reproduces transformers' image/video processors,
-//! `vision` is the vision tower and `model` the M-RoPE language model and the [`Model`] impl.
+//! `config` parses the checkpoint, `preprocessor` reproduces transformers' image/video processors
+//! (`tv_resize`: the torchvision resize its video processor uses), `vision` is the vision tower
+//! and `model` the M-RoPE language model and the [`Model`] impl.
 //!
 //! [`Model`]: crate::models::Model
 
@@ -10,6 +11,7 @@ pub mod model;
 pub mod preprocessor;
 // TEMPORARY: replaced by `crate::models::common::resize` at integration.
 mod resize_stub;
+pub mod tv_resize;
 pub mod vision;
 
 use std::collections::BTreeMap;

@@ -1,6 +1,7 @@
 //! Qwen2-VL image and video preprocessing, identical to transformers' `Qwen2VLImageProcessorPil`
 //! and `Qwen2VLVideoProcessor`: `smart_resize` to a multiple of `patch * merge` within
-//! `[min_pixels, max_pixels]`, bicubic resize, rescale + normalize, temporal grouping (an image is
+//! `[min_pixels, max_pixels]`, bicubic resize (PIL for images, torchvision for video frames),
+//! rescale + normalize, temporal grouping (an image is
 //! repeated `temporal_patch_size` times; a clip is padded with its last frame), and patches
 //! flattened as `(t, h/m, w/m, m, m)` rows of `(C, T, P, P)` values.
 
@@ -9,8 +10,11 @@ use candle_core::{Device, Tensor};
 use super::config::ProcessorConfig;
 // TEMPORARY: switch to `crate::models::common::resize::{resize, Filter}` once it lands.
 use super::resize_stub::{resize, Filter};
+use super::tv_resize;
 use crate::error::{Error, Result};
 use crate::media::RgbImage;
+
+const VIDEO: &str = "video";
 
 /// Patches of one image or video and its `(t, h, w)` grid in patches.
 #[derive(Debug, Clone)]
@@ -160,7 +164,8 @@ fn patchify(frames: &[Vec<f32>], height: usize, width: usize, cfg: &ProcessorCon
 }
 
 /// Resizes one frame to the grid `smart_resize` picks (or checks it already fits when the
-/// config disables resizing).
+/// config disables resizing). Images resize as PIL does (the image processor); video frames as
+/// torchvision does (the video processor).
 fn resized(what: &str, img: &RgbImage, cfg: &ProcessorConfig) -> Result<RgbImage> {
     let factor = (cfg.patch_size * cfg.merge_size) as u32;
     if !cfg.do_resize {
@@ -188,7 +193,11 @@ fn resized(what: &str, img: &RgbImage, cfg: &ProcessorConfig) -> Result<RgbImage
         cfg.min_pixels,
         cfg.max_pixels,
     )?;
-    Ok(resize(img, w, h, Filter::Bicubic))
+    Ok(if what == VIDEO {
+        tv_resize::resize_bicubic(img, w, h)
+    } else {
+        resize(img, w, h, Filter::Bicubic)
+    })
 }
 
 /// `Qwen2VLImageProcessorPil` on one image: grid `[1, h, w]`.
@@ -231,7 +240,7 @@ pub fn preprocess_video(frames: &[RgbImage], cfg: &ProcessorConfig) -> Result<Pa
     let mut planes = Vec::with_capacity(frames.len() + cfg.temporal_patch_size);
     let mut size = (0, 0);
     for f in frames {
-        let r = resized("video", f, cfg)?;
+        let r = resized(VIDEO, f, cfg)?;
         size = (r.height() as usize, r.width() as usize);
         planes.push(normalize(&r, cfg, true));
     }
