@@ -782,3 +782,45 @@ fn odd_size_video_frames_are_resized_like_transformers() {
         assert_eq!(ours.pixel_values, theirs.pixel_values, "frame set {i}");
     }
 }
+
+#[test]
+fn frames_of_different_sizes_are_an_input_error() {
+    let cfg = qwen2_vl::Processors::load(&fixture("qwen2-vl-tiny"))
+        .unwrap()
+        .video;
+    let f = frames();
+    let err = preprocess_video(&[f[0].clone(), RgbImage::new(60, 56)], &cfg).unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("frame 1 is 60x56"), "{err}");
+    assert_eq!(preprocess_video(&[], &cfg).unwrap_err().exit_code(), 2);
+}
+
+#[test]
+fn prefill_refuses_items_it_did_not_encode() {
+    // M-RoPE needs each item's grid; features from elsewhere carry none.
+    let model = load(MODELS[0]);
+    let features = Tensor::zeros((12, 64), DType::F32, &Device::Cpu).unwrap();
+    let item = EncodedItem {
+        expansion: Expansion {
+            before: vec![],
+            slot_token: model.config().image_token_id,
+            slots: 12,
+            after: vec![],
+        },
+        features,
+    };
+    let prompt = Spliced {
+        ids: vec![model.config().image_token_id; 12],
+        spans: vec![mmllm::prompt::Span {
+            item: 0,
+            start: 0,
+            len: 12,
+        }],
+    };
+    let mut cache = model.new_cache(16).unwrap();
+    let err = model.prefill(&prompt, &[item], &mut cache).unwrap_err();
+    assert!(
+        err.to_string().contains("not encoded by this model"),
+        "{err}"
+    );
+}

@@ -1,9 +1,9 @@
 //! Qwen2-VL image and video preprocessing, identical to transformers' `Qwen2VLImageProcessorPil`
 //! and `Qwen2VLVideoProcessor`: `smart_resize` to a multiple of `patch * merge` within
 //! `[min_pixels, max_pixels]`, bicubic resize (PIL for images, torchvision for video frames),
-//! rescale + normalize, temporal grouping (an image is
-//! repeated `temporal_patch_size` times; a clip is padded with its last frame), and patches
-//! flattened as `(t, h/m, w/m, m, m)` rows of `(C, T, P, P)` values.
+//! rescale + normalize, temporal grouping (an image is repeated `temporal_patch_size` times; a
+//! clip is padded with its last frame), and patches flattened as `(t, h/m, w/m, m, m)` rows of
+//! `(C, T, P, P)` values.
 
 use candle_core::{Device, Tensor};
 
