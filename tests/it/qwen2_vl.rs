@@ -824,3 +824,31 @@ fn prefill_refuses_items_it_did_not_encode() {
         "{err}"
     );
 }
+
+#[test]
+fn per_frame_pixel_cap_matches_transformers() {
+    let cases: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("qwen2-vl-tiny").join("expected/video_cap.json")).unwrap(),
+    )
+    .unwrap();
+    let base = qwen2_vl::Processors::load(&fixture("qwen2-vl-tiny"))
+        .unwrap()
+        .video;
+    let frame = png(&root().join("tests/data/qwen_tv_resize/in_4.png"));
+    for c in cases.as_array().unwrap() {
+        let n = c["frames"].as_u64().unwrap() as usize;
+        let cfg = ProcessorConfig {
+            cap_pixels_per_frame: true,
+            max_video_tokens: c["max_video_tokens"].as_u64().unwrap(),
+            ..base.clone()
+        };
+        let p = preprocess_video(&vec![frame.clone(); n], &cfg).unwrap();
+        let want: Vec<usize> = c["grid"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(p.grid_thw.to_vec(), want, "{c}");
+    }
+}

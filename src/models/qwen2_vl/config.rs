@@ -317,6 +317,9 @@ pub struct ProcessorConfig {
     pub do_resize: bool,
     pub do_rescale: bool,
     pub do_normalize: bool,
+    /// Video only: also cap each frame's pixels to an even share of `max_video_tokens`.
+    pub cap_pixels_per_frame: bool,
+    pub max_video_tokens: u64,
 }
 
 // OpenAI CLIP's statistics, written as transformers writes them (rounded to f32 here).
@@ -340,6 +343,8 @@ impl ProcessorConfig {
             do_resize: true,
             do_rescale: true,
             do_normalize: true,
+            cap_pixels_per_frame: false,
+            max_video_tokens: 128_000,
         }
     }
 
@@ -412,10 +417,14 @@ impl ProcessorConfig {
         if let Some(x) = v.get("rescale_factor").filter(|x| !x.is_null()) {
             self.rescale_factor = x.as_f64().ok_or_else(|| bad("rescale_factor"))?;
         }
+        if let Some(n) = uint("max_video_tokens", v)? {
+            self.max_video_tokens = n;
+        }
         for (key, dst) in [
             ("do_resize", &mut self.do_resize),
             ("do_rescale", &mut self.do_rescale),
             ("do_normalize", &mut self.do_normalize),
+            ("cap_pixels_per_frame", &mut self.cap_pixels_per_frame),
         ] {
             if let Some(x) = v.get(key).filter(|x| !x.is_null()) {
                 *dst = x.as_bool().ok_or_else(|| bad(key))?;

@@ -237,6 +237,22 @@ pub fn preprocess_video(frames: &[RgbImage], cfg: &ProcessorConfig) -> Result<Pa
             "frames of one size",
         ));
     }
+    let capped;
+    let cfg = if cfg.cap_pixels_per_frame {
+        // transformers' `cap_pixels_per_frame`: each frame gets an even share of 90% of
+        // `max_video_tokens` tokens' pixels, but never less than 1.05 * min_pixels.
+        let factor = (cfg.patch_size * cfg.merge_size) as u64;
+        let total = ((cfg.max_video_tokens * factor * factor) as f64 * 0.9) as u64;
+        let share = total * cfg.temporal_patch_size as u64 / frames.len() as u64;
+        let floor = (cfg.min_pixels as f64 * 1.05) as u64;
+        capped = ProcessorConfig {
+            max_pixels: cfg.max_pixels.min(share).max(floor),
+            ..cfg.clone()
+        };
+        &capped
+    } else {
+        cfg
+    };
     let mut planes = Vec::with_capacity(frames.len() + cfg.temporal_patch_size);
     let mut size = (0, 0);
     for f in frames {
