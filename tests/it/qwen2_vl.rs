@@ -452,7 +452,7 @@ fn qwen2_5_vl_video_matches_transformers() {
 }
 
 /// The same checkpoint as the hub ships Qwen2-VL: flat `config.json` with `rope_scaling`
-/// `{"type": "mrope"}` and `in_chans`, weights named `visual.*` / `model.*`, and a
+/// `{"type": "mrope"}` and `in_chans`, weights named `visual.*` / `model.*` in two shards, and a
 /// `preprocessor_config.json` with `min_pixels`/`max_pixels` and no video config.
 fn hub_layout_copy(model_name: &str) -> tempfile::TempDir {
     let src = fixture(model_name);
@@ -472,7 +472,31 @@ fn hub_layout_copy(model_name: &str) -> tempfile::TempDir {
             (k, v)
         })
         .collect();
-    candle_core::safetensors::save(&renamed, dir.path().join("model.safetensors")).unwrap();
+    // Sharded in two, with the index the hub ships.
+    let (mut a, mut b) = (HashMap::new(), HashMap::new());
+    let mut weight_map = serde_json::Map::new();
+    for (k, v) in renamed {
+        let shard = if k.starts_with("visual.") {
+            "model-00001-of-00002.safetensors"
+        } else {
+            "model-00002-of-00002.safetensors"
+        };
+        weight_map.insert(k.clone(), Value::from(shard));
+        if k.starts_with("visual.") {
+            a.insert(k, v);
+        } else {
+            b.insert(k, v);
+        }
+    }
+    candle_core::safetensors::save(&a, dir.path().join("model-00001-of-00002.safetensors"))
+        .unwrap();
+    candle_core::safetensors::save(&b, dir.path().join("model-00002-of-00002.safetensors"))
+        .unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
 
     let mut config: Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();

@@ -343,18 +343,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Qwen2VlModel> {
     })?;
     let cfg = Qwen2VlConfig::from_value(&config)?;
     let processors = Processors::load(dir)?;
-    let mut files: Vec<_> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(Error::input(
-            dir.display().to_string(),
-            "no *.safetensors weights",
-            "a model directory with safetensors weights",
-        ));
-    }
+    let files = weight_files(dir)?;
     // SAFETY: the weight files are memory-mapped read-only and must not change while loaded,
     // as with every safetensors loader.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
@@ -380,6 +369,59 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Qwen2VlModel> {
         dtype,
         device: device.clone(),
     })
+}
+
+/// The checkpoint's safetensors files: those named by `model.safetensors.index.json` when
+/// sharded, else `model.safetensors`, else every `*.safetensors` in the directory.
+fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::input(index.display().to_string(), e.to_string(), "valid JSON"))?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| {
+                Error::input(
+                    index.display().to_string(),
+                    "no `weight_map` object",
+                    "a safetensors index with a weight_map",
+                )
+            })?;
+        let mut files: Vec<_> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        if let Some(missing) = files.iter().find(|f| !f.exists()) {
+            return Err(Error::input(
+                missing.display().to_string(),
+                "listed in model.safetensors.index.json but absent",
+                "every shard of the checkpoint",
+            ));
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::input(
+            dir.display().to_string(),
+            "no *.safetensors weights",
+            "a model directory with safetensors weights",
+        ));
+    }
+    Ok(files)
 }
 
 impl Qwen2VlModel {
@@ -428,6 +470,13 @@ impl Qwen2VlModel {
                     },
                     self.cfg.video_token_id,
                 )
+            }
+            MediaItem::Embeds(e) if e.modality == Modality::Audio => {
+                return Err(Error::input(
+                    "audio embeds",
+                    format!("{} does not accept audio", self.cfg.variant.family_name()),
+                    "image or video embeds",
+                ))
             }
             MediaItem::Embeds(e) => {
                 let (f, grid) = self.check_embeds(e)?;
