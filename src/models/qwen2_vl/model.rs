@@ -3,7 +3,7 @@
 //! 3-row position ids of a spliced prompt exactly as transformers' `get_rope_index`, and keeps
 //! the resulting offset in [`KvCache::rope_delta`] for decoding.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -314,13 +314,21 @@ pub struct Qwen2VlModel {
     info: ModelInfo,
     /// Grids of recently encoded items, keyed by their feature tensor: [`EncodedItem`] carries
     /// no family data, and M-RoPE needs each item's grid at prefill.
-    grids: Mutex<VecDeque<(TensorId, ItemGrid)>>,
+    grids: Mutex<GridMemory>,
     dtype: DType,
     device: Device,
 }
 
-/// How many encoded items' grids are remembered between `encode` and `prefill`.
-const GRID_MEMORY: usize = 1024;
+/// How many encoded items' grids are remembered between `encode` and `prefill`: far more than
+/// can wait at once (their features would fill memory long before), a few MiB at most.
+const GRID_MEMORY: usize = 1 << 16;
+
+/// Grids by feature tensor, oldest evicted first.
+#[derive(Default)]
+struct GridMemory {
+    by_id: HashMap<TensorId, ItemGrid>,
+    order: VecDeque<TensorId>,
+}
 
 /// Loads a Qwen2-VL / Qwen2.5-VL model directory (`config.json`, `*.safetensors`, processor
 /// configs). Accepts both the hub's weight names (`visual.*`, `model.*`) and transformers 5's
@@ -365,7 +373,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Qwen2VlModel> {
         vision,
         text: text_model,
         info,
-        grids: Mutex::new(VecDeque::new()),
+        grids: Mutex::new(GridMemory::default()),
         dtype,
         device: device.clone(),
     })
@@ -663,19 +671,20 @@ impl Qwen2VlModel {
 
     fn remember(&self, features: &Tensor, grid: ItemGrid) {
         if let Ok(mut g) = self.grids.lock() {
-            if g.len() >= GRID_MEMORY {
-                g.pop_front();
+            if g.order.len() >= GRID_MEMORY {
+                if let Some(old) = g.order.pop_front() {
+                    g.by_id.remove(&old);
+                }
             }
-            g.push_back((features.id(), grid));
+            if g.by_id.insert(features.id(), grid).is_none() {
+                g.order.push_back(features.id());
+            }
         }
     }
 
     fn recall(&self, features: &Tensor) -> Option<ItemGrid> {
         let g = self.grids.lock().ok()?;
-        g.iter()
-            .rev()
-            .find(|(id, _)| *id == features.id())
-            .map(|(_, grid)| *grid)
+        g.by_id.get(&features.id()).copied()
     }
 
     /// Prefill with explicit grids (one per item, in item order): splices, computes M-RoPE
