@@ -179,6 +179,17 @@ impl Qwen2VlConfig {
                 .or(f64_at(config, "rope_theta")?)
                 .unwrap_or(1_000_000.0),
         };
+        if let Some(kind) = rope.and_then(|r| {
+            r.get("rope_type")
+                .or_else(|| r.get("type"))
+                .and_then(Value::as_str)
+        }) {
+            if !matches!(kind, "default" | "mrope") {
+                return Err(bad(format!(
+                    "rope type `{kind}` is not supported (only plain M-RoPE)"
+                )));
+            }
+        }
         let mrope_section = rope
             .map(|r| usize_list(r, "mrope_section"))
             .transpose()?
