@@ -1,0 +1,834 @@
+//! The Qwen2 language model with multimodal rotary positions (M-RoPE), and [`Qwen2VlModel`], the
+//! family's [`Model`]: it encodes images, videos and precomputed image embeds, computes the
+//! 3-row position ids of a spliced prompt exactly as transformers' `get_rope_index`, and keeps
+//! the resulting offset in [`KvCache::rope_delta`] for decoding.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Module, Tensor, TensorId};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use serde_json::Value;
+
+use super::config::{Processors, Qwen2VlConfig, TextConfig, Variant};
+use super::preprocessor::{preprocess_image, preprocess_video, Patches};
+use super::vision::{inv_freq, rotate_half, Act, VisionTower};
+use crate::engine::kv::KvCache;
+use crate::error::{Error, Result};
+use crate::media::{Embeds, MediaItem, Modality, Video};
+use crate::models::{splice_embeddings, EncodedItem, Expansion, Model, ModelInfo, Spliced};
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+}
+
+struct Layer {
+    attn: Attention,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    act: Act,
+    input_norm: RmsNorm,
+    post_norm: RmsNorm,
+}
+
+/// Qwen2 decoder (q/k/v biases, GQA, RMSNorm, SwiGLU) driven by explicit 3-row positions.
+pub struct TextModel {
+    cfg: TextConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    inv_freq: Vec<f32>,
+    dtype: DType,
+    device: Device,
+}
+
+impl TextModel {
+    fn load(cfg: &TextConfig, vb: VarBuilder, lm_head: VarBuilder) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let embed = candle_nn::embedding(cfg.vocab_size, h, vb.pp("embed_tokens"))?;
+        let act = Act::from_name(&cfg.hidden_act)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = vb.pp(format!("layers.{i}"));
+            let a = l.pp("self_attn");
+            let m = l.pp("mlp");
+            layers.push(Layer {
+                attn: Attention {
+                    q: candle_nn::linear(h, cfg.num_attention_heads * hd, a.pp("q_proj"))?,
+                    k: candle_nn::linear(h, cfg.num_key_value_heads * hd, a.pp("k_proj"))?,
+                    v: candle_nn::linear(h, cfg.num_key_value_heads * hd, a.pp("v_proj"))?,
+                    o: candle_nn::linear_no_bias(cfg.num_attention_heads * hd, h, a.pp("o_proj"))?,
+                },
+                gate: candle_nn::linear_no_bias(h, cfg.intermediate_size, m.pp("gate_proj"))?,
+                up: candle_nn::linear_no_bias(h, cfg.intermediate_size, m.pp("up_proj"))?,
+                down: candle_nn::linear_no_bias(cfg.intermediate_size, h, m.pp("down_proj"))?,
+                act,
+                input_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
+                post_norm: candle_nn::rms_norm(
+                    h,
+                    cfg.rms_norm_eps,
+                    l.pp("post_attention_layernorm"),
+                )?,
+            });
+        }
+        let norm = candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("norm"))?;
+        let lm_head = if lm_head.contains_tensor("weight") {
+            candle_nn::linear_no_bias(h, cfg.vocab_size, lm_head)?
+        } else {
+            // Tied (Qwen2-VL-2B): the output projection is the embedding matrix.
+            Linear::new(embed.embeddings().clone(), None)
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq: inv_freq(cfg.rope_theta, hd),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
+        let vocab = self.cfg.vocab_size as u32;
+        if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
+            return Err(
+                anyhow::anyhow!("token id {bad} is outside the vocabulary of {vocab}").into(),
+            );
+        }
+        let t = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        Ok(self.embed.forward(&t)?)
+    }
+
+    /// `(cos, sin)` of shape `(seq, head_dim)`: frequency `j < head_dim/2` rotates by the
+    /// position row its `mrope_section` assigns (temporal, height, width), duplicated for the
+    /// second half as `rotate_half` expects.
+    fn rope(&self, positions: &[[i64; 3]]) -> Result<(Tensor, Tensor)> {
+        let half = self.cfg.head_dim / 2;
+        let mut row_of = Vec::with_capacity(half);
+        for (i, &n) in self.cfg.mrope_section.iter().enumerate() {
+            row_of.extend(std::iter::repeat_n(i % 3, n));
+        }
+        let mut cos = Vec::with_capacity(positions.len() * 2 * half);
+        let mut sin = Vec::with_capacity(positions.len() * 2 * half);
+        for p in positions {
+            let angles: Vec<f32> = (0..half)
+                .map(|j| p[row_of[j]] as f32 * self.inv_freq[j])
+                .collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        let shape = (positions.len(), 2 * half);
+        let cos = Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Runs `embeds` `(seq, hidden)` at `positions` after what `cache` holds; returns the last
+    /// position's logits `(vocab,)` as float32.
+    fn forward(
+        &self,
+        embeds: &Tensor,
+        positions: &[[i64; 3]],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (seq, _) = embeds.dims2()?;
+        if seq != positions.len() {
+            return Err(
+                anyhow::anyhow!("{seq} embeddings for {} positions", positions.len()).into(),
+            );
+        }
+        if seq == 0 {
+            return Err(anyhow::anyhow!("empty prompt").into());
+        }
+        let past = cache.len();
+        let (heads, kv_heads, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let (cos, sin) = self.rope(positions)?;
+        let cos = cos.reshape((1, 1, seq, hd))?;
+        let sin = sin.reshape((1, 1, seq, hd))?;
+        let mask = if seq > 1 {
+            // Query i (at past + i) sees keys 0..=past + i.
+            let total = past + seq;
+            let m: Vec<f32> = (0..seq)
+                .flat_map(|i| {
+                    (0..total).map(move |j| {
+                        if j <= past + i {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect();
+            Some(Tensor::from_vec(m, (1, 1, seq, total), &self.device)?)
+        } else {
+            None
+        };
+        let scale = (hd as f64).powf(-0.5);
+        let mut x = embeds.to_dtype(self.dtype)?.unsqueeze(0)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(&x)?;
+            let q = layer.attn.q.forward(&h)?;
+            let k = layer.attn.k.forward(&h)?;
+            let v = layer.attn.v.forward(&h)?;
+            let q = q
+                .reshape((1, seq, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = k
+                .reshape((1, seq, kv_heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = v
+                .reshape((1, seq, kv_heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
+            let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
+            let (k, v) = cache.append(li, &k, &v)?;
+            let total = k.dim(2)?;
+            let groups = heads / kv_heads;
+            // repeat_kv: head h reads kv head h / groups.
+            let k = k
+                .unsqueeze(2)?
+                .expand((1, kv_heads, groups, total, hd))?
+                .reshape((1, heads, total, hd))?;
+            let v = v
+                .unsqueeze(2)?
+                .expand((1, kv_heads, groups, total, hd))?
+                .reshape((1, heads, total, hd))?;
+            let mut att = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+            if let Some(m) = &mask {
+                att = att.broadcast_add(m)?;
+            }
+            let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(self.dtype)?;
+            let o = att
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((1, seq, heads * hd))?;
+            x = (x + layer.attn.o.forward(&o)?)?;
+            let h = layer.post_norm.forward(&x)?;
+            let h = layer
+                .down
+                .forward(&(layer.act.apply(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?)?;
+            x = (x + h)?;
+        }
+        cache.advance(seq);
+        let last = x.narrow(1, seq - 1, 1)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
+    }
+}
+
+/// What M-RoPE needs to know about an encoded item: its patch grid and the spacing of its
+/// temporal positions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ItemGrid {
+    /// `(t, h, w)` in patches (before merging).
+    pub grid_thw: [usize; 3],
+    /// Temporal position step per temporal patch: 1 for images and Qwen2-VL video;
+    /// `tokens_per_second * temporal_patch_size / fps` for Qwen2.5-VL video.
+    pub time_interval: f32,
+}
+
+/// transformers' `get_rope_index` over a spliced prompt: text tokens advance all three rows
+/// together; item `span.item`'s tokens get `(start + t*interval, start + y, start + x)` over its
+/// merged grid, after which the text position resumes at `start + max(h, w) / merge`.
+/// Returns the positions and `rope_delta = max position + 1 - len`.
+pub fn rope_index(
+    ids_len: usize,
+    spans: &[crate::models::Span],
+    grids: &[ItemGrid],
+    merge: usize,
+) -> Result<(Vec<[i64; 3]>, i64)> {
+    let mut spans: Vec<_> = spans.to_vec();
+    spans.sort_by_key(|s| s.start);
+    let mut out = Vec::with_capacity(ids_len);
+    let mut at = 0usize;
+    let mut pos: i64 = 0;
+    for span in &spans {
+        if span.start < at || span.start + span.len > ids_len {
+            return Err(anyhow::anyhow!("media spans overlap or run past the prompt").into());
+        }
+        for _ in at..span.start {
+            out.push([pos; 3]);
+            pos += 1;
+        }
+        let g = grids.get(span.item).ok_or_else(|| {
+            anyhow::anyhow!("no grid for media item {} of the prompt", span.item + 1)
+        })?;
+        let [t, h, w] = g.grid_thw;
+        let (lh, lw) = (h / merge, w / merge);
+        if t * lh * lw != span.len {
+            return Err(anyhow::anyhow!(
+                "media item {} has a {t}x{h}x{w} grid ({} tokens) but {} prompt slots",
+                span.item + 1,
+                t * lh * lw,
+                span.len
+            )
+            .into());
+        }
+        for ti in 0..t {
+            // float32 product truncated toward zero, as `(arange(t) * interval).long()`.
+            let tp = (ti as f32 * g.time_interval) as i64 + pos;
+            for y in 0..lh {
+                for x in 0..lw {
+                    out.push([tp, pos + y as i64, pos + x as i64]);
+                }
+            }
+        }
+        pos += lh.max(lw) as i64;
+        at = span.start + span.len;
+    }
+    for _ in at..ids_len {
+        out.push([pos; 3]);
+        pos += 1;
+    }
+    let max = out
+        .iter()
+        .flat_map(|p| p.iter().copied())
+        .max()
+        .unwrap_or(-1);
+    Ok((out, max + 1 - ids_len as i64))
+}
+
+/// A loaded Qwen2-VL or Qwen2.5-VL checkpoint.
+pub struct Qwen2VlModel {
+    cfg: Qwen2VlConfig,
+    processors: Processors,
+    vision: VisionTower,
+    text: TextModel,
+    info: ModelInfo,
+    /// Grids of recently encoded items, keyed by their feature tensor: [`EncodedItem`] carries
+    /// no family data, and M-RoPE needs each item's grid at prefill.
+    grids: Mutex<GridMemory>,
+    dtype: DType,
+    device: Device,
+}
+
+/// How many encoded items' grids are remembered between `encode` and `prefill`: far more than
+/// can wait at once (their features would fill memory long before), a few MiB at most.
+const GRID_MEMORY: usize = 1 << 16;
+
+/// Grids by feature tensor, oldest evicted first.
+#[derive(Default)]
+struct GridMemory {
+    by_id: HashMap<TensorId, ItemGrid>,
+    order: VecDeque<TensorId>,
+}
+
+/// Loads a Qwen2-VL / Qwen2.5-VL model directory (`config.json`, `*.safetensors`, processor
+/// configs). Accepts both the hub's weight names (`visual.*`, `model.*`) and transformers 5's
+/// (`model.visual.*`, `model.language_model.*`).
+pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Qwen2VlModel> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| {
+        Error::input(
+            config_path.display().to_string(),
+            e.to_string(),
+            "a readable config.json",
+        )
+    })?;
+    let config: Value = serde_json::from_str(&text).map_err(|e| {
+        Error::input(
+            config_path.display().to_string(),
+            e.to_string(),
+            "valid JSON",
+        )
+    })?;
+    let cfg = Qwen2VlConfig::from_value(&config)?;
+    let processors = Processors::load(dir)?;
+    let files = weight_files(dir)?;
+    // SAFETY: the weight files are memory-mapped read-only and must not change while loaded,
+    // as with every safetensors loader.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+    let (visual, lm) = if vb.contains_tensor("model.language_model.embed_tokens.weight") {
+        (vb.pp("model.visual"), vb.pp("model.language_model"))
+    } else {
+        (vb.pp("visual"), vb.pp("model"))
+    };
+    let vision = VisionTower::load(&cfg.vision, cfg.variant, visual)?;
+    let text_model = TextModel::load(&cfg.text, lm, vb.pp("lm_head"))?;
+    let info = ModelInfo {
+        hidden_size: cfg.text.hidden_size,
+        vocab_size: cfg.text.vocab_size,
+        max_positions: cfg.text.max_position_embeddings,
+    };
+    Ok(Qwen2VlModel {
+        cfg,
+        processors,
+        vision,
+        text: text_model,
+        info,
+        grids: Mutex::new(GridMemory::default()),
+        dtype,
+        device: device.clone(),
+    })
+}
+
+/// The checkpoint's safetensors files: those named by `model.safetensors.index.json` when
+/// sharded, else `model.safetensors`, else every `*.safetensors` in the directory.
+fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::input(index.display().to_string(), e.to_string(), "valid JSON"))?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| {
+                Error::input(
+                    index.display().to_string(),
+                    "no `weight_map` object",
+                    "a safetensors index with a weight_map",
+                )
+            })?;
+        let mut files: Vec<_> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        if let Some(missing) = files.iter().find(|f| !f.exists()) {
+            return Err(Error::input(
+                missing.display().to_string(),
+                "listed in model.safetensors.index.json but absent",
+                "every shard of the checkpoint",
+            ));
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::input(
+            dir.display().to_string(),
+            "no *.safetensors weights",
+            "a model directory with safetensors weights",
+        ));
+    }
+    Ok(files)
+}
+
+impl Qwen2VlModel {
+    pub fn config(&self) -> &Qwen2VlConfig {
+        &self.cfg
+    }
+
+    pub fn processors(&self) -> &Processors {
+        &self.processors
+    }
+
+    /// Runs the vision tower on preprocessed patches of one item: `(tokens, hidden)`.
+    pub fn encode_patches(&self, pixel_values: &Tensor, grid_thw: [usize; 3]) -> Result<Tensor> {
+        self.vision.forward(pixel_values, &[grid_thw])
+    }
+
+    fn slots(&self, grid: [usize; 3]) -> usize {
+        let m = self.cfg.vision.spatial_merge_size;
+        grid[0] * (grid[1] / m) * (grid[2] / m)
+    }
+
+    /// Encodes an item into features plus what M-RoPE needs of it.
+    pub fn encode_with_grid(&self, item: &MediaItem) -> Result<(EncodedItem, ItemGrid)> {
+        let (features, grid, slot_token) = match item {
+            MediaItem::Image(img) => {
+                let p = preprocess_image(img, &self.processors.image)?;
+                let f = self.run_patches(&p)?;
+                (
+                    f,
+                    ItemGrid {
+                        grid_thw: p.grid_thw,
+                        time_interval: 1.0,
+                    },
+                    self.cfg.image_token_id,
+                )
+            }
+            MediaItem::Video(video) => {
+                let p = preprocess_video(&video.frames, &self.processors.video)?;
+                let f = self.run_patches(&p)?;
+                let interval = self.video_time_interval(video);
+                (
+                    f,
+                    ItemGrid {
+                        grid_thw: p.grid_thw,
+                        time_interval: interval,
+                    },
+                    self.cfg.video_token_id,
+                )
+            }
+            MediaItem::Embeds(e) if e.modality == Modality::Audio => {
+                return Err(Error::input(
+                    "audio embeds",
+                    format!("{} does not accept audio", self.cfg.variant.family_name()),
+                    "image or video embeds",
+                ))
+            }
+            MediaItem::Embeds(e) => {
+                let (f, grid) = self.check_embeds(e)?;
+                let token = match e.modality {
+                    Modality::Video => self.cfg.video_token_id,
+                    _ => self.cfg.image_token_id,
+                };
+                (f, grid, token)
+            }
+            MediaItem::Audio(_) => {
+                return Err(Error::input(
+                    "audio",
+                    format!("{} does not accept audio", self.cfg.variant.family_name()),
+                    "image, video or image embeds",
+                ))
+            }
+        };
+        let expansion = Expansion {
+            before: Vec::new(),
+            slot_token,
+            slots: self.slots(grid.grid_thw),
+            after: Vec::new(),
+        };
+        Ok((
+            EncodedItem {
+                expansion,
+                features,
+            },
+            grid,
+        ))
+    }
+
+    fn run_patches(&self, p: &Patches) -> Result<Tensor> {
+        let pv = p.to_tensor(&self.device)?;
+        self.encode_patches(&pv, p.grid_thw)
+    }
+
+    /// Qwen2.5-VL spaces temporal positions by `tokens_per_second * seconds per temporal patch`,
+    /// where the sampled frame rate is transformers' `VideoMetadata.sampled_fps` (24 when
+    /// unknown); Qwen2-VL steps by 1.
+    fn video_time_interval(&self, video: &Video) -> f32 {
+        if self.cfg.variant != Variant::Qwen25Vl {
+            return 1.0;
+        }
+        let n = video.frames.len() as f64;
+        let fps = if video.source_fps > 0.0 && video.duration > 0.0 {
+            let total = (video.duration * video.source_fps).round().max(n);
+            n / total * video.source_fps
+        } else if video.source_fps > 0.0 {
+            video.source_fps
+        } else {
+            24.0
+        };
+        let second_per_grid = (self.processors.video.temporal_patch_size as f64 / fps) as f32;
+        self.cfg.vision.tokens_per_second as f32 * second_per_grid
+    }
+
+    /// Shape-checks precomputed embeds: `image_embeds` (or `video_embeds`) of shape
+    /// `(tokens, hidden)` or `(1, tokens, hidden)` and its `(1, 3)` grid.
+    fn check_embeds(&self, e: &Embeds) -> Result<(Tensor, ItemGrid)> {
+        let (names, grid_names): (&[&str], &[&str]) = match e.modality {
+            Modality::Video => (&["video_embeds", "embeds"], &["video_grid_thw", "grid_thw"]),
+            _ => (&["image_embeds", "embeds"], &["image_grid_thw", "grid_thw"]),
+        };
+        let what = names[0];
+        let emb = names
+            .iter()
+            .find_map(|n| e.tensors.get(*n))
+            .or_else(|| {
+                (e.tensors.len() == 1)
+                    .then(|| e.tensors.values().next())
+                    .flatten()
+            })
+            .ok_or_else(|| {
+                Error::input(
+                    what,
+                    format!(
+                        "no `{what}` tensor among {:?}",
+                        e.tensors.keys().collect::<Vec<_>>()
+                    ),
+                    format!("a `{what}` tensor of shape (tokens, hidden)"),
+                )
+            })?;
+        let grid_name = grid_names[0];
+        let grid_t = grid_names
+            .iter()
+            .find_map(|n| e.tensors.get(*n))
+            .ok_or_else(|| {
+                Error::input(
+                    what,
+                    format!("`{grid_name}` is missing; Qwen2-VL embeds need each item's grid"),
+                    format!("a `{grid_name}` tensor of shape (1, 3) beside `{what}`"),
+                )
+            })?;
+        let hidden = self.cfg.text.hidden_size;
+        let emb = match emb.dims() {
+            [_, h] if *h == hidden => emb.clone(),
+            [1, _, h] if *h == hidden => emb.squeeze(0)?,
+            dims => {
+                return Err(Error::input(
+                    what,
+                    format!("shape {dims:?}"),
+                    format!("(tokens, {hidden}) or (1, tokens, {hidden}): one item per input"),
+                ))
+            }
+        };
+        let grid_vals: Vec<f64> = match grid_t.dims() {
+            [3] | [1, 3] => grid_t.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?,
+            dims => {
+                return Err(Error::input(
+                    grid_name,
+                    format!("shape {dims:?}"),
+                    "shape (1, 3): t, h, w of the one item",
+                ))
+            }
+        };
+        let m = self.cfg.vision.spatial_merge_size;
+        if grid_vals
+            .iter()
+            .any(|&v| v < 1.0 || v.fract() != 0.0 || v > 1e6)
+        {
+            return Err(Error::input(
+                grid_name,
+                format!("values {grid_vals:?}"),
+                "positive integers t, h, w",
+            ));
+        }
+        let grid = [
+            grid_vals[0] as usize,
+            grid_vals[1] as usize,
+            grid_vals[2] as usize,
+        ];
+        if !grid[1].is_multiple_of(m) || !grid[2].is_multiple_of(m) {
+            return Err(Error::input(
+                grid_name,
+                format!("grid {grid:?} has h or w not a multiple of the merge size {m}"),
+                format!("h and w multiples of {m}"),
+            ));
+        }
+        let tokens = emb.dim(0)?;
+        if tokens != self.slots(grid) {
+            return Err(Error::input(
+                what,
+                format!(
+                    "{tokens} embedding rows but {grid_name} {grid:?} implies {}",
+                    self.slots(grid)
+                ),
+                "t*h*w / merge^2 rows, consistent with the grid",
+            ));
+        }
+        // Qwen2.5-VL video: without `second_per_grid_ts` transformers assumes 1 s per temporal
+        // patch, so positions step by `tokens_per_second`.
+        let time_interval =
+            if e.modality == Modality::Video && self.cfg.variant == Variant::Qwen25Vl {
+                let seconds = match e.tensors.get("second_per_grid_ts") {
+                    None => 1.0,
+                    Some(t) => {
+                        let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                        match v.as_slice() {
+                            [s] if s.is_finite() && *s >= 0.0 => *s,
+                            _ => {
+                                return Err(Error::input(
+                                    "second_per_grid_ts",
+                                    format!("values {v:?}"),
+                                    "one non-negative number of seconds per temporal patch",
+                                ))
+                            }
+                        }
+                    }
+                };
+                self.cfg.vision.tokens_per_second as f32 * seconds
+            } else {
+                1.0
+            };
+        let emb = emb.to_device(&self.device)?.to_dtype(self.dtype)?;
+        Ok((
+            emb,
+            ItemGrid {
+                grid_thw: grid,
+                time_interval,
+            },
+        ))
+    }
+
+    fn remember(&self, features: &Tensor, grid: ItemGrid) {
+        if let Ok(mut g) = self.grids.lock() {
+            if g.order.len() >= GRID_MEMORY {
+                if let Some(old) = g.order.pop_front() {
+                    g.by_id.remove(&old);
+                }
+            }
+            if g.by_id.insert(features.id(), grid).is_none() {
+                g.order.push_back(features.id());
+            }
+        }
+    }
+
+    fn recall(&self, features: &Tensor) -> Option<ItemGrid> {
+        let g = self.grids.lock().ok()?;
+        g.by_id.get(&features.id()).copied()
+    }
+
+    /// Prefill with explicit grids (one per item, in item order): splices, computes M-RoPE
+    /// positions, stores `rope_delta` in the cache and returns the last logits.
+    pub fn prefill_with_grids(
+        &self,
+        prompt: &Spliced,
+        items: &[EncodedItem],
+        grids: &[ItemGrid],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let embeds = splice_embeddings(self, prompt, items)?;
+        let (positions, delta) = rope_index(
+            prompt.ids.len(),
+            &prompt.spans,
+            grids,
+            self.cfg.vision.spatial_merge_size,
+        )?;
+        let logits = self.text.forward(&embeds, &positions, cache)?;
+        cache.rope_delta = delta;
+        Ok(logits)
+    }
+
+    /// The M-RoPE position ids of a spliced prompt and its `rope_delta`.
+    pub fn position_ids(
+        &self,
+        prompt: &Spliced,
+        grids: &[ItemGrid],
+    ) -> Result<(Vec<[i64; 3]>, i64)> {
+        rope_index(
+            prompt.ids.len(),
+            &prompt.spans,
+            grids,
+            self.cfg.vision.spatial_merge_size,
+        )
+    }
+
+    /// Positions for `n` new tokens after the cache: text positions shifted by `rope_delta`.
+    fn text_positions(cache: &KvCache, n: usize) -> Vec<[i64; 3]> {
+        let start = cache.len() as i64 + cache.rope_delta;
+        (0..n as i64).map(|i| [start + i; 3]).collect()
+    }
+}
+
+impl Model for Qwen2VlModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn encode(&self, item: &MediaItem) -> Result<EncodedItem> {
+        let (encoded, grid) = self.encode_with_grid(item)?;
+        self.remember(&encoded.features, grid);
+        Ok(encoded)
+    }
+
+    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
+        self.text.embed_tokens(ids)
+    }
+
+    fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        let t = &self.cfg.text;
+        Ok(KvCache::new(
+            t.num_hidden_layers,
+            t.num_key_value_heads,
+            t.head_dim,
+            capacity,
+            self.dtype,
+            &self.device,
+        ))
+    }
+
+    fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let positions = Self::text_positions(cache, embeds.dim(0)?);
+        self.text.forward(embeds, &positions, cache)
+    }
+
+    fn prefill(
+        &self,
+        prompt: &Spliced,
+        items: &[EncodedItem],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let grids = items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| {
+                self.recall(&it.features).ok_or_else(|| {
+                    Error::Runtime(anyhow::anyhow!(
+                        "media item {} was not encoded by this model (no grid known)",
+                        i + 1
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.prefill_with_grids(prompt, items, &grids, cache)
+    }
+
+    fn decode(&self, id: u32, cache: &mut KvCache) -> Result<Tensor> {
+        let embeds = self.embed_tokens(&[id])?;
+        let positions = Self::text_positions(cache, 1);
+        self.text.forward(&embeds, &positions, cache)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::Span;
+
+    #[test]
+    fn rope_index_follows_get_rope_index() {
+        // 2 text tokens, an image of grid 1x4x6 (2x3 merged), 1 text token.
+        let spans = [Span {
+            item: 0,
+            start: 2,
+            len: 6,
+        }];
+        let grids = [ItemGrid {
+            grid_thw: [1, 4, 6],
+            time_interval: 1.0,
+        }];
+        let (pos, delta) = rope_index(9, &spans, &grids, 2).unwrap();
+        assert_eq!(pos[0], [0, 0, 0]);
+        assert_eq!(pos[2], [2, 2, 2]);
+        assert_eq!(pos[4], [2, 2, 4]);
+        assert_eq!(pos[5], [2, 3, 2]);
+        assert_eq!(pos[7], [2, 3, 4]);
+        // Text resumes at start + max(h, w) / merge = 2 + 3.
+        assert_eq!(pos[8], [5, 5, 5]);
+        assert_eq!(delta, 6 - 9);
+    }
+
+    #[test]
+    fn rope_index_spaces_video_time() {
+        let spans = [Span {
+            item: 0,
+            start: 0,
+            len: 2,
+        }];
+        let grids = [ItemGrid {
+            grid_thw: [2, 2, 2],
+            time_interval: 2.5,
+        }];
+        let (pos, _) = rope_index(2, &spans, &grids, 2).unwrap();
+        assert_eq!(pos, vec![[0, 0, 0], [2, 0, 0]]);
+    }
+}
