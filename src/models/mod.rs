@@ -50,6 +50,19 @@ pub struct EncodedItem {
     pub expansion: Expansion,
     /// `(slots, hidden_size)` on the model's device and dtype.
     pub features: Tensor,
+    /// The item's patch grid, for families whose positions follow it (M-RoPE); `None` for
+    /// families whose media tokens take ordinary positions.
+    pub grid: Option<ItemGrid>,
+}
+
+/// Where a media item's tokens sit in space and time, for multimodal rotary positions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ItemGrid {
+    /// `(t, h, w)` in patches (before merging).
+    pub grid_thw: [usize; 3],
+    /// Temporal position step per temporal patch: 1 for images and Qwen2-VL video;
+    /// `tokens_per_second * temporal_patch_size / fps` for Qwen2.5-VL video.
+    pub time_interval: f32,
 }
 
 /// A loaded model. Object safe: the engine drives any family through it.

@@ -29,7 +29,11 @@ pub struct Family {
 }
 
 /// Every family mmllm runs.
-pub static FAMILIES: &[Family] = &[super::llava::FAMILY, super::whisper::FAMILY];
+pub static FAMILIES: &[Family] = &[
+    super::llava::FAMILY,
+    super::qwen2_vl::FAMILY,
+    super::whisper::FAMILY,
+];
 
 /// The family for a parsed `config.json`; `model` names the model in errors.
 pub fn family_for(config: &serde_json::Value, model: &str) -> Result<&'static Family> {

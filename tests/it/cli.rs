@@ -334,7 +334,7 @@ fn corrupt_audio_is_an_input_error() {
 fn interrupt_exits_130() {
     let m = config_only_model();
     // The prompt comes from stdin, which stays open: the process waits until interrupted.
-    let mut child = mmllm()
+    let child = mmllm()
         .args(["image", "--model", &model_arg(m.path()), "-p", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

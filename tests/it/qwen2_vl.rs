@@ -221,7 +221,6 @@ fn odd_frame_count_is_padded_with_the_last_frame() {
 }
 
 #[test]
-#[ignore = "needs Pillow-exact resize from models::common::resize"]
 fn photo_pixel_values_match_transformers() {
     let cfg = qwen2_vl::Processors::load(&fixture("qwen2-vl-tiny"))
         .unwrap()
@@ -274,6 +273,7 @@ fn items_from_hf_pixels(
             EncodedItem {
                 expansion,
                 features,
+                grid: None,
             },
         ));
         item_grids.push(ItemGrid {
@@ -695,7 +695,6 @@ fn embeds_without_or_with_a_wrong_grid_are_input_errors() {
 }
 
 #[test]
-#[ignore = "needs Pillow-exact resize from models::common::resize"]
 fn photos_end_to_end_match_transformers() {
     let img = |f: &str| MediaItem::Image(jpeg(&root().join("tests/data").join(f)));
     for m in MODELS {
@@ -832,6 +831,7 @@ fn prefill_refuses_items_it_did_not_encode() {
             after: vec![],
         },
         features,
+        grid: None,
     };
     let prompt = Spliced {
         ids: vec![model.config().image_token_id; 12],

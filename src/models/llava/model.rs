@@ -443,6 +443,7 @@ impl Model for LlavaModel {
             MediaItem::Embeds(embeds) => Ok(EncodedItem {
                 expansion: self.image_expansion()?,
                 features: self.check_image_embeds(embeds)?,
+                grid: None,
             }),
             MediaItem::Image(img) => {
                 let px = self.processor.preprocess(img);
@@ -451,6 +452,7 @@ impl Model for LlavaModel {
                 Ok(EncodedItem {
                     expansion: self.image_expansion()?,
                     features: self.encode_pixels(&pixels)?,
+                    grid: None,
                 })
             }
             other => Err(Error::input(

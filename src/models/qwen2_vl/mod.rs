@@ -10,7 +10,6 @@ pub mod config;
 pub mod model;
 pub mod preprocessor;
 // TEMPORARY: replaced by `crate::models::common::resize` at integration.
-mod resize_stub;
 pub mod tv_resize;
 pub mod vision;
 
@@ -18,8 +17,9 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+pub use crate::models::ItemGrid;
 pub use config::{ProcessorConfig, Processors, Qwen2VlConfig, Variant};
-pub use model::{load, ItemGrid, Qwen2VlModel};
+pub use model::{load, Qwen2VlModel};
 
 use crate::error::{Error, Result};
 use crate::media::Modality;
@@ -68,3 +68,12 @@ pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
         embeds: Some(Modality::Image),
     })
 }
+
+/// Qwen2-VL's and Qwen2.5-VL's entry in the family table.
+pub const FAMILY: crate::models::registry::Family = crate::models::registry::Family {
+    name: "qwen2_vl",
+    model_types: MODEL_TYPES,
+    architectures: ARCHITECTURES,
+    defaults,
+    load: |ctx| Ok(Box::new(load(ctx.dir, ctx.device, ctx.dtype)?)),
+};

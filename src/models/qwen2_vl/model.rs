@@ -3,11 +3,9 @@
 //! 3-row position ids of a spliced prompt exactly as transformers' `get_rope_index`, and keeps
 //! the resulting offset in [`KvCache::rope_delta`] for decoding.
 
-use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::Mutex;
 
-use candle_core::{DType, Device, Module, Tensor, TensorId};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use serde_json::Value;
 
@@ -17,7 +15,9 @@ use super::vision::{inv_freq, rotate_half, Act, VisionTower};
 use crate::engine::kv::KvCache;
 use crate::error::{Error, Result};
 use crate::media::{Embeds, MediaItem, Modality, Video};
-use crate::models::{splice_embeddings, EncodedItem, Expansion, Model, ModelInfo, Spliced};
+use crate::models::{
+    splice_embeddings, EncodedItem, Expansion, ItemGrid, Model, ModelInfo, Spliced,
+};
 
 struct Attention {
     q: Linear,
@@ -233,17 +233,6 @@ impl TextModel {
     }
 }
 
-/// What M-RoPE needs to know about an encoded item: its patch grid and the spacing of its
-/// temporal positions.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ItemGrid {
-    /// `(t, h, w)` in patches (before merging).
-    pub grid_thw: [usize; 3],
-    /// Temporal position step per temporal patch: 1 for images and Qwen2-VL video;
-    /// `tokens_per_second * temporal_patch_size / fps` for Qwen2.5-VL video.
-    pub time_interval: f32,
-}
-
 /// transformers' `get_rope_index` over a spliced prompt: text tokens advance all three rows
 /// together; item `span.item`'s tokens get `(start + t*interval, start + y, start + x)` over its
 /// merged grid, after which the text position resumes at `start + max(h, w) / merge`.
@@ -312,22 +301,8 @@ pub struct Qwen2VlModel {
     vision: VisionTower,
     text: TextModel,
     info: ModelInfo,
-    /// Grids of recently encoded items, keyed by their feature tensor: [`EncodedItem`] carries
-    /// no family data, and M-RoPE needs each item's grid at prefill.
-    grids: Mutex<GridMemory>,
     dtype: DType,
     device: Device,
-}
-
-/// How many encoded items' grids are remembered between `encode` and `prefill`: far more than
-/// can wait at once (their features would fill memory long before), a few MiB at most.
-const GRID_MEMORY: usize = 1 << 16;
-
-/// Grids by feature tensor, oldest evicted first.
-#[derive(Default)]
-struct GridMemory {
-    by_id: HashMap<TensorId, ItemGrid>,
-    order: VecDeque<TensorId>,
 }
 
 /// Loads a Qwen2-VL / Qwen2.5-VL model directory (`config.json`, `*.safetensors`, processor
@@ -373,7 +348,6 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Qwen2VlModel> {
         vision,
         text: text_model,
         info,
-        grids: Mutex::new(GridMemory::default()),
         dtype,
         device: device.clone(),
     })
@@ -512,6 +486,7 @@ impl Qwen2VlModel {
             EncodedItem {
                 expansion,
                 features,
+                grid: Some(grid),
             },
             grid,
         ))
@@ -669,24 +644,6 @@ impl Qwen2VlModel {
         ))
     }
 
-    fn remember(&self, features: &Tensor, grid: ItemGrid) {
-        if let Ok(mut g) = self.grids.lock() {
-            if g.order.len() >= GRID_MEMORY {
-                if let Some(old) = g.order.pop_front() {
-                    g.by_id.remove(&old);
-                }
-            }
-            if g.by_id.insert(features.id(), grid).is_none() {
-                g.order.push_back(features.id());
-            }
-        }
-    }
-
-    fn recall(&self, features: &Tensor) -> Option<ItemGrid> {
-        let g = self.grids.lock().ok()?;
-        g.by_id.get(&features.id()).copied()
-    }
-
     /// Prefill with explicit grids (one per item, in item order): splices, computes M-RoPE
     /// positions, stores `rope_delta` in the cache and returns the last logits.
     pub fn prefill_with_grids(
@@ -735,9 +692,7 @@ impl Model for Qwen2VlModel {
     }
 
     fn encode(&self, item: &MediaItem) -> Result<EncodedItem> {
-        let (encoded, grid) = self.encode_with_grid(item)?;
-        self.remember(&encoded.features, grid);
-        Ok(encoded)
+        Ok(self.encode_with_grid(item)?.0)
     }
 
     fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
@@ -771,7 +726,7 @@ impl Model for Qwen2VlModel {
             .iter()
             .enumerate()
             .map(|(i, it)| {
-                self.recall(&it.features).ok_or_else(|| {
+                it.grid.ok_or_else(|| {
                     Error::Runtime(anyhow::anyhow!(
                         "media item {} was not encoded by this model (no grid known)",
                         i + 1

@@ -9,10 +9,10 @@ use candle_core::{Device, Tensor};
 
 use super::config::ProcessorConfig;
 // TEMPORARY: switch to `crate::models::common::resize::{resize, Filter}` once it lands.
-use super::resize_stub::{resize, Filter};
 use super::tv_resize;
 use crate::error::{Error, Result};
 use crate::media::RgbImage;
+use crate::models::common::resize::{resize, Filter};
 
 const VIDEO: &str = "video";
 

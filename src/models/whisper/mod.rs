@@ -394,6 +394,7 @@ impl Model for WhisperModel {
                 after: Vec::new(),
             },
             features: self.encode_features(&features)?,
+            grid: None,
         })
     }
 
