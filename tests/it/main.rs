@@ -10,6 +10,7 @@ mod llava_e2e;
 mod llava_parity;
 mod media_av;
 mod qwen2_vl;
+mod qwen2_vl_e2e;
 mod source;
 mod util_http;
 mod whisper;

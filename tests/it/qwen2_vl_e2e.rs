@@ -1,0 +1,149 @@
+//! `mmllm image` / `mmllm video` end to end on the tiny Qwen2-VL fixture: decoding, smart
+//! resize, patching, the chat template, M-RoPE and greedy decoding together reproduce the ids
+//! Hugging Face transformers produced (tests/fixtures/generate_qwen2_vl.py).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn expected(case: &str) -> serde_json::Value {
+    let path = repo().join(format!("tests/fixtures/qwen2-vl-tiny/expected/{case}.json"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn run(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_mmllm"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn greedy(want: &serde_json::Value) -> Vec<u64> {
+    want["greedy_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+fn ids(got: &serde_json::Value) -> Vec<u64> {
+    got["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+fn model() -> String {
+    repo()
+        .join("tests/fixtures/qwen2-vl-tiny")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn one_and_two_images_reproduce_hugging_face() {
+    for (case, prompt) in [
+        ("one_image", "What is in this image?"),
+        ("two_images", "Compare the two pictures."),
+    ] {
+        let want = expected(case);
+        let text = want["text"].as_str().unwrap();
+        assert!(text.contains(prompt), "{case}: fixture prompt is {text:?}");
+        let files: Vec<String> = want["image_files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                repo()
+                    .join("tests/data")
+                    .join(f.as_str().unwrap())
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        let m = model();
+        let mut args = vec![
+            "image",
+            "--model",
+            &m,
+            "--output",
+            "jsonl",
+            "--max-tokens",
+            "16",
+        ];
+        args.extend(files.iter().map(String::as_str));
+        args.push(prompt);
+        let got = run(&args);
+        assert_eq!(ids(&got), greedy(&want), "{case}");
+        // The fixture's ids hold one <|image_pad|> per image; ours are expanded to t·h·w/4.
+        let grids = want["image_grid_thw"].as_array().unwrap();
+        let slots: u64 = grids
+            .iter()
+            .map(|g| {
+                g.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap())
+                    .product::<u64>()
+                    / 4
+            })
+            .sum();
+        let unexpanded = want["prompt_ids"].as_array().unwrap().len() as u64;
+        assert_eq!(
+            got["usage"]["prompt_tokens"].as_u64(),
+            Some(unexpanded - grids.len() as u64 + slots),
+            "{case}"
+        );
+    }
+}
+
+#[test]
+fn a_directory_of_frames_is_a_video() {
+    let want = expected("video");
+    let frames = repo().join("tests/data/qwen_video");
+    let m = model();
+    let got = run(&[
+        "video",
+        "--model",
+        &m,
+        "--output",
+        "jsonl",
+        "--max-tokens",
+        "16",
+        frames.to_str().unwrap(),
+        "What happens in this video?",
+    ]);
+    assert_eq!(ids(&got), greedy(&want));
+}
+
+#[test]
+fn embeds_with_their_grid_reproduce_the_image_path() {
+    let want = expected("one_image");
+    let embeds = repo().join("tests/fixtures/qwen2-vl-tiny/expected/embeds_one_image.safetensors");
+    let m = model();
+    let got = run(&[
+        "embeds",
+        "--model",
+        &m,
+        "--output",
+        "jsonl",
+        "--max-tokens",
+        "16",
+        embeds.to_str().unwrap(),
+        "What is in this image?",
+    ]);
+    assert_eq!(ids(&got), greedy(&want));
+}
