@@ -109,6 +109,7 @@ pub fn request(
     loaded: &Loaded,
     media: &[MediaInput],
 ) -> Result<Request> {
+    let started = Instant::now();
     let items = encode_media(loaded, media)?;
     let prompt = match loaded.model.own_prompt(&plan.prompt, &items) {
         Some(ids) => Spliced {
@@ -132,6 +133,7 @@ pub fn request(
             loaded.eos.clone()
         },
         logprobs: plan.gen.logprobs,
+        started,
     })
 }
 

@@ -28,6 +28,9 @@ pub struct Request {
     pub eos: Vec<u32>,
     /// Report the top-N log-probabilities of every step.
     pub logprobs: Option<usize>,
+    /// When the request began (before its media were encoded): time to first token and total
+    /// time count from here, so the vision or audio encoder is part of TTFT.
+    pub started: Instant,
 }
 
 /// Something the engine reports while it runs.
@@ -67,9 +70,9 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
     pub logprobs: Option<Vec<TokenLogprob>>,
-    /// Seconds from the start of prefill to the first sampled token.
+    /// Seconds from the request's start (media encoding included) to the first sampled token.
     pub ttft_s: f64,
-    /// Seconds from the start of prefill to the end.
+    /// Seconds from the request's start to the end.
     pub total_s: f64,
 }
 
@@ -80,7 +83,7 @@ pub fn generate(
     req: &Request,
     on_event: &mut dyn FnMut(Event) -> Result<()>,
 ) -> Result<Completion> {
-    let start = Instant::now();
+    let start = req.started;
     let prompt_len = req.prompt.ids.len();
     let max_positions = model.info().max_positions;
     if prompt_len >= max_positions {
