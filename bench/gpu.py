@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""LLaVA on one GPU: parity of the tiny fixture (f32 and bf16) and speed at LLaVA-1.5-7B's
-real shape (random weights, bf16), mmllm and Hugging Face transformers side by side.
+"""mmllm on one GPU, side by side with Hugging Face transformers on the same card:
+parity of the tiny LLaVA fixture (f32 and bf16), then speed at the real shapes of
+LLaVA-1.5-7B and Qwen2-VL-2B (random weights, bf16, batch 1): TTFT (vision encoder and
+prefill) and decode tok/s over a fixed number of new tokens (EOS ignored).
 
 Runs on a machine with an NVIDIA GPU, PyTorch and transformers, no Rust toolchain and no
 network, given an `mmllm` binary built with `--features cuda`:
 
-    python3 bench/llava_gpu.py --mmllm ./mmllm [--skip-7b]
+    python3 bench/gpu.py --mmllm ./mmllm [--skip-7b] [--skip-qwen]
 
 Prints a table on stdout and exits non-zero if a parity check fails.
 """
@@ -25,12 +27,13 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "tests/fixtures/llava-tiny")
+QWEN_TINY = os.path.join(REPO, "tests/fixtures/qwen2-vl-tiny")
 PHOTO = os.path.join(REPO, "tests/data/llava_photo_1.jpg")
 PROMPT = "What is in this image?"
 
 
-def run_mmllm(binary, model, *extra):
-    cmd = [binary, "image", "--model", model, "--output", "jsonl", *extra, PHOTO, PROMPT]
+def run_mmllm(binary, model, *extra, image=PHOTO):
+    cmd = [binary, "image", "--model", model, "--output", "jsonl", *extra, image, PROMPT]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -113,10 +116,85 @@ def hf_speed(model, model_dir, new_tokens):
     return ttft, (new_tokens - 1) / (total - ttft), inputs["input_ids"].shape[1]
 
 
+def make_qwen2vl_2b(out_dir):
+    """Random Qwen2-VL-2B-shaped checkpoint (bf16) with the tiny fixture's tokenizer files."""
+    cfg = transformers.AutoConfig.from_pretrained(QWEN_TINY)
+    t, v = cfg.text_config, cfg.vision_config
+    t.hidden_size, t.intermediate_size, t.num_hidden_layers = 1536, 8960, 28
+    t.num_attention_heads, t.num_key_value_heads, t.vocab_size = 12, 2, 151936
+    t.max_position_embeddings = 32768
+    t.layer_types = ["full_attention"] * 28
+    t.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
+    v.depth, v.embed_dim, v.num_heads, v.hidden_size, v.mlp_ratio = 32, 1280, 16, 1536, 4
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = transformers.Qwen2VLForConditionalGeneration(cfg)
+        torch.set_default_dtype(torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for f in os.listdir(QWEN_TINY):
+        if f not in ("config.json", "model.safetensors", "generation_config.json", "processor_config.json") \
+                and os.path.isfile(os.path.join(QWEN_TINY, f)):
+            shutil.copy(os.path.join(QWEN_TINY, f), out_dir)
+    # The real model's pixel bounds (the tiny fixture's are tiny).
+    proc = json.load(open(os.path.join(QWEN_TINY, "processor_config.json")))
+    for key in ("image_processor", "video_processor"):
+        if key in proc:
+            proc[key]["size"] = {"shortest_edge": 3136, "longest_edge": 12845056}
+    json.dump(proc, open(os.path.join(out_dir, "processor_config.json"), "w"), indent=2)
+    return model
+
+
+def hf_speed_qwen(model, model_dir, image, new_tokens):
+    processor = transformers.AutoProcessor.from_pretrained(model_dir, use_fast=False)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[Image.open(image)], text=[text], return_tensors="pt").to("cuda")
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    model.eval()
+
+    def timed(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timed(2)
+    ttft = min(timed(1) for _ in range(3))
+    total = timed(new_tokens)
+    return ttft, (new_tokens - 1) / (total - ttft), inputs["input_ids"].shape[1]
+
+
+def speed_rows(name, binary, d, model, hf_fn, image, new_tokens):
+    hf_ttft, hf_tps, n_prompt = hf_fn(model, d, *( [image] if image else []), new_tokens)
+    del model
+    torch.cuda.empty_cache()
+    extra = ["--device", "cuda", "--dtype", "bf16", "--max-tokens", str(new_tokens), "--ignore-eos"]
+    run_mmllm(binary, d, *extra, image=image or PHOTO)  # warm-up (PTX JIT, page cache)
+    runs = [run_mmllm(binary, d, *extra, image=image or PHOTO) for _ in range(3)]
+    best = min(runs, key=lambda r: r[0]["timing"]["ttft_ms"])
+    res, wall, cmd = best
+    t = res["timing"]
+    tps = max(r[0]["timing"]["tokens_per_s"] for r in runs)
+    weight_bytes = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
+                       if f.endswith(".safetensors"))
+    print(f"\n| {name}, bf16, batch 1, {n_prompt} prompt tokens (HF count) | TTFT ms | decode tok/s |")
+    print("|---|---|---|")
+    print(f"| HF transformers {transformers.__version__} generate | {hf_ttft * 1e3:.1f} | {hf_tps:.1f} |")
+    print(f"| mmllm (best of 3) | {t['ttft_ms']:.1f} | {tps:.1f} |")
+    print(f"  mmllm prompt tokens {res['usage']['prompt_tokens']}; weights {weight_bytes / 1e9:.2f} GB; "
+          f"load {t['load_ms']:.0f} ms; process wall {wall:.1f} s")
+    print(f"  command: {cmd}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mmllm", required=True)
     ap.add_argument("--skip-7b", action="store_true")
+    ap.add_argument("--skip-qwen", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=128)
     args = ap.parse_args()
     print(f"card: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
@@ -133,22 +211,18 @@ def main():
         t0 = time.perf_counter()
         model = make_llava7b(d)
         print(f"\nbuilt random LLaVA-1.5-7B-shape checkpoint in {time.perf_counter() - t0:.0f} s")
-        hf_ttft, hf_tps, n_prompt = hf_speed(model, d, args.new_tokens)
-        del model
-        torch.cuda.empty_cache()
-        extra = ["--device", "cuda", "--dtype", "bf16", "--max-tokens", str(args.new_tokens),
-                 "--ignore-eos"]
-        run_mmllm(args.mmllm, d, *extra)  # warm-up (PTX JIT, page cache)
-        res, wall, cmd = run_mmllm(args.mmllm, d, *extra)
-        t = res["timing"]
-        weight_bytes = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
-                           if f.endswith(".safetensors"))
-        print(f"\n| LLaVA-1.5-7B shape, bf16, batch 1, {n_prompt} prompt tokens | TTFT ms | decode tok/s |")
-        print("|---|---|---|")
-        print(f"| HF transformers {transformers.__version__} generate | {hf_ttft * 1e3:.1f} | {hf_tps:.1f} |")
-        print(f"| mmllm | {t['ttft_ms']:.1f} | {t['tokens_per_s']:.1f} |")
-        print(f"  weights {weight_bytes / 1e9:.2f} GB; mmllm load {t['load_ms']:.0f} ms; "
-              f"process wall {wall:.1f} s; command: {cmd}")
+        speed_rows("LLaVA-1.5-7B shape, one 336-px crop + prompt", args.mmllm, d, model,
+                   hf_speed, None, args.new_tokens)
+        shutil.rmtree(d, ignore_errors=True)
+    if not args.skip_qwen:
+        d = tempfile.mkdtemp(prefix="qwen2vl2b-")
+        image = os.path.join(d, "photo_448.png")
+        Image.open(PHOTO).convert("RGB").resize((448, 448), Image.BICUBIC).save(image)
+        t0 = time.perf_counter()
+        model = make_qwen2vl_2b(d)
+        print(f"\nbuilt random Qwen2-VL-2B-shape checkpoint in {time.perf_counter() - t0:.0f} s")
+        speed_rows("Qwen2-VL-2B shape, one 448x448 image", args.mmllm, d, model,
+                   hf_speed_qwen, image, args.new_tokens)
         shutil.rmtree(d, ignore_errors=True)
     if not ok:
         raise SystemExit("parity check failed on the GPU (f32)")
