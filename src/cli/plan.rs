@@ -257,6 +257,7 @@ impl Plan {
             seed: s.seed.unwrap_or(defaults.seed),
             stop: s.stop.clone().unwrap_or_default(),
             logprobs: s.logprobs.map(|n| n as usize),
+            ignore_eos: s.ignore_eos.unwrap_or(false),
             ..defaults
         };
         Ok(Plan {
