@@ -147,3 +147,73 @@ fn embeds_with_their_grid_reproduce_the_image_path() {
     ]);
     assert_eq!(ids(&got), greedy(&want));
 }
+
+#[test]
+fn video_files_natively_and_as_images() {
+    let m = model();
+    let clip = repo().join("tests/data/video/counter.mp4");
+    let clip = clip.to_str().unwrap();
+    let native = run(&[
+        "video",
+        "--model",
+        &m,
+        "--output",
+        "jsonl",
+        "--max-tokens",
+        "4",
+        "--num-frames",
+        "8",
+        clip,
+        "What happens?",
+    ]);
+    assert_eq!(native["usage"]["completion_tokens"], 4);
+
+    // --as-images: the sampled frames become image items, in order, with their timestamps.
+    let plan = run(&[
+        "video",
+        "--model",
+        &m,
+        "--dry-run",
+        "--as-images",
+        "--num-frames",
+        "4",
+        clip,
+        "Describe",
+    ]);
+    let media = plan["media"].as_array().unwrap();
+    assert_eq!(media.len(), 4);
+    assert!(media.iter().all(|x| x["kind"] == "image"));
+    assert!(media[3]["input"].as_str().unwrap().starts_with(clip));
+    let out = run(&[
+        "video",
+        "--model",
+        &m,
+        "--output",
+        "jsonl",
+        "--max-tokens",
+        "4",
+        "--as-images",
+        "--num-frames",
+        "4",
+        clip,
+        "Describe these frames",
+    ]);
+    assert_eq!(out["usage"]["completion_tokens"], 4);
+
+    // Frames sent as images count against the image limit, before any weights load.
+    let refused = Command::new(env!("CARGO_BIN_EXE_mmllm"))
+        .args([
+            "video",
+            "--model",
+            &m,
+            "--as-images",
+            "--num-frames",
+            "11",
+            clip,
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("11 image items"));
+}
