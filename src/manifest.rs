@@ -730,6 +730,14 @@ fn merge(defaults: &Settings, job: &Settings, base: &Path) -> Settings {
     if let Some(t) = &mut s.chat_template {
         *t = resolve(t, base);
     }
+    // A model that is a folder beside the manifest (`./m`, `../m`, or a folder holding
+    // config.json) resolves like media; aliases and repo ids stay as they are.
+    if let Some(m) = &mut s.model {
+        let local = base.join(m.as_str());
+        if m.starts_with("./") || m.starts_with("../") || local.join("config.json").is_file() {
+            *m = local.display().to_string();
+        }
+    }
     s
 }
 

@@ -241,3 +241,25 @@ fn jsonl_manifests_and_unordered_output() {
     ids.sort();
     assert_eq!(ids, ["x", "y"]);
 }
+
+#[test]
+fn the_example_manifest_runs() {
+    // examples/jobs.yaml names models and media relative to its own folder.
+    let out = batch(&repo().join("examples/jobs.yaml"), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ids: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, ["portrait", "landscape", "pair", "frames"]);
+}
