@@ -248,7 +248,8 @@ fn the_example_manifest_runs() {
     let out = batch(&repo().join("examples/jobs.yaml"), &[]);
     assert!(
         out.status.success(),
-        "{}",
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     let ids: Vec<String> = String::from_utf8(out.stdout)
