@@ -402,3 +402,102 @@ fn cli_two_audios_and_raw_prompt_reproduce_hugging_face() {
     ]);
     check_cli("speech_16k", &json_line(&out));
 }
+
+/// A copy of the fixture as transformers 5 names the weights (`model.audio_tower.`,
+/// `model.multi_modal_projector.`, `model.language_model.`, `lm_head.`), sharded with an index,
+/// and with the feature extractor in its own `preprocessor_config.json` (the hub's layout).
+fn v5_layout_copy() -> tempfile::TempDir {
+    let src = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let (mut audio, mut text) = (HashMap::new(), HashMap::new());
+    let mut weight_map = serde_json::Map::new();
+    for (k, v) in tensors {
+        let (k, shard) = if let Some(r) = k.strip_prefix("language_model.model.") {
+            (format!("model.language_model.{r}"), 2)
+        } else if let Some(r) = k.strip_prefix("language_model.") {
+            (r.to_string(), 2)
+        } else {
+            (format!("model.{k}"), 1)
+        };
+        let file = format!("model-0000{shard}-of-00002.safetensors");
+        weight_map.insert(k.clone(), Value::from(file));
+        if shard == 1 { &mut audio } else { &mut text }.insert(k, v);
+    }
+    for (i, part) in [audio, text].iter().enumerate() {
+        let file = dir
+            .path()
+            .join(format!("model-0000{}-of-00002.safetensors", i + 1));
+        candle_core::safetensors::save(part, file).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let processor: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("processor_config.json")).unwrap())
+            .unwrap();
+    std::fs::write(
+        dir.path().join("preprocessor_config.json"),
+        processor["feature_extractor"].to_string(),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn transformers_5_layout_loads_the_same_model() {
+    let dir = v5_layout_copy();
+    let model = Qwen2AudioModel::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    check_case(&model, "speech_16k");
+}
+
+#[test]
+fn mismatched_feature_extractor_is_an_input_error() {
+    let dir = v5_layout_copy();
+    let pre = dir.path().join("preprocessor_config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&pre).unwrap()).unwrap();
+    v["feature_size"] = 80.into();
+    std::fs::write(&pre, v.to_string()).unwrap();
+    let err = Qwen2AudioModel::load(dir.path(), &Device::Cpu, DType::F32)
+        .err()
+        .unwrap();
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("128 mel bins"), "{err}");
+}
+
+#[test]
+fn runs_in_bf16() {
+    let model = Qwen2AudioModel::load(&fixture(), &Device::Cpu, DType::BF16).unwrap();
+    let (want, meta) = case("speech_16k");
+    let items: Vec<EncodedItem> = audios(&meta)
+        .into_iter()
+        .map(|a| model.encode(&MediaItem::Audio(a)).unwrap())
+        .collect();
+    let (_, ids, expanded) = prompt_ids(&meta, &items);
+    let spans = splice(
+        &ids,
+        &[(Modality::Audio, model.config().audio_token_id)],
+        &[(Modality::Audio, items[0].expansion.clone())],
+        "prompt",
+    )
+    .unwrap()
+    .spans;
+    let prompt = mmllm::models::Spliced {
+        ids: expanded,
+        spans,
+    };
+    let mut cache = model.new_cache(prompt.ids.len() + 1).unwrap();
+    let logits = model.prefill(&prompt, &items, &mut cache).unwrap();
+    // bf16 is not held to the f32 tolerance: only the logits' direction is checked.
+    let a: Vec<f32> = logits.to_vec1().unwrap();
+    let b: Vec<f32> = want["logits"].to_vec1().unwrap();
+    let dot: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let cos = dot / (norm(&a) * norm(&b));
+    eprintln!("bf16 first-step logits cosine {cos}");
+    assert!(cos > 0.99, "bf16 logits cosine {cos}");
+}
