@@ -6,6 +6,7 @@
 
 pub mod common;
 pub mod llava;
+pub mod qwen2_audio;
 pub mod qwen2_vl;
 pub mod registry;
 pub mod whisper;

@@ -32,6 +32,7 @@ pub struct Family {
 pub static FAMILIES: &[Family] = &[
     super::llava::FAMILY,
     super::qwen2_vl::FAMILY,
+    super::qwen2_audio::FAMILY,
     super::whisper::FAMILY,
 ];
 

@@ -16,10 +16,16 @@ use crate::media::Modality;
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ContentPart {
-    Text { text: String },
+    Text {
+        text: String,
+    },
     Image {},
     Video {},
-    Audio {},
+    /// Also carries an (empty) `audio` key, as the dicts HF processors take do: some templates
+    /// (Qwen2-Audio-7B-Instruct's) recognise an audio part by `'audio' in content` alone.
+    Audio {
+        audio: String,
+    },
 }
 
 impl ContentPart {
@@ -27,7 +33,9 @@ impl ContentPart {
         match modality {
             Modality::Image => ContentPart::Image {},
             Modality::Video => ContentPart::Video {},
-            Modality::Audio => ContentPart::Audio {},
+            Modality::Audio => ContentPart::Audio {
+                audio: String::new(),
+            },
         }
     }
 }

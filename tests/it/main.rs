@@ -9,6 +9,7 @@ mod layering;
 mod llava_e2e;
 mod llava_parity;
 mod media_av;
+mod qwen2_audio;
 mod qwen2_vl;
 mod qwen2_vl_e2e;
 mod source;

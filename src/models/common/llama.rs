@@ -1,7 +1,8 @@
 //! A Llama decoder (as `LlamaForCausalLM` in transformers) driven by input embeddings:
 //! RMSNorm, rotary positions (HF's rotate-half layout; default, linear and llama3 scaling),
 //! grouped-query attention over the engine-owned [`KvCache`], SwiGLU MLP, tied or untied
-//! `lm_head`. Knows no vision and no tokenizer.
+//! `lm_head`. With `qkv_bias` it is also the Qwen2 decoder (biased q/k/v, unbiased `o_proj`).
+//! Knows no vision and no tokenizer.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{embedding, linear_b, Embedding, Linear, VarBuilder};
@@ -58,6 +59,10 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     #[serde(default)]
     pub attention_bias: bool,
+    /// Biases on the q/k/v projections but not on `o_proj` (Qwen2). Not a `config.json` key:
+    /// families whose decoder is Qwen2 set it after parsing; `attention_bias` covers all four.
+    #[serde(skip)]
+    pub qkv_bias: bool,
     #[serde(default)]
     pub mlp_bias: bool,
     /// Legacy location of the rotary base (transformers < 5).
@@ -292,10 +297,11 @@ impl Attention {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (heads, kv) = (cfg.num_attention_heads, cfg.kv_heads());
         let bias = cfg.attention_bias;
+        let qkv_bias = bias || cfg.qkv_bias;
         Ok(Self {
-            q: linear_b(h, heads * hd, bias, vb.pp("q_proj"))?,
-            k: linear_b(h, kv * hd, bias, vb.pp("k_proj"))?,
-            v: linear_b(h, kv * hd, bias, vb.pp("v_proj"))?,
+            q: linear_b(h, heads * hd, qkv_bias, vb.pp("q_proj"))?,
+            k: linear_b(h, kv * hd, qkv_bias, vb.pp("k_proj"))?,
+            v: linear_b(h, kv * hd, qkv_bias, vb.pp("v_proj"))?,
             o: linear_b(heads * hd, h, bias, vb.pp("o_proj"))?,
             heads,
             kv_heads: kv,

@@ -1,0 +1,244 @@
+//! [`Qwen2AudioModel`], the family's [`Model`]: audio -> 16 kHz (soxr HQ) -> log-mel padded to
+//! 30 s -> encoder + projector -> features spliced at the `<|AUDIO|>` slots of a Qwen2 decoder.
+//! Audio tokens take ordinary positions, so the trait's default `prefill` / `decode` apply.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::Value;
+
+use super::config::{mel_config, Qwen2AudioConfig};
+use super::encoder::AudioEncoder;
+use super::output_lengths;
+use crate::engine::kv::KvCache;
+use crate::error::{Error, Result};
+use crate::media::{Audio, MediaItem};
+use crate::models::common::llama::Llama;
+use crate::models::common::mel::{LogMel, MelExtractor, Padding};
+use crate::models::{EncodedItem, Expansion, Model, ModelInfo};
+
+/// A loaded Qwen2-Audio checkpoint.
+pub struct Qwen2AudioModel {
+    config: Qwen2AudioConfig,
+    info: ModelInfo,
+    mel: MelExtractor,
+    encoder: AudioEncoder,
+    lm: Llama,
+    device: Device,
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::input(&shown, e.to_string(), "a readable JSON file"))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::input(&shown, format!("invalid JSON: {e}"), "a JSON object"))
+}
+
+/// The checkpoint's safetensors files: those named by `model.safetensors.index.json` when
+/// sharded, else `model.safetensors`.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let v = read_json(&index)?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| {
+                Error::input(
+                    index.display().to_string(),
+                    "no weight_map",
+                    "a safetensors index",
+                )
+            })?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(Error::input(
+        dir.display().to_string(),
+        "no model.safetensors or model.safetensors.index.json",
+        "a Hugging Face Qwen2-Audio directory with safetensors weights",
+    ))
+}
+
+/// The first of `candidates` under which `probe` exists: checkpoints saved by transformers 4
+/// (`audio_tower.`, `language_model.model.`) and 5 (`model.audio_tower.`, …) differ.
+fn prefix(
+    vb: &VarBuilder,
+    candidates: &[&'static str],
+    probe: &str,
+    part: &str,
+) -> Result<&'static str> {
+    candidates
+        .iter()
+        .copied()
+        .find(|p| vb.contains_tensor(&format!("{p}.{probe}")))
+        .ok_or_else(|| {
+            Error::input(
+                "model weights",
+                format!("no {part} tensor {probe:?} under any known prefix"),
+                format!("one of {candidates:?}"),
+            )
+        })
+}
+
+impl Qwen2AudioModel {
+    /// Loads `config.json`, the feature extractor settings and the safetensors weights of `dir`.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let config = Qwen2AudioConfig::from_value(&read_json(&dir.join("config.json"))?)?;
+        let mel = mel_config(dir, &config)?;
+        let files = weight_files(dir)?;
+        // SAFETY: the weight files are mapped read-only; like every mmap-based loader we rely on
+        // them not being truncated or rewritten while the model is alive.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+        let tower = prefix(
+            &vb,
+            &["audio_tower", "model.audio_tower"],
+            "conv1.weight",
+            "audio tower",
+        )?;
+        let projector = prefix(
+            &vb,
+            &["multi_modal_projector", "model.multi_modal_projector"],
+            "linear.weight",
+            "projector",
+        )?;
+        let text = prefix(
+            &vb,
+            &[
+                "language_model.model",
+                "model.language_model",
+                "language_model",
+            ],
+            "embed_tokens.weight",
+            "language model",
+        )?;
+        let head = prefix(
+            &vb,
+            &["language_model.lm_head", "lm_head"],
+            "weight",
+            "lm_head",
+        )
+        .unwrap_or("lm_head");
+        let encoder = AudioEncoder::load(
+            &config.audio,
+            config.text.hidden_size,
+            vb.pp(tower),
+            vb.pp(projector),
+        )?;
+        let lm = Llama::load(
+            &config.text,
+            vb.pp(text),
+            vb.pp(head),
+            config.text.tie_word_embeddings,
+        )?;
+        let info = ModelInfo {
+            hidden_size: config.text.hidden_size,
+            vocab_size: config.text.vocab_size,
+            max_positions: config.text.max_position_embeddings,
+        };
+        Ok(Self {
+            config,
+            info,
+            mel: MelExtractor::new(mel),
+            encoder,
+            lm,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Qwen2AudioConfig {
+        &self.config
+    }
+
+    /// `input_features` as `Qwen2AudioProcessor` computes them: audio at another rate is first
+    /// resampled to the extractor's rate with soxr HQ (as transformers' `load_audio` does), then
+    /// padded or truncated to 30 s; `valid_frames` is the sum of `feature_attention_mask`.
+    pub fn log_mel(&self, audio: &Audio) -> Result<LogMel> {
+        let rate = self.mel.config().sampling_rate;
+        if audio.sample_rate == rate {
+            return self
+                .mel
+                .compute(&audio.samples, Padding::MaxLength, "audio");
+        }
+        let samples = crate::media::resample::resample(&audio.samples, audio.sample_rate, rate)?;
+        self.mel.compute(&samples, Padding::MaxLength, "audio")
+    }
+
+    /// How an audio with `valid_frames` feature frames appears in the prompt: its `<|AUDIO|>`
+    /// repeated [`output_lengths`]`.1` times (the template already wrote the bos/eos tokens).
+    pub fn expansion(&self, valid_frames: usize) -> Expansion {
+        Expansion {
+            before: Vec::new(),
+            slot_token: self.config.audio_token_id,
+            slots: output_lengths(valid_frames).1,
+            after: Vec::new(),
+        }
+    }
+
+    /// Projected audio features `(tokens, hidden)` for `input_features` `(1, n_mels, frames)`.
+    pub fn encode_features(&self, input_features: &Tensor, valid_frames: usize) -> Result<Tensor> {
+        self.encoder.forward(input_features, valid_frames)
+    }
+
+    /// The features and expansion of one audio.
+    pub fn encode_audio(&self, audio: &Audio) -> Result<EncodedItem> {
+        let mel = self.log_mel(audio)?;
+        let input_features = mel.to_tensor(&self.device, DType::F32)?;
+        let features = self.encode_features(&input_features, mel.valid_frames)?;
+        Ok(EncodedItem {
+            expansion: self.expansion(mel.valid_frames),
+            features,
+            grid: None,
+        })
+    }
+}
+
+impl Model for Qwen2AudioModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn encode(&self, item: &MediaItem) -> Result<EncodedItem> {
+        match item {
+            MediaItem::Audio(audio) => self.encode_audio(audio),
+            other => Err(Error::input(
+                other.modality().name(),
+                format!("Qwen2-Audio does not take {} input", other.modality()),
+                "audio",
+            )),
+        }
+    }
+
+    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
+        self.lm.embed_tokens(ids)
+    }
+
+    fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        Ok(self.lm.new_cache(capacity))
+    }
+
+    fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let embeds = match embeds.rank() {
+            2 => embeds.unsqueeze(0)?,
+            _ => embeds.clone(),
+        };
+        self.lm.forward_embeds(&embeds, cache)
+    }
+}
+
+/// Loads a Qwen2-Audio directory (the family table's `load` wraps this in a `Box<dyn Model>`).
+pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Qwen2AudioModel> {
+    Qwen2AudioModel::load(dir, device, dtype)
+}
