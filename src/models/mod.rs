@@ -8,6 +8,7 @@ pub mod common;
 pub mod llava;
 pub mod qwen2_vl;
 pub mod registry;
+pub mod ultravox;
 pub mod whisper;
 
 use std::collections::BTreeMap;

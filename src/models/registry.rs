@@ -33,6 +33,7 @@ pub static FAMILIES: &[Family] = &[
     super::llava::FAMILY,
     super::qwen2_vl::FAMILY,
     super::whisper::FAMILY,
+    super::ultravox::FAMILY,
 ];
 
 /// The family for a parsed `config.json`; `model` names the model in errors.

@@ -12,5 +12,6 @@ mod media_av;
 mod qwen2_vl;
 mod qwen2_vl_e2e;
 mod source;
+mod ultravox;
 mod util_http;
 mod whisper;
