@@ -1,6 +1,8 @@
 //! Ultravox on the tiny random checkpoint against fixie-ai/ultravox's reference code
 //! (tests/fixtures/ultravox-tiny, made by tests/fixtures/generate_ultravox.py): features,
-//! chunking, audio embeddings, prompt ids, first-step logits, greedy ids, and the CLI end to end.
+//! chunking, audio embeddings, prompt ids, first-step logits, greedy ids, and the CLI end to end,
+//! for the 16 kHz speech file (two encoder chunks), a 1.5 s clip of it (one unpadded chunk) and
+//! the 44.1 kHz file (resampled).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,14 +21,20 @@ fn fixture() -> PathBuf {
     root().join("tests/fixtures/ultravox-tiny")
 }
 
-fn expected() -> serde_json::Value {
-    let path = fixture().join("expected/speech.json");
+/// The reference cases of generate_ultravox.py.
+const CASES: [&str; 3] = ["speech", "short", "speech_44k"];
+
+fn expected(case: &str) -> serde_json::Value {
+    let path = fixture().join(format!("expected/{case}.json"));
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture().join("expected/speech.safetensors"), &Device::Cpu)
-        .unwrap()
+fn tensors(case: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(
+        fixture().join(format!("expected/{case}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn int_list(t: &Tensor) -> Vec<u32> {
@@ -63,8 +71,18 @@ fn read_wav(path: &Path) -> Audio {
     }
 }
 
-fn speech() -> Audio {
-    read_wav(&root().join("tests/data/speech_16k.wav"))
+/// The audio of a case, as decoded from its file (before any resampling).
+fn audio(case: &str) -> Audio {
+    match case {
+        "speech" => read_wav(&root().join("tests/data/speech_16k.wav")),
+        "short" => {
+            let mut a = read_wav(&root().join("tests/data/speech_16k.wav"));
+            a.samples.truncate(23_999);
+            a
+        }
+        "speech_44k" => read_wav(&root().join("tests/data/speech_44k.wav")),
+        other => panic!("unknown case {other}"),
+    }
 }
 
 fn model() -> UltravoxModel {
@@ -90,8 +108,8 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 /// The rendered prompt tokenized as the pipeline does (BOS already in the text) and spliced.
-fn prompt_ids(model: &UltravoxModel, item: &mmllm::models::EncodedItem) -> Spliced {
-    let want = expected();
+fn prompt_ids(model: &UltravoxModel, item: &mmllm::models::EncodedItem, case: &str) -> Spliced {
+    let want = expected(case);
     let tok = tokenizers::Tokenizer::from_file(fixture().join("tokenizer.json")).unwrap();
     let enc = tok
         .encode(want["rendered_prompt"].as_str().unwrap(), false)
@@ -111,14 +129,20 @@ fn prompt_ids(model: &UltravoxModel, item: &mmllm::models::EncodedItem) -> Splic
 #[test]
 fn features_and_chunks_match_the_processor() {
     let m = model();
-    let want = expected();
-    let t = tensors();
-    let mel = m.log_mel(&speech()).unwrap();
+    for case in CASES {
+        features_case(&m, case);
+    }
+}
+
+fn features_case(m: &UltravoxModel, case: &str) {
+    let want = expected(case);
+    let t = tensors(case);
+    let mel = m.log_mel(&audio(case)).unwrap();
     let chunks = m.chunks(mel.valid_frames);
     let lens: Vec<u32> = chunks.iter().map(|c| c.frames as u32).collect();
     let tokens: Vec<u32> = chunks.iter().map(|c| c.tokens as u32).collect();
-    assert_eq!(lens, int_list(&t["audio_lens"]));
-    assert_eq!(tokens, int_list(&t["audio_token_len"]));
+    assert_eq!(lens, int_list(&t["audio_lens"]), "{case}");
+    assert_eq!(tokens, int_list(&t["audio_token_len"]), "{case}");
     let ours: Vec<Tensor> = m
         .chunk_features(&mel)
         .unwrap()
@@ -132,8 +156,8 @@ fn features_and_chunks_match_the_processor() {
         .iter()
         .zip(flat(theirs))
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    eprintln!("ultravox features: max abs diff {max:e}");
-    assert!(max <= 1e-5, "features differ by {max}");
+    eprintln!("ultravox {case} features: max abs diff {max:e}");
+    assert!(max <= 1e-5, "{case}: features differ by {max}");
     assert_eq!(
         m.expansion(mel.valid_frames).slots,
         want["audio_token_len"]
@@ -148,18 +172,24 @@ fn features_and_chunks_match_the_processor() {
 #[test]
 fn audio_embeddings_prompt_logits_and_greedy_ids_match() {
     let m = model();
-    let want = expected();
-    let t = tensors();
-    let item = m.encode(&MediaItem::Audio(speech())).unwrap();
+    for case in CASES {
+        model_case(&m, case);
+    }
+}
+
+fn model_case(m: &UltravoxModel, case: &str) {
+    let want = expected(case);
+    let t = tensors(case);
+    let item = m.encode(&MediaItem::Audio(audio(case))).unwrap();
     let emb_err = rel_err(&flat(&item.features), &flat(&t["audio_embeds"]));
-    eprintln!("ultravox audio embeddings: relative error {emb_err:e}");
+    eprintln!("ultravox {case} audio embeddings: relative error {emb_err:e}");
     assert!(
         emb_err <= 1e-4,
-        "audio embeddings: relative error {emb_err}"
+        "{case}: audio embeddings relative error {emb_err}"
     );
 
-    let prompt = prompt_ids(&m, &item);
-    assert_eq!(prompt.ids, int_list(&t["input_ids"]), "prompt ids");
+    let prompt = prompt_ids(m, &item, case);
+    assert_eq!(prompt.ids, int_list(&t["input_ids"]), "{case}: prompt ids");
     let starts: Vec<u64> = want["audio_token_start_idx"]
         .as_array()
         .unwrap()
@@ -175,15 +205,18 @@ fn audio_embeddings_prompt_logits_and_greedy_ids_match() {
     let logits = m.prefill(&prompt, &items, &mut cache).unwrap();
     let first = flat(&logits);
     let err = rel_err(&first, &flat(&t["first_logits"]));
-    eprintln!("ultravox first-step logits: relative error {err:e}");
-    assert!(err <= 1e-4, "first-step logits: relative error {err}");
+    eprintln!("ultravox {case} first-step logits: relative error {err:e}");
+    assert!(
+        err <= 1e-4,
+        "{case}: first-step logits relative error {err}"
+    );
 
     let mut ids = vec![argmax(&first)];
     while ids.len() < greedy.len() {
         let l = m.decode(*ids.last().unwrap(), &mut cache).unwrap();
         ids.push(argmax(&flat(&l)));
     }
-    assert_eq!(ids, greedy, "greedy ids");
+    assert_eq!(ids, greedy, "{case}: greedy ids");
 }
 
 #[test]
@@ -225,8 +258,14 @@ fn mmllm(args: &[&str]) -> Output {
 
 #[test]
 fn cli_reproduces_the_reference_ids() {
-    let want = expected();
-    let t = tensors();
+    for case in ["speech", "speech_44k"] {
+        cli_case(case);
+    }
+}
+
+fn cli_case(case: &str) {
+    let want = expected(case);
+    let t = tensors(case);
     let model = fixture().display().to_string();
     let wav = root().join(want["audio"].as_str().unwrap());
     let out = mmllm(&[
@@ -258,7 +297,7 @@ fn cli_reproduces_the_reference_ids() {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect();
-    assert_eq!(ids, int_list(&t["greedy_ids"]));
+    assert_eq!(ids, int_list(&t["greedy_ids"]), "{case}");
     assert_eq!(got["usage"]["prompt_tokens"], want["num_prompt_tokens"]);
     let steps = got["logprobs"].as_array().unwrap();
     let want_steps = want["step_top"].as_array().unwrap();
@@ -275,12 +314,12 @@ fn cli_reproduces_the_reference_ids() {
             .iter()
             .map(|x| x.as_u64().unwrap())
             .collect();
-        assert_eq!(got_ids, want_ids, "step {step} top-5 ids");
+        assert_eq!(got_ids, want_ids, "{case} step {step} top-5 ids");
         for (t, wl) in top.iter().zip(w["logprobs"].as_array().unwrap()) {
             let (a, b) = (t["logprob"].as_f64().unwrap(), wl.as_f64().unwrap());
             assert!(
                 (a - b).abs() <= 1e-4 * b.abs().max(1.0),
-                "step {step}: logprob {a} vs HF {b}"
+                "{case} step {step}: logprob {a} vs HF {b}"
             );
         }
     }
