@@ -9,6 +9,7 @@ pub mod llava;
 pub mod qwen2_audio;
 pub mod qwen2_vl;
 pub mod registry;
+pub mod ultravox;
 pub mod whisper;
 
 use std::collections::BTreeMap;

@@ -34,6 +34,7 @@ pub static FAMILIES: &[Family] = &[
     super::qwen2_vl::FAMILY,
     super::qwen2_audio::FAMILY,
     super::whisper::FAMILY,
+    super::ultravox::FAMILY,
 ];
 
 /// The family for a parsed `config.json`; `model` names the model in errors.

@@ -13,5 +13,6 @@ mod qwen2_audio;
 mod qwen2_vl;
 mod qwen2_vl_e2e;
 mod source;
+mod ultravox;
 mod util_http;
 mod whisper;

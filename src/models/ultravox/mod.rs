@@ -1,0 +1,367 @@
+//! Ultravox v0.5 (`model_type` `ultravox`): a Whisper encoder, a stacking SwiGLU projector and
+//! a Llama language model, after fixie-ai/ultravox's `ultravox/model/` (its modeling code is
+//! not in transformers).
+//!
+//! Audio is processed as `UltravoxProcessor` does: resampled to 16 kHz, padded to at least two
+//! hops and to a whole hop, log-mel without truncation, then cut into chunks of the encoder's
+//! context (`2 * max_source_positions` frames, the last one zero padded); each chunk is encoded
+//! with its padding masked, projected, and cut to `ceil(frames / 16)` tokens
+//! ([`config::chunk_plan`]). `<|audio|>` is replaced by that many copies of the tokenizer's
+//! `eos_token`, whose embeddings the audio features then replace.
+
+pub mod config;
+pub mod encoder;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::Value;
+
+pub use config::{chunk_plan, Chunk, UltravoxConfig};
+
+use crate::engine::kv::KvCache;
+use crate::error::{Error, Result};
+use crate::media::{Audio, MediaItem, Modality};
+use crate::models::common::llama::{Llama, LlamaConfig};
+use crate::models::common::mel::{LogMel, MelConfig, MelExtractor, Padding};
+use crate::models::registry::{Family, LoadContext};
+use crate::models::{EncodedItem, Expansion, FamilyDefaults, Model, ModelInfo};
+
+/// The text placeholder for an audio item (Ultravox's `AUDIO_TOKEN`).
+pub const AUDIO_PLACEHOLDER: &str = "<|audio|>";
+
+/// Ultravox's entry in the family table.
+pub const FAMILY: Family = Family {
+    name: "ultravox",
+    model_types: &["ultravox"],
+    architectures: &["UltravoxModel"],
+    defaults,
+    load: |ctx: &LoadContext| {
+        Ok(Box::new(UltravoxModel::load(
+            ctx.dir, ctx.device, ctx.dtype,
+        )?))
+    },
+};
+
+/// Cheap facts from `config.json`: one audio item per prompt by default (the model card's and
+/// vLLM's example usage; the processor itself takes several, so `--limit-mm-per-prompt`
+/// may raise it), written `<|audio|>`; the chat template comes from the model directory.
+pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
+    UltravoxConfig::from_value(config, "config.json")?;
+    Ok(FamilyDefaults {
+        family: "ultravox",
+        limits: BTreeMap::from([(Modality::Audio, 1)]),
+        placeholders: BTreeMap::from([(Modality::Audio, AUDIO_PLACEHOLDER.to_string())]),
+        fallback_chat_template: None,
+        embeds: None,
+    })
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::input(
+            path.display().to_string(),
+            e.to_string(),
+            "a readable JSON file",
+        )
+    })?;
+    serde_json::from_str(&text).map_err(|e| {
+        Error::input(
+            path.display().to_string(),
+            format!("invalid JSON: {e}"),
+            "a JSON file",
+        )
+    })
+}
+
+/// The safetensors files of a directory (sharded through the index, or one file).
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let v = read_json(&index)?;
+        let mut files: Vec<PathBuf> = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| {
+                Error::input(
+                    index.display().to_string(),
+                    "no weight_map",
+                    "a safetensors index",
+                )
+            })?
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(Error::input(
+        dir.display().to_string(),
+        "no model.safetensors or model.safetensors.index.json",
+        "a model directory with safetensors weights",
+    ))
+}
+
+/// The id of the tokenizer's `eos_token` (tokenizer_config.json), which
+/// `UltravoxProcessor` repeats in place of `<|audio|>`.
+fn audio_slot_token(dir: &Path) -> Result<u32> {
+    let cfg_path = dir.join("tokenizer_config.json");
+    let cfg = read_json(&cfg_path)?;
+    let eos = cfg
+        .get("eos_token")
+        .and_then(|v| {
+            v.as_str()
+                .or_else(|| v.get("content").and_then(Value::as_str))
+        })
+        .ok_or_else(|| {
+            Error::input(
+                cfg_path.display().to_string(),
+                "no eos_token",
+                "the eos_token Ultravox puts in audio slots",
+            )
+        })?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| {
+        Error::input(
+            tok_path.display().to_string(),
+            format!("cannot load the tokenizer: {e}"),
+            "a Hugging Face tokenizer.json",
+        )
+    })?;
+    tokenizer.token_to_id(eos).ok_or_else(|| {
+        Error::input(
+            tok_path.display().to_string(),
+            format!("no id for eos_token {eos}"),
+            "the eos_token in the vocabulary",
+        )
+    })
+}
+
+/// A loaded Ultravox checkpoint.
+pub struct UltravoxModel {
+    config: UltravoxConfig,
+    info: ModelInfo,
+    mel: MelExtractor,
+    audio: encoder::AudioEncoder,
+    projector: encoder::Projector,
+    lm: Llama,
+    slot_token: u32,
+    device: Device,
+    dtype: DType,
+}
+
+impl UltravoxModel {
+    /// Loads a self-contained directory: `config.json` with `audio_config` and `text_config`,
+    /// weights holding `audio_tower.*`, `multi_modal_projector.*` and `language_model.*`,
+    /// `tokenizer.json`, `tokenizer_config.json`, and `preprocessor_config.json` (optional).
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with_text_model(dir, None, device, dtype)
+    }
+
+    /// As [`UltravoxModel::load`]; `text_dir`, when given, is the language model a hub
+    /// checkpoint names by `text_model_id` (a Llama directory: `config.json` and weights with
+    /// `model.*` / `lm_head.*`), used when `config.json` has no `text_config`.
+    pub fn load_with_text_model(
+        dir: &Path,
+        text_dir: Option<&Path>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let config =
+            UltravoxConfig::from_value(&read_json(&dir.join("config.json"))?, "config.json")?;
+        let pre_path = dir.join("preprocessor_config.json");
+        let mel_config = if pre_path.is_file() {
+            MelConfig::from_preprocessor(&read_json(&pre_path)?, &pre_path.display().to_string())?
+        } else {
+            MelConfig::whisper(config.audio.num_mel_bins)
+        };
+        if mel_config.n_mels != config.audio.num_mel_bins {
+            return Err(Error::input(
+                pre_path.display().to_string(),
+                format!("{} mel bins", mel_config.n_mels),
+                format!(
+                    "{} mel bins, as audio_config says",
+                    config.audio.num_mel_bins
+                ),
+            ));
+        }
+        let files = weight_files(dir)?;
+        // SAFETY: the files are memory-mapped read-only and not modified while loaded.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+        let (text, lm_vb, head_vb): (LlamaConfig, VarBuilder, VarBuilder) =
+            match (&config.text, text_dir) {
+                (Some(text), _) => (
+                    text.clone(),
+                    vb.pp("language_model").pp("model"),
+                    vb.pp("language_model").pp("lm_head"),
+                ),
+                (None, Some(text_dir)) => {
+                    let path = text_dir.join("config.json");
+                    let text: LlamaConfig =
+                        serde_json::from_value(read_json(&path)?).map_err(|e| {
+                            Error::input(
+                                path.display().to_string(),
+                                format!("not a Llama config: {e}"),
+                                "the config.json of the text_model_id model",
+                            )
+                        })?;
+                    let tfiles = weight_files(text_dir)?;
+                    // SAFETY: as above.
+                    let tvb =
+                        unsafe { VarBuilder::from_mmaped_safetensors(&tfiles, dtype, device)? };
+                    (text, tvb.pp("model"), tvb.pp("lm_head"))
+                }
+                (None, None) => {
+                    return Err(Error::input(
+                        dir.join("config.json").display().to_string(),
+                        format!(
+                            "the language model is not in this directory: config.json names it by \
+                             text_model_id {} and has no text_config",
+                            config.text_model_id.as_deref().unwrap_or("?")
+                        ),
+                        "an Ultravox directory with text_config and language_model.* weights, \
+                         or the text_model_id model given alongside",
+                    ))
+                }
+            };
+        let audio = encoder::AudioEncoder::load(&config.audio, vb.pp("audio_tower"))?;
+        let projector =
+            encoder::Projector::load(&config, text.hidden_size, vb.pp("multi_modal_projector"))?;
+        let lm = Llama::load(&text, lm_vb, head_vb, text.tie_word_embeddings)?;
+        Ok(Self {
+            info: ModelInfo {
+                hidden_size: text.hidden_size,
+                vocab_size: text.vocab_size,
+                max_positions: text.max_position_embeddings,
+            },
+            slot_token: audio_slot_token(dir)?,
+            mel: MelExtractor::new(mel_config),
+            config,
+            audio,
+            projector,
+            lm,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn config(&self) -> &UltravoxConfig {
+        &self.config
+    }
+
+    /// Log-mel features as `UltravoxProcessor` computes them for one item: 16 kHz (soxr HQ
+    /// resampling otherwise, as for Whisper), at least two hops of samples, padded to a whole
+    /// hop, never truncated.
+    pub fn log_mel(&self, audio: &Audio) -> Result<LogMel> {
+        let cfg = self.mel.config();
+        let mut samples = if audio.sample_rate == cfg.sampling_rate {
+            audio.samples.clone()
+        } else {
+            crate::media::resample::resample(&audio.samples, audio.sample_rate, cfg.sampling_rate)?
+        };
+        let hop = cfg.hop_length;
+        if samples.len() < 2 * hop {
+            samples.resize(2 * hop, 0.0);
+        }
+        let len = samples.len().div_ceil(hop) * hop;
+        self.mel.compute(&samples, Padding::ToLength(len), "audio")
+    }
+
+    /// The encoder passes for features of `valid_frames` real frames.
+    pub fn chunks(&self, valid_frames: usize) -> Vec<Chunk> {
+        chunk_plan(
+            valid_frames,
+            self.config.context_frames(),
+            self.config.stack_factor,
+        )
+    }
+
+    /// The expansion of an item whose features have `valid_frames` real frames.
+    pub fn expansion(&self, valid_frames: usize) -> Expansion {
+        Expansion {
+            before: Vec::new(),
+            slot_token: self.slot_token,
+            slots: self.chunks(valid_frames).iter().map(|c| c.tokens).sum(),
+            after: Vec::new(),
+        }
+    }
+
+    /// The encoder input of each chunk: `(1, n_mels, padded_frames)` in the model's dtype.
+    pub fn chunk_features(&self, mel: &LogMel) -> Result<Vec<(Chunk, Tensor)>> {
+        let full = Tensor::from_slice(&mel.data, (mel.n_mels, mel.frames), &Device::Cpu)?;
+        self.chunks(mel.valid_frames)
+            .into_iter()
+            .map(|c| {
+                let avail = mel.frames.saturating_sub(c.offset).min(c.padded_frames);
+                let mut x = full.narrow(1, c.offset, avail)?;
+                if avail < c.padded_frames {
+                    x = x.pad_with_zeros(1, 0, c.padded_frames - avail)?;
+                }
+                let x = x
+                    .unsqueeze(0)?
+                    .to_device(&self.device)?
+                    .to_dtype(self.dtype)?;
+                Ok((c, x))
+            })
+            .collect()
+    }
+
+    /// Audio embeddings `(tokens, hidden)` from log-mel features.
+    pub fn encode_mel(&self, mel: &LogMel) -> Result<Tensor> {
+        let mut parts = Vec::new();
+        for (chunk, x) in self.chunk_features(mel)? {
+            let h = self.audio.forward(&x, chunk.frames)?;
+            let p = self.projector.forward(&h)?.squeeze(0)?;
+            parts.push(p.narrow(0, 0, chunk.tokens)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+impl Model for UltravoxModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn encode(&self, item: &MediaItem) -> Result<EncodedItem> {
+        match item {
+            MediaItem::Audio(audio) => {
+                let mel = self.log_mel(audio)?;
+                Ok(EncodedItem {
+                    expansion: self.expansion(mel.valid_frames),
+                    features: self.encode_mel(&mel)?,
+                    grid: None,
+                })
+            }
+            other => Err(Error::input(
+                other.modality().name(),
+                format!("Ultravox does not take {} input", other.modality()),
+                "audio",
+            )),
+        }
+    }
+
+    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
+        self.lm.embed_tokens(ids)
+    }
+
+    fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        Ok(self.lm.new_cache(capacity))
+    }
+
+    fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let embeds = match embeds.rank() {
+            2 => embeds.unsqueeze(0)?,
+            _ => embeds.clone(),
+        };
+        self.lm.forward_embeds(&embeds, cache)
+    }
+}
