@@ -331,6 +331,7 @@ fn corrupt_audio_is_an_input_error() {
 }
 
 #[test]
+#[cfg(target_os = "linux")]
 fn interrupt_exits_130() {
     let m = config_only_model();
     // The prompt comes from stdin, which stays open: the process waits until interrupted.
@@ -341,12 +342,27 @@ fn interrupt_exits_130() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let status = Command::new("kill")
+    // Wait until the process catches SIGINT (bit 1 of SigCgt), however slow its start.
+    let status = format!("/proc/{}/status", child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let caught = std::fs::read_to_string(&status)
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("SigCgt:"))?.to_string();
+                u64::from_str_radix(line.trim_start_matches("SigCgt:").trim(), 16).ok()
+            })
+            .is_some_and(|mask| mask & 0x2 != 0);
+        if caught || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let sent = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap();
-    assert!(status.success());
+    assert!(sent.success());
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130));
     assert!(out.stdout.is_empty());
