@@ -5,4 +5,5 @@ pub mod detok;
 pub mod generate;
 pub mod kv;
 pub mod sampler;
+pub mod scheduler;
 pub mod stop;
