@@ -9,7 +9,7 @@ use std::time::Instant;
 use mmllm::app::pipeline::{self, Loaded, Resolved};
 use mmllm::cli::plan::{parse_device, Plan};
 use mmllm::cli::DTypeArg;
-use mmllm::engine::generate::{generate, Completion, Request};
+use mmllm::engine::generate::{generate, Completion, Request, Sequence};
 use mmllm::engine::scheduler::{self, SchedulerConfig, Stats};
 use mmllm::error::{Error, Result};
 use mmllm::manifest;
@@ -258,16 +258,19 @@ fn kv_cap_queues_requests_and_errors_pass_through() {
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture"]
 fn batching_bench() {
+    for model in ["llava-tiny", "qwen2-vl-tiny"] {
+        bench(model);
+    }
+}
+
+fn bench(model: &str) {
     let photos: [&[&str]; 2] = [&["llava_photo_1.jpg"], &["llava_photo_2.jpg"]];
     let prompts = ["What is in this image?", "Describe it.", "Any people here?"];
     let jobs: Vec<(&str, &[&str], usize)> = (0..24)
         .map(|i| (prompts[i % 3], photos[i % 2], 32))
         .collect();
-    let (_, loaded, requests) = setup(&jobs);
-    println!(
-        "{} jobs, max_tokens 32, tiny LLaVA, f32 CPU",
-        requests.len()
-    );
+    let (_, loaded, requests) = setup_for(model, &jobs);
+    println!("\n{model}: {} jobs, max_tokens 32, f32 CPU", requests.len());
     println!(
         "{:<22} {:>8} {:>8} {:>10} {:>8}",
         "mode", "secs", "jobs/s", "tokens/s", "tokens"
@@ -298,6 +301,45 @@ fn batching_bench() {
             .sum()
     });
     report("sequential (generate)", secs, tokens);
+    // The prefills alone (every mode runs them one by one), to see what decoding costs.
+    let (secs, _) = best(&|| {
+        for r in &requests {
+            Sequence::prefill(loaded.model.as_ref(), &loaded.tokenizer, r, &mut |_| Ok(()))
+                .unwrap();
+        }
+        0
+    });
+    report("prefills only", secs, 0);
+    // Decode steps alone over 8 prefilled caches: 24 tokens each, one sequence at a time
+    // (`decode`) against all 8 per step (`decode_batch`).
+    let m = loaded.model.as_ref();
+    let prefilled: Vec<_> = requests[..8]
+        .iter()
+        .map(|r| {
+            let mut cache = m.new_cache(r.prompt.ids.len() + 32).unwrap();
+            m.prefill(&r.prompt, &r.items, &mut cache).unwrap();
+            cache
+        })
+        .collect();
+    let (secs, tokens) = best(&|| {
+        let mut caches = prefilled.clone();
+        for c in caches.iter_mut() {
+            for _ in 0..24 {
+                m.decode(5, c).unwrap();
+            }
+        }
+        8 * 24
+    });
+    report("decode only, 1 by 1", secs, tokens);
+    let (secs, tokens) = best(&|| {
+        let mut caches = prefilled.clone();
+        let mut refs: Vec<_> = caches.iter_mut().collect();
+        for _ in 0..24 {
+            m.decode_batch(&[5; 8], &mut refs).unwrap();
+        }
+        8 * 24
+    });
+    report("decode only, 8 per step", secs, tokens);
     for max_seqs in [1, 4, 8, 16, 24] {
         let config = SchedulerConfig {
             max_seqs,
@@ -312,4 +354,68 @@ fn batching_bench() {
         });
         report(&format!("batched max_seqs {max_seqs}"), secs, tokens);
     }
+}
+
+/// Through the CLI: the lines of `mmllm batch` do not depend on `--max-seqs`, and 0 is refused.
+#[test]
+fn cli_results_do_not_depend_on_max_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo().join("tests/fixtures/llava-tiny");
+    let photo = |n: u32| repo().join(format!("tests/data/llava_photo_{n}.jpg"));
+    let mut yaml = format!("defaults:\n  model: \"{}\"\njobs:\n", model.display());
+    for (i, (prompt, n, max_tokens)) in [
+        ("What is in this image?", 1, 8),
+        ("Hi", 2, 3),
+        ("Tell me more about it, in detail.", 1, 11),
+        ("Colours?", 2, 5),
+        ("And this?", 1, 2),
+    ]
+    .iter()
+    .enumerate()
+    {
+        yaml.push_str(&format!(
+            "  - id: j{i}\n    prompt: {prompt:?}\n    images: [\"{}\"]\n    max_tokens: {max_tokens}\n",
+            photo(*n).display()
+        ));
+    }
+    let manifest = dir.path().join("jobs.yaml");
+    std::fs::write(&manifest, yaml).unwrap();
+    let run = |max_seqs: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmllm"))
+            .env("HF_HUB_OFFLINE", "1")
+            .stdin(std::process::Stdio::null())
+            .args(["batch", "--device", "cpu", "--max-seqs", max_seqs])
+            .arg(&manifest)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<(String, serde_json::Value)> = stdout
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["id"].as_str().unwrap().to_string(),
+                    v["token_ids"].clone(),
+                )
+            })
+            .collect();
+        (
+            out.status.code(),
+            lines,
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, one, stderr) = run("1");
+    assert_eq!(code, Some(0), "{stderr}");
+    let ids: Vec<&str> = one.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["j0", "j1", "j2", "j3", "j4"]);
+    for max_seqs in ["2", "8"] {
+        let (code, lines, stderr) = run(max_seqs);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert_eq!(lines, one, "--max-seqs {max_seqs}");
+    }
+    let (code, lines, stderr) = run("0");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(lines.is_empty());
+    assert!(stderr.contains("--max-seqs"), "{stderr}");
 }
