@@ -160,6 +160,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
         'mmllm;batch' {
             [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'Write results here (JSONL) instead of stdout')
             [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Write results here (JSONL) instead of stdout')
+            [CompletionResult]::new('--max-seqs', '--max-seqs', [CompletionResultType]::ParameterName, 'Most sequences of one model generated at once (continuous batching)')
             [CompletionResult]::new('--device', '--device', [CompletionResultType]::ParameterName, 'Device: auto, cpu, cuda or cuda:N')
             [CompletionResult]::new('--dtype', '--dtype', [CompletionResultType]::ParameterName, 'Weights dtype: auto (bf16 on CUDA, f32 on CPU), bf16, f16 or f32')
             [CompletionResult]::new('--strict', '--strict', [CompletionResultType]::ParameterName, 'Check every job''s media before running any, and fail listing all problems')

@@ -177,7 +177,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__batch)
-            opts="-o -h --output --strict --resume --unordered --device --dtype --help"
+            opts="-o -h --output --strict --resume --unordered --max-seqs --device --dtype --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -188,6 +188,10 @@ _mmllm() {
                     return 0
                     ;;
                 -o)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-seqs)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -147,6 +147,7 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l ignore-eos -d 'Ke
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l dry-run -d 'Decode the inputs and print the validated plan as JSON without loading weights'
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -s o -l output -d 'Write results here (JSONL) instead of stdout' -r -F
+complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l max-seqs -d 'Most sequences of one model generated at once (continuous batching)' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l device -d 'Device: auto, cpu, cuda or cuda:N' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l dtype -d 'Weights dtype: auto (bf16 on CUDA, f32 on CPU), bf16, f16 or f32' -r -f -a "auto\t''
 bf16\t''

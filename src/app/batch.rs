@@ -1,4 +1,5 @@
-//! `mmllm batch`: a manifest of jobs run model by model (each model loaded once), one JSONL
+//! `mmllm batch`: a manifest of jobs run model by model (each model loaded once, its jobs
+//! decoded together by the engine's continuous-batching scheduler), one JSONL
 //! line per job written whole and flushed, in manifest order (or completion order with
 //! `--unordered`). A failed job gets an error line and the batch goes on; `--resume` keeps the
 //! finished results of an earlier run (repairing a line cut by a kill) and runs the rest.
@@ -11,10 +12,10 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::pipeline::{self, Loaded, Resolved};
+use super::pipeline::{self, Resolved};
 use crate::cli::plan::{parse_device, Plan};
 use crate::cli::BatchArgs;
-use crate::engine::generate::generate;
+use crate::engine::scheduler::{self, SchedulerConfig};
 use crate::error::{Error, Result};
 use crate::manifest::{self, Job};
 use crate::sink::JsonResult;
@@ -94,31 +95,30 @@ pub fn run(args: &BatchArgs) -> Result<()> {
         }
     }
 
-    let mut out = Output::open(args, &todo)?;
-    let progress = Progress::new(todo.len());
-    let (mut failed, mut tokens) = (0usize, 0usize);
+    let out = Output::open(args, &todo)?;
+    let mut tally = Tally {
+        out,
+        progress: Progress::new(todo.len()),
+        started,
+        failed: 0,
+        tokens: 0,
+    };
     for (model, indices) in &models {
-        let mut loaded: Option<Result<Loaded>> = None;
-        for &i in indices {
-            let (job, plan) = (&jobs[i], &plans[i]);
-            let result = match &resolved[model] {
-                Err(e) => Err(Error::usage(e.to_string())),
-                Ok(r) => run_job(plan, r, &mut loaded, &mut no_stdin),
-            };
-            let line = match result {
-                Ok((line, n)) => {
-                    tokens += n;
-                    line
+        match &resolved[model] {
+            Err(e) => {
+                for &i in indices {
+                    tally.finished(&jobs[i], i, Err(Error::usage(e.to_string())))?;
                 }
-                Err(e) => {
-                    failed += 1;
-                    error_line(job, &e)
-                }
-            };
-            out.finished(i, line)?;
-            progress.tick(tokens, started);
+            }
+            Ok(r) => run_model(args, r, indices, &jobs, &plans, &mut tally)?,
         }
     }
+    let Tally {
+        progress,
+        failed,
+        tokens,
+        ..
+    } = tally;
     progress.finish();
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
@@ -136,39 +136,123 @@ pub fn run(args: &BatchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs one job, loading its model on first use; returns its result line and token count.
-fn run_job(
-    plan: &Plan,
+/// Bytes of KV cache the sequences of one model may reserve together; with `--max-seqs`
+/// this bounds how many run at once (a request larger than this still runs, alone).
+const KV_BUDGET_BYTES: usize = 8 << 30;
+
+/// Runs the jobs `indices` of one model through the scheduler. The model loads once the
+/// first job's media is ready (a batch whose media all fail never loads it); later jobs'
+/// media are decoded and encoded only as room frees up in the batch.
+fn run_model(
+    args: &BatchArgs,
     resolved: &Resolved,
-    loaded: &mut Option<Result<Loaded>>,
-    stdin: &mut dyn std::io::Read,
-) -> Result<(String, usize)> {
-    let media = pipeline::prepare_media(plan, resolved, stdin)?;
-    let loaded = loaded.get_or_insert_with(|| pipeline::load(resolved, plan.device, plan.dtype));
-    let loaded = match loaded {
-        Ok(l) => l,
+    indices: &[usize],
+    jobs: &[Job],
+    plans: &[Plan],
+    tally: &mut Tally,
+) -> Result<()> {
+    let mut no_stdin = std::io::empty();
+    let mut todo = indices.iter().copied();
+    let mut first = None;
+    for i in todo.by_ref() {
+        match pipeline::prepare_media(&plans[i], resolved, &mut no_stdin) {
+            Ok(media) => {
+                first = Some((i, media));
+                break;
+            }
+            Err(e) => tally.finished(&jobs[i], i, Err(e))?,
+        }
+    }
+    let Some(first) = first else {
+        return Ok(());
+    };
+    let plan = &plans[first.0];
+    let loaded = match pipeline::load(resolved, plan.device, plan.dtype) {
+        Ok(loaded) => loaded,
         Err(e) => {
-            return Err(Error::Runtime(anyhow::anyhow!(
-                "loading {}: {e}",
-                resolved.name
-            )))
+            let message = format!("loading {}: {e}", resolved.name);
+            tally.finished(
+                &jobs[first.0],
+                first.0,
+                Err(Error::Runtime(anyhow::anyhow!("{message}"))),
+            )?;
+            for i in todo {
+                let result = pipeline::prepare_media(&plans[i], resolved, &mut no_stdin)
+                    .and_then(|_| Err(Error::Runtime(anyhow::anyhow!("{message}"))));
+                tally.finished(&jobs[i], i, result)?;
+            }
+            return Ok(());
         }
     };
-    let request = pipeline::request(plan, resolved, loaded, &media)?;
-    let done = generate(
+
+    let per_position = loaded.model.new_cache(1)?.bytes_per_position().max(1);
+    let config = SchedulerConfig {
+        max_seqs: args.max_seqs.max(1),
+        max_kv_positions: (KV_BUDGET_BYTES / per_position).max(1),
+    };
+    let mut first = Some(first);
+    let mut requests = std::iter::from_fn(|| {
+        let (i, media) = match first.take() {
+            Some(ready) => ready,
+            None => {
+                let i = todo.next()?;
+                match pipeline::prepare_media(&plans[i], resolved, &mut no_stdin) {
+                    Ok(media) => (i, media),
+                    Err(e) => return Some((i, Err(e))),
+                }
+            }
+        };
+        Some((i, pipeline::request(&plans[i], resolved, &loaded, &media)))
+    });
+    scheduler::run(
         loaded.model.as_ref(),
         &loaded.tokenizer,
-        &request,
-        &mut |_| Ok(()),
+        config,
+        &mut requests,
+        &mut |i, done| {
+            let plan = &plans[i];
+            let line = done.and_then(|done| {
+                let line = serde_json::to_string(&JsonResult::new(
+                    &plan.id,
+                    &plan.model,
+                    &done,
+                    loaded.load_s,
+                ))
+                .map_err(|e| Error::Runtime(e.into()))?;
+                Ok((line, done.token_ids.len()))
+            });
+            tally.finished(&jobs[i], i, line)
+        },
     )?;
-    let line = serde_json::to_string(&JsonResult::new(
-        &plan.id,
-        &plan.model,
-        &done,
-        loaded.load_s,
-    ))
-    .map_err(|e| Error::Runtime(e.into()))?;
-    Ok((line, done.token_ids.len()))
+    Ok(())
+}
+
+/// Lines written so far, failures and generated tokens.
+struct Tally {
+    out: Output,
+    progress: Progress,
+    started: Instant,
+    failed: usize,
+    tokens: usize,
+}
+
+impl Tally {
+    /// Job `i` finished with its result line and token count, or an error.
+    fn finished(&mut self, job: &Job, i: usize, result: Result<(String, usize)>) -> Result<()> {
+        let line = match result {
+            Ok((line, n)) => {
+                self.tokens += n;
+                line
+            }
+            Err(e) => {
+                self.failed += 1;
+                error_line(job, &e)
+            }
+        };
+        self.out.finished(i, line)?;
+        self.progress.tick(self.tokens, self.started);
+        Ok(())
+    }
 }
 
 fn error_line(job: &Job, e: &Error) -> String {

@@ -251,6 +251,9 @@ pub struct BatchArgs {
     /// Write results in completion order instead of manifest order.
     #[arg(long)]
     pub unordered: bool,
+    /// Most sequences of one model generated at once (continuous batching).
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = at_least_one)]
+    pub max_seqs: usize,
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -330,4 +333,12 @@ pub fn completions(cmd: &clap::Command) -> Vec<(String, Vec<u8>)> {
         (file.to_string(), buf)
     })
     .collect()
+}
+
+/// A count of 1 or more.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number of at least 1")),
+    }
 }

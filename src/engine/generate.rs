@@ -4,10 +4,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::Tensor;
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use super::detok::Detokenizer;
+use super::kv::KvCache;
 use super::sampler::{log_softmax, top_logprobs, Sampler, SamplingParams};
 use super::stop::StopMatcher;
 use crate::error::{Error, Result};
@@ -83,42 +85,119 @@ pub fn generate(
     req: &Request,
     on_event: &mut dyn FnMut(Event) -> Result<()>,
 ) -> Result<Completion> {
-    let start = req.started;
-    let prompt_len = req.prompt.ids.len();
-    let max_positions = model.info().max_positions;
-    if prompt_len >= max_positions {
-        return Err(Error::input(
-            "prompt",
-            format!("{prompt_len} tokens with media expanded"),
-            format!("fewer than the model's {max_positions} positions"),
-        ));
+    let mut seq = Sequence::prefill(model, tokenizer, req, on_event)?;
+    while let Some(id) = seq.step(req, on_event)? {
+        let logits = model.decode(id, &mut seq.cache)?;
+        seq.set_logits(logits);
     }
-    let capacity = (prompt_len + req.max_tokens).min(max_positions);
-    let mut cache = model.new_cache(capacity)?;
-    let mut sampler = Sampler::new(req.sampling.clone());
-    let mut detok = Detokenizer::new(Arc::clone(tokenizer), true);
-    let mut stops = StopMatcher::new(req.stop.clone());
+    seq.finish(req, on_event)
+}
 
-    let mut logits = model.prefill(&req.prompt, &req.items, &mut cache)?;
-    on_event(Event::Started {
-        prompt_tokens: prompt_len,
-    })?;
-    let mut ttft_s = None;
-    let mut context: Vec<u32> = req.prompt.ids.clone();
-    let mut token_ids = Vec::new();
-    let mut text = String::new();
-    let mut logprobs = req.logprobs.map(|_| Vec::new());
-    let mut finish_reason = FinishReason::Length;
-    let mut stopped_by_string = false;
-    while token_ids.len() < req.max_tokens {
-        let row: Vec<f32> = logits.to_vec1()?;
-        let id = sampler.sample(&row, &context);
-        ttft_s.get_or_insert_with(|| start.elapsed().as_secs_f64());
-        if req.eos.contains(&id) {
-            finish_reason = FinishReason::Stop;
-            break;
+/// One sequence being generated: its cache, sampler, detokenizer and stop matcher, and the
+/// output so far. [`generate`] drives one; the scheduler drives many, batching their decode
+/// steps. Either way the per-token logic below is the same, so results are too.
+pub struct Sequence {
+    /// The sequence's own KV cache, lent to the model for each decode.
+    pub cache: KvCache,
+    capacity: usize,
+    start: Instant,
+    logits: Option<Tensor>,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stops: StopMatcher,
+    ttft_s: Option<f64>,
+    context: Vec<u32>,
+    token_ids: Vec<u32>,
+    text: String,
+    logprobs: Option<Vec<TokenLogprob>>,
+    finish_reason: FinishReason,
+    stopped_by_string: bool,
+    done: bool,
+}
+
+impl Sequence {
+    /// KV positions `req` needs (prompt plus generated tokens, within the model's limit).
+    pub fn capacity(model: &dyn Model, req: &Request) -> usize {
+        (req.prompt.ids.len() + req.max_tokens).min(model.info().max_positions)
+    }
+
+    /// Checks the prompt fits, runs the prefill and reports [`Event::Started`].
+    pub fn prefill(
+        model: &dyn Model,
+        tokenizer: &Arc<Tokenizer>,
+        req: &Request,
+        on_event: &mut dyn FnMut(Event) -> Result<()>,
+    ) -> Result<Self> {
+        let start = req.started;
+        let prompt_len = req.prompt.ids.len();
+        let max_positions = model.info().max_positions;
+        if prompt_len >= max_positions {
+            return Err(Error::input(
+                "prompt",
+                format!("{prompt_len} tokens with media expanded"),
+                format!("fewer than the model's {max_positions} positions"),
+            ));
         }
-        if let (Some(n), Some(list)) = (req.logprobs, logprobs.as_mut()) {
+        let capacity = Self::capacity(model, req);
+        let mut cache = model.new_cache(capacity)?;
+        let logits = model.prefill(&req.prompt, &req.items, &mut cache)?;
+        on_event(Event::Started {
+            prompt_tokens: prompt_len,
+        })?;
+        Ok(Self {
+            cache,
+            capacity,
+            start,
+            logits: Some(logits),
+            sampler: Sampler::new(req.sampling.clone()),
+            detok: Detokenizer::new(Arc::clone(tokenizer), true),
+            stops: StopMatcher::new(req.stop.clone()),
+            ttft_s: None,
+            context: req.prompt.ids.clone(),
+            token_ids: Vec::new(),
+            text: String::new(),
+            logprobs: req.logprobs.map(|_| Vec::new()),
+            finish_reason: FinishReason::Length,
+            stopped_by_string: false,
+            done: req.max_tokens == 0,
+        })
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    /// Hands over the logits of the decode of the token [`Sequence::step`] returned.
+    pub fn set_logits(&mut self, logits: Tensor) {
+        self.logits = Some(logits);
+    }
+
+    /// Samples the next token from the pending logits and emits its text. Returns the token
+    /// to decode next, or `None` once the sequence is finished (then call
+    /// [`Sequence::finish`]).
+    pub fn step(
+        &mut self,
+        req: &Request,
+        on_event: &mut dyn FnMut(Event) -> Result<()>,
+    ) -> Result<Option<u32>> {
+        if self.done {
+            return Ok(None);
+        }
+        let Some(logits) = self.logits.take() else {
+            return Err(anyhow::anyhow!("sequence stepped without logits").into());
+        };
+        let row: Vec<f32> = logits.to_vec1()?;
+        let id = self.sampler.sample(&row, &self.context);
+        let start = self.start;
+        self.ttft_s
+            .get_or_insert_with(|| start.elapsed().as_secs_f64());
+        if req.eos.contains(&id) {
+            self.finish_reason = FinishReason::Stop;
+            self.done = true;
+            return Ok(None);
+        }
+        if let (Some(n), Some(list)) = (req.logprobs, self.logprobs.as_mut()) {
             let lp = log_softmax(&row);
             list.push(TokenLogprob {
                 token_id: id,
@@ -129,45 +208,56 @@ pub fn generate(
                     .collect(),
             });
         }
-        token_ids.push(id);
-        context.push(id);
-        let piece = detok.push(id)?;
-        let step = stops.push(&piece);
+        self.token_ids.push(id);
+        self.context.push(id);
+        let piece = self.detok.push(id)?;
+        let step = self.stops.push(&piece);
         if !step.emit.is_empty() {
-            text.push_str(&step.emit);
+            self.text.push_str(&step.emit);
             on_event(Event::Text(step.emit))?;
         }
         if step.stopped {
-            finish_reason = FinishReason::Stop;
-            stopped_by_string = true;
-            break;
+            self.finish_reason = FinishReason::Stop;
+            self.stopped_by_string = true;
+            self.done = true;
+            return Ok(None);
         }
-        if token_ids.len() == req.max_tokens || cache.len() >= capacity {
-            break;
+        if self.token_ids.len() >= req.max_tokens || self.cache.len() >= self.capacity {
+            self.done = true;
+            return Ok(None);
         }
-        logits = model.decode(id, &mut cache)?;
+        Ok(Some(id))
     }
-    if !stopped_by_string {
-        let tail = detok.finish()?;
-        let step = stops.push(&tail);
-        let mut rest = step.emit;
-        if step.stopped {
-            finish_reason = FinishReason::Stop;
-        } else {
-            rest.push_str(&stops.finish());
+
+    /// Flushes the detokenizer and stop matcher and returns the completion.
+    pub fn finish(
+        mut self,
+        req: &Request,
+        on_event: &mut dyn FnMut(Event) -> Result<()>,
+    ) -> Result<Completion> {
+        if !self.stopped_by_string {
+            let tail = self.detok.finish()?;
+            let step = self.stops.push(&tail);
+            let mut rest = step.emit;
+            if step.stopped {
+                self.finish_reason = FinishReason::Stop;
+            } else {
+                rest.push_str(&self.stops.finish());
+            }
+            if !rest.is_empty() {
+                self.text.push_str(&rest);
+                on_event(Event::Text(rest))?;
+            }
         }
-        if !rest.is_empty() {
-            text.push_str(&rest);
-            on_event(Event::Text(rest))?;
-        }
+        let start = self.start;
+        Ok(Completion {
+            text: self.text,
+            token_ids: self.token_ids,
+            finish_reason: self.finish_reason,
+            prompt_tokens: req.prompt.ids.len(),
+            logprobs: self.logprobs,
+            ttft_s: self.ttft_s.unwrap_or_else(|| start.elapsed().as_secs_f64()),
+            total_s: start.elapsed().as_secs_f64(),
+        })
     }
-    Ok(Completion {
-        text,
-        token_ids,
-        finish_reason,
-        prompt_tokens: prompt_len,
-        logprobs,
-        ttft_s: ttft_s.unwrap_or_else(|| start.elapsed().as_secs_f64()),
-        total_s: start.elapsed().as_secs_f64(),
-    })
 }

@@ -63,6 +63,11 @@ impl KvCache {
         self.capacity
     }
 
+    /// Bytes of keys and values one position takes over all layers.
+    pub fn bytes_per_position(&self) -> usize {
+        2 * self.layers.len() * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
+    }
+
     /// Writes `k`, `v` of shape `(1, kv_heads, new, head_dim)` for `layer` at the current
     /// position and returns all keys and values cached so far including them.
     /// Call [`KvCache::advance`] once per forward, after the last layer.

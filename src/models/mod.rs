@@ -69,8 +69,8 @@ pub struct ItemGrid {
 
 /// A loaded model. Object safe: the engine drives any family through it.
 ///
-/// The engine calls [`Model::prefill`] once per sequence and [`Model::decode`] per generated
-/// token. Decoder-only families that splice media features into token embeddings only
+/// The engine calls [`Model::prefill`] once per sequence and [`Model::decode`] (or
+/// [`Model::decode_batch`] for many sequences at once) per generated token. Decoder-only families that splice media features into token embeddings only
 /// implement `forward`; families with their own position scheme (M-RoPE) or an encoder whose
 /// output is attended to (Whisper) override `prefill`/`decode`.
 pub trait Model: Send {
@@ -112,6 +112,31 @@ pub trait Model: Send {
         let embeds = self.embed_tokens(&[id])?;
         self.forward(&embeds, cache)
     }
+
+    /// One generated token for each of several sequences at once: `ids[i]` follows the
+    /// positions in `caches[i]` (caches may hold different lengths). Returns each sequence's
+    /// logits `(vocab,)` as f32, as [`Model::decode`] would. The default loops over the
+    /// sequences; families override it to share each weight matmul across the batch.
+    fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
+        check_batch(ids, caches)?;
+        ids.iter()
+            .zip(caches.iter_mut())
+            .map(|(&id, cache)| self.decode(id, cache))
+            .collect()
+    }
+}
+
+/// One id per cache, at least one of each.
+pub fn check_batch(ids: &[u32], caches: &[&mut KvCache]) -> Result<()> {
+    if ids.len() != caches.len() || ids.is_empty() {
+        return Err(anyhow::anyhow!(
+            "decode_batch: {} ids for {} caches (expected one id per cache, at least one)",
+            ids.len(),
+            caches.len()
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Input embeddings `(seq, hidden)`: token embeddings with each span replaced by its item's

@@ -1,6 +1,7 @@
 //! The one integration-test binary: one module per area.
 
 mod batch;
+mod batching;
 mod cli;
 mod engine_pure;
 mod hub;

@@ -329,9 +329,53 @@ impl Attention {
         let q = candle_nn::rotary_emb::rope(&q, &rot.cos, &rot.sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &rot.cos, &rot.sin)?;
         let (k, v) = cache.append(layer, &k, &v)?;
+        let out = self.attend(&q, &k, &v, mask)?.transpose(1, 2)?.reshape((
+            b,
+            t,
+            self.heads * self.head_dim,
+        ))?;
+        self.o.forward(&out)
+    }
+
+    /// One new position for each of `B` sequences: `xs` is `(B, hidden)`, row `i` belonging
+    /// to `caches[i]`; `rot` holds each row's own position `(B, 1, head_dim / 2)`. The
+    /// projections run once over all rows; attention runs per sequence over its own cache.
+    fn forward_batch(
+        &self,
+        xs: &Tensor,
+        rot: &Rotary,
+        layer: usize,
+        caches: &mut [&mut KvCache],
+    ) -> candle_core::Result<Tensor> {
+        let b = xs.dim(0)?;
+        // With one position per row, `(B, heads * hd)` is already `(B, heads, 1, hd)` in memory.
+        let split = |x: Tensor, heads: usize| x.reshape((b, heads, 1, self.head_dim));
+        let q = split(self.q.forward(xs)?, self.heads)?;
+        let k = split(self.k.forward(xs)?, self.kv_heads)?;
+        let v = split(self.v.forward(xs)?, self.kv_heads)?;
+        let q = candle_nn::rotary_emb::rope(&q, &rot.cos, &rot.sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, &rot.cos, &rot.sin)?;
+        let mut outs = Vec::with_capacity(b);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let (ck, cv) = cache.append(layer, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+            let out = self.attend(&q.narrow(0, i, 1)?, &ck, &cv, None)?;
+            outs.push(out.reshape((1, self.heads * self.head_dim))?);
+        }
+        self.o.forward(&Tensor::cat(&outs, 0)?)
+    }
+
+    /// Scaled dot-product attention of `q` `(b, heads, t, hd)` over cached `k`, `v`
+    /// `(b, kv_heads, s, hd)`; returns `(b, heads, t, hd)`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let rep = self.heads / self.kv_heads;
-        let k = repeat_kv(&k, rep)?;
-        let v = repeat_kv(&v, rep)?;
+        let k = repeat_kv(k, rep)?;
+        let v = repeat_kv(v, rep)?;
         let scale = (self.head_dim as f64).powf(-0.5);
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if let Some(mask) = mask {
@@ -340,12 +384,7 @@ impl Attention {
         // Softmax in f32 then back, as HF's eager attention does.
         let probs =
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(q.dtype())?;
-        let out = probs.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((
-            b,
-            t,
-            self.heads * self.head_dim,
-        ))?;
-        self.o.forward(&out)
+        probs.matmul(&v.contiguous()?)
     }
 }
 
@@ -478,9 +517,19 @@ impl Llama {
 
     fn rotary(&self, start: usize, len: usize) -> candle_core::Result<Rotary> {
         let half = self.inv_freqs.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for pos in start..start + len {
+        self.rotary_at(start..start + len, &[len, half])
+    }
+
+    /// cos/sin tables for `positions`, shaped `shape` (its product = positions × half).
+    fn rotary_at(
+        &self,
+        positions: impl ExactSizeIterator<Item = usize>,
+        shape: &[usize],
+    ) -> candle_core::Result<Rotary> {
+        let half = self.inv_freqs.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for pos in positions {
             for f in &self.inv_freqs {
                 // f32 product, as HF computes `position * inv_freq` in float32.
                 let angle = pos as f32 * f;
@@ -489,7 +538,7 @@ impl Llama {
             }
         }
         let table = |v: Vec<f32>| {
-            Tensor::from_vec(v, (len, half), &Device::Cpu)?
+            Tensor::from_vec(v, shape, &Device::Cpu)?
                 .to_dtype(self.dtype)?
                 .to_device(&self.device)
         };
@@ -531,6 +580,42 @@ impl Llama {
         let last = xs.narrow(1, t - 1, 1)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
         Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
+    }
+
+    /// One new position for each of several sequences: row `i` of `embeds` `(B, hidden)`
+    /// follows the positions in `caches[i]`. Every weight matmul (projections, MLP,
+    /// `lm_head`) runs once over the `B` rows; attention and rotary positions stay per
+    /// sequence, so caches of different lengths need no padding. Returns `(B, vocab)` f32
+    /// logits and advances each cache by one.
+    pub fn forward_decode_batch(
+        &self,
+        embeds: &Tensor,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let (b, h) = embeds.dims2()?;
+        if b != caches.len() || h != self.cfg.hidden_size || b == 0 {
+            return Err(Error::input(
+                "embeddings",
+                format!("shape {:?} for {} caches", embeds.dims(), caches.len()),
+                format!("(one row per cache, {})", self.cfg.hidden_size),
+            ));
+        }
+        let half = self.inv_freqs.len();
+        let positions: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let rot = self.rotary_at(positions.into_iter(), &[b, 1, half])?;
+        let mut xs = embeds.to_dtype(self.dtype)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let attn = block
+                .attn
+                .forward_batch(&block.norm1.forward(&xs)?, &rot, i, caches)?;
+            xs = (xs + attn)?;
+            xs = (&xs + block.mlp.forward(&block.norm2.forward(&xs)?)?)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.advance(1);
+        }
+        let logits = self.lm_head.forward(&self.norm.forward(&xs)?)?;
+        Ok(logits.to_dtype(DType::F32)?)
     }
 }
 
@@ -651,6 +736,46 @@ mod tests {
             assert!(spread > 1e-2, "degenerate logits: spread {spread}");
             let diff = (full - stepped)?.abs()?.max(0)?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "kv_heads {kv_heads}: {diff}");
+        }
+        Ok(())
+    }
+
+    /// Batched decode over caches of different lengths must equal decoding each sequence
+    /// alone, with and without grouped-query attention.
+    #[test]
+    fn decode_batch_equals_per_sequence_decode() -> Result<()> {
+        for kv_heads in [4, 2] {
+            let cfg = cfg(&format!(
+                r#"{{"vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
+                    "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": {kv_heads}, "rms_norm_eps": 1e-5,
+                    "tie_word_embeddings": true}}"#
+            ));
+            let map = candle_nn::VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+            let model = Llama::load(&cfg, vb.pp("model"), vb.pp("lm_head"), true)?;
+            let prompts: [&[u32]; 3] = [&[3, 17, 4], &[42, 9, 11, 23, 5, 8, 1], &[7]];
+            let next = [12u32, 30, 2];
+            let mut alone = Vec::new();
+            let mut batched: Vec<KvCache> = Vec::new();
+            for (prompt, &id) in prompts.iter().zip(&next) {
+                let mut cache = model.new_cache(prompt.len() + 2);
+                let embeds = model.embed_tokens(prompt)?.unsqueeze(0)?;
+                model.forward_embeds(&embeds, &mut cache)?;
+                batched.push(cache.clone());
+                let step = model.embed_tokens(&[id])?.unsqueeze(0)?;
+                alone.push(model.forward_embeds(&step, &mut cache)?);
+            }
+            let mut refs: Vec<&mut KvCache> = batched.iter_mut().collect();
+            let logits = model.forward_decode_batch(&model.embed_tokens(&next)?, &mut refs)?;
+            assert_eq!(logits.dims(), [3, 50]);
+            for (i, (want, prompt)) in alone.iter().zip(&prompts).enumerate() {
+                assert_eq!(batched[i].len(), prompt.len() + 1);
+                let spread = (want.max(0)? - want.min(0)?)?.to_scalar::<f32>()?;
+                assert!(spread > 1e-2, "degenerate logits: spread {spread}");
+                let diff = (want - logits.get(i)?)?.abs()?.max(0)?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "kv_heads {kv_heads}, sequence {i}: {diff}");
+            }
         }
         Ok(())
     }

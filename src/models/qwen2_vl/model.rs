@@ -177,7 +177,6 @@ impl TextModel {
         } else {
             None
         };
-        let scale = (hd as f64).powf(-0.5);
         let mut x = embeds.to_dtype(self.dtype)?.unsqueeze(0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
@@ -199,37 +198,105 @@ impl TextModel {
             let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
             let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
             let (k, v) = cache.append(li, &k, &v)?;
-            let total = k.dim(2)?;
-            let groups = heads / kv_heads;
-            // repeat_kv: head h reads kv head h / groups.
-            let k = k
-                .unsqueeze(2)?
-                .expand((1, kv_heads, groups, total, hd))?
-                .reshape((1, heads, total, hd))?;
-            let v = v
-                .unsqueeze(2)?
-                .expand((1, kv_heads, groups, total, hd))?
-                .reshape((1, heads, total, hd))?;
-            let mut att = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-            if let Some(m) = &mask {
-                att = att.broadcast_add(m)?;
-            }
-            let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(self.dtype)?;
-            let o = att
-                .matmul(&v)?
+            let o = self
+                .attend(&q, &k, &v, mask.as_ref())?
                 .transpose(1, 2)?
                 .reshape((1, seq, heads * hd))?;
             x = (x + layer.attn.o.forward(&o)?)?;
-            let h = layer.post_norm.forward(&x)?;
-            let h = layer
-                .down
-                .forward(&(layer.act.apply(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?)?;
-            x = (x + h)?;
+            x = (&x + self.mlp(layer, &x)?)?;
         }
         cache.advance(seq);
         let last = x.narrow(1, seq - 1, 1)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
         Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
+    }
+
+    /// One new text token for each of several sequences: row `i` of `embeds` `(B, hidden)`
+    /// sits at `positions[i]` after what `caches[i]` holds. The projections, MLP and `lm_head`
+    /// run once over all rows; attention runs per sequence over its own cache. Returns
+    /// `(B, vocab)` f32 logits and advances each cache by one.
+    fn forward_decode_batch(
+        &self,
+        embeds: &Tensor,
+        positions: &[[i64; 3]],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let (b, _) = embeds.dims2()?;
+        if b != positions.len() || b != caches.len() || b == 0 {
+            return Err(anyhow::anyhow!(
+                "{b} embeddings for {} positions and {} caches",
+                positions.len(),
+                caches.len()
+            )
+            .into());
+        }
+        let (heads, kv_heads, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let (cos, sin) = self.rope(positions)?;
+        let cos = cos.reshape((b, 1, 1, hd))?;
+        let sin = sin.reshape((b, 1, 1, hd))?;
+        let mut x = embeds.to_dtype(self.dtype)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(&x)?;
+            // One position per row: `(B, heads * hd)` is `(B, heads, 1, hd)` in memory.
+            let q = layer.attn.q.forward(&h)?.reshape((b, heads, 1, hd))?;
+            let k = layer.attn.k.forward(&h)?.reshape((b, kv_heads, 1, hd))?;
+            let v = layer.attn.v.forward(&h)?.reshape((b, kv_heads, 1, hd))?;
+            let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
+            let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
+            let mut outs = Vec::with_capacity(b);
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let (ck, cv) = cache.append(li, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+                let o = self.attend(&q.narrow(0, i, 1)?, &ck, &cv, None)?;
+                outs.push(o.reshape((1, heads * hd))?);
+            }
+            x = (x + layer.attn.o.forward(&Tensor::cat(&outs, 0)?)?)?;
+            x = (&x + self.mlp(layer, &x)?)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.advance(1);
+        }
+        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// Eager attention of `q` `(1, heads, t, hd)` over cached `k`, `v` `(1, kv_heads, s, hd)`;
+    /// returns `(1, heads, t, hd)`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (heads, kv_heads, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let total = k.dim(2)?;
+        let groups = heads / kv_heads;
+        // repeat_kv: head h reads kv head h / groups.
+        let k = k
+            .unsqueeze(2)?
+            .expand((1, kv_heads, groups, total, hd))?
+            .reshape((1, heads, total, hd))?;
+        let v = v
+            .unsqueeze(2)?
+            .expand((1, kv_heads, groups, total, hd))?
+            .reshape((1, heads, total, hd))?;
+        let scale = (hd as f64).powf(-0.5);
+        let mut att = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        if let Some(m) = mask {
+            att = att.broadcast_add(m)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(self.dtype)?;
+        Ok(att.matmul(&v)?)
+    }
+
+    /// The gated MLP of one layer over its post-attention norm of `x`.
+    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        let h = layer.post_norm.forward(x)?;
+        Ok(layer
+            .down
+            .forward(&(layer.act.apply(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?)?)
     }
 }
 
@@ -741,6 +808,22 @@ impl Model for Qwen2VlModel {
         let embeds = self.embed_tokens(&[id])?;
         let positions = Self::text_positions(cache, 1);
         self.text.forward(&embeds, &positions, cache)
+    }
+
+    fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
+        crate::models::check_batch(ids, caches)?;
+        let embeds = self.embed_tokens(ids)?;
+        // Each sequence continues at its own text position (cache length + its rope_delta).
+        let positions: Vec<[i64; 3]> = caches
+            .iter()
+            .map(|c| Self::text_positions(c, 1)[0])
+            .collect();
+        let logits = self
+            .text
+            .forward_decode_batch(&embeds, &positions, caches)?;
+        Ok((0..ids.len())
+            .map(|i| logits.get(i))
+            .collect::<candle_core::Result<_>>()?)
     }
 }
 
