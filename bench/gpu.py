@@ -94,7 +94,7 @@ def make_llava7b(out_dir):
     return model
 
 
-def hf_speed(model, model_dir, new_tokens):
+def hf_speed(model, model_dir, image, new_tokens):
     processor = transformers.AutoProcessor.from_pretrained(model_dir)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -113,7 +113,16 @@ def hf_speed(model, model_dir, new_tokens):
     timed(2)  # warm-up
     ttft = min(timed(1) for _ in range(3))
     total = timed(new_tokens)
-    return ttft, (new_tokens - 1) / (total - ttft), inputs["input_ids"].shape[1]
+
+    def batch_inputs(image, n):
+        processor.tokenizer.padding_side = "left"
+        b = processor(images=[Image.open(image)] * n, text=[text] * n, padding=True,
+                      return_tensors="pt").to("cuda")
+        b["pixel_values"] = b["pixel_values"].to(torch.bfloat16)
+        return b
+
+    batch_tps = hf_concurrent(model, batch_inputs, PHOTO, new_tokens)
+    return ttft, (new_tokens - 1) / (total - ttft), inputs["input_ids"].shape[1], batch_tps
 
 
 def make_qwen2vl_2b(out_dir):
@@ -165,46 +174,73 @@ def hf_speed_qwen(model, model_dir, image, new_tokens):
     timed(2)
     ttft = min(timed(1) for _ in range(3))
     total = timed(new_tokens)
-    return ttft, (new_tokens - 1) / (total - ttft), inputs["input_ids"].shape[1]
+
+    def batch_inputs(image, n):
+        processor.tokenizer.padding_side = "left"
+        b = processor(images=[Image.open(image)] * n, text=[text] * n, padding=True,
+                      return_tensors="pt").to("cuda")
+        b["pixel_values"] = b["pixel_values"].to(torch.bfloat16)
+        return b
+
+    batch_tps = hf_concurrent(model, batch_inputs, image, new_tokens)
+    return ttft, (new_tokens - 1) / (total - ttft), inputs["input_ids"].shape[1], batch_tps
 
 
-def run_batch_warm(binary, model, image, new_tokens, jobs=3):
-    """`mmllm batch` of identical jobs (model loaded once); the last job's timing is warm."""
+def run_batch(binary, model, image, new_tokens, jobs, max_seqs):
+    """`mmllm batch` of identical jobs (model loaded once): all result lines and the wall time."""
     d = tempfile.mkdtemp(prefix="batch-")
     manifest = os.path.join(d, "jobs.yaml")
     with open(manifest, "w") as f:
         f.write(f"defaults:\n  model: {model}\n  max_tokens: {new_tokens}\n  ignore_eos: true\njobs:\n")
         for i in range(jobs):
             f.write(f"  - id: j{i}\n    prompt: {json.dumps(PROMPT)}\n    images: [{json.dumps(image)}]\n")
-    cmd = [binary, "batch", manifest, "--device", "cuda", "--dtype", "bf16"]
+    cmd = [binary, "batch", manifest, "--device", "cuda", "--dtype", "bf16", "--max-seqs", str(max_seqs)]
+    t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
     if out.returncode != 0:
         sys.stderr.write(out.stderr)
         raise SystemExit(f"mmllm batch failed ({out.returncode})")
     lines = [json.loads(l) for l in out.stdout.strip().splitlines()]
     shutil.rmtree(d, ignore_errors=True)
-    return lines[-1], " ".join(cmd) + f"  (manifest: {jobs} identical jobs, model {model})"
+    return lines, wall, " ".join(cmd) + f"  (manifest: {jobs} identical jobs, model {model})"
+
+
+def hf_concurrent(model, processor_fn, image, new_tokens, n=16):
+    """HF generate over n identical prompts in one padded batch: output tokens per second."""
+    inputs = processor_fn(image, n)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    torch.cuda.synchronize()
+    return n * new_tokens / (time.perf_counter() - t0)
 
 
 def speed_rows(name, binary, d, model, hf_fn, image, new_tokens):
-    hf_ttft, hf_tps, n_prompt = hf_fn(model, d, *([image] if image else []), new_tokens)
+    hf_ttft, hf_tps, n_prompt, hf_batch_tps = hf_fn(model, d, image or PHOTO, new_tokens)
     del model
     torch.cuda.empty_cache()
     image = image or PHOTO
     extra = ["--device", "cuda", "--dtype", "bf16", "--max-tokens", str(new_tokens), "--ignore-eos"]
     run_mmllm(binary, d, *extra, image=image)  # warm-up (PTX JIT, page cache)
     cold, wall, cmd = run_mmllm(binary, d, *extra, image=image)
-    warm, batch_cmd = run_batch_warm(binary, d, image, new_tokens)
+    lines, _, warm_cmd = run_batch(binary, d, image, new_tokens, jobs=3, max_seqs=1)
+    warm = lines[-1]
+    lines16, wall16, batch_cmd = run_batch(binary, d, image, new_tokens, jobs=16, max_seqs=16)
+    load_s = lines16[0]["timing"]["load_ms"] / 1e3
+    out_tps = sum(l["usage"]["completion_tokens"] for l in lines16) / max(wall16 - load_s, 1e-9)
     weight_bytes = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
                        if f.endswith(".safetensors"))
-    print(f"\n| {name}, bf16, batch 1, {n_prompt} prompt tokens (HF count) | TTFT ms | decode tok/s |")
-    print("|---|---|---|")
-    print(f"| HF transformers {transformers.__version__} generate (warm process) | {hf_ttft * 1e3:.1f} | {hf_tps:.1f} |")
-    print(f"| mmllm image, new process per prompt | {cold['timing']['ttft_ms']:.1f} | {cold['timing']['tokens_per_s']:.1f} |")
-    print(f"| mmllm batch, 3rd identical job (warm) | {warm['timing']['ttft_ms']:.1f} | {warm['timing']['tokens_per_s']:.1f} |")
+    print(f"\n| {name}, bf16, {n_prompt} prompt tokens (HF count) | TTFT ms | decode tok/s (batch 1) | output tok/s, 16 prompts |")
+    print("|---|---|---|---|")
+    print(f"| HF transformers {transformers.__version__} generate (warm process) | {hf_ttft * 1e3:.1f} | {hf_tps:.1f} | {hf_batch_tps:.0f} |")
+    print(f"| mmllm image, new process per prompt | {cold['timing']['ttft_ms']:.1f} | {cold['timing']['tokens_per_s']:.1f} | |")
+    print(f"| mmllm batch, 3rd identical job (warm, --max-seqs 1) | {warm['timing']['ttft_ms']:.1f} | {warm['timing']['tokens_per_s']:.1f} | |")
+    print(f"| mmllm batch, 16 jobs, --max-seqs 16 (wall minus load) | | | {out_tps:.0f} |")
     print(f"  mmllm prompt tokens {cold['usage']['prompt_tokens']}; weights {weight_bytes / 1e9:.2f} GB; "
-          f"load {cold['timing']['load_ms']:.0f} ms; process wall {wall:.1f} s")
-    print(f"  commands: {cmd}\n            {batch_cmd}")
+          f"load {cold['timing']['load_ms']:.0f} ms; process wall {wall:.1f} s; 16-job wall {wall16:.1f} s")
+    print(f"  commands: {cmd}\n            {warm_cmd}\n            {batch_cmd}")
 
 
 def main():
