@@ -17,7 +17,7 @@ use crate::hub::{self, HubOptions, ModelDir};
 use crate::media::{self, MediaItem, Modality};
 use crate::models::registry::{self, Family, LoadContext};
 use crate::models::{EncodedItem, FamilyDefaults, Model};
-use crate::prompt::template::{ChatTemplate, ContentPart, Message, TemplateFiles};
+use crate::prompt::template::{ChatTemplate, ContentPart, Message, TemplateFiles, TextMessage};
 use crate::prompt::{self, Expansion, Spliced};
 use crate::sink;
 
@@ -76,6 +76,7 @@ pub struct Loaded {
 pub fn load(resolved: &Resolved, device: DeviceChoice, dtype: DTypeArg) -> Result<Loaded> {
     let start = Instant::now();
     let dir = &resolved.dir;
+    let extra_dirs = resolve_extra_models(resolved)?;
     let tokenizer = Arc::new(load_tokenizer(dir)?);
     let tokenizer_config = tokenizer_config(dir)?;
     let eos = eos_ids(dir, &tokenizer, tokenizer_config.as_ref())?;
@@ -85,6 +86,7 @@ pub fn load(resolved: &Resolved, device: DeviceChoice, dtype: DTypeArg) -> Resul
     let spinner = sink::spinner("loading model");
     let model = (resolved.family.load)(&LoadContext {
         dir: &dir.root,
+        extra_dirs: &extra_dirs,
         config: &resolved.config,
         device: &device,
         dtype,
@@ -99,6 +101,46 @@ pub fn load(resolved: &Resolved, device: DeviceChoice, dtype: DTypeArg) -> Resul
         eos,
         load_s: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Resolves each model `config.json` names for part of the weights (as `--model` is resolved:
+/// same cache and offline rules) and brings its `config.json` and weights on disk. Errors say
+/// which model named it.
+fn resolve_extra_models(resolved: &Resolved) -> Result<Vec<std::path::PathBuf>> {
+    let opts = HubOptions::from_env()?;
+    resolved
+        .defaults
+        .extra_models
+        .iter()
+        .map(|extra| {
+            let named_by = || {
+                format!(
+                    " (named by {} in the config.json of {})",
+                    extra.key,
+                    resolved.dir.display()
+                )
+            };
+            let extra = hub::resolve(&extra.reference, &opts)
+                .and_then(|d| {
+                    d.config()?;
+                    d.weight_files()?;
+                    Ok(d)
+                })
+                .map_err(|e| match e {
+                    Error::Input {
+                        input,
+                        problem,
+                        expected,
+                    } => Error::Input {
+                        input,
+                        problem: problem + &named_by(),
+                        expected,
+                    },
+                    other => other,
+                })?;
+            Ok(extra.root)
+        })
+        .collect()
 }
 
 /// The engine request for `plan`: the prompt rendered and tokenized, media encoded and
@@ -268,6 +310,9 @@ fn render_prompt(
             "a chat template: pass --chat-template FILE, or --raw with the model's placeholders",
         )
         })?;
+    if defaults.string_content {
+        return render_string_content(plan, &template, defaults, media);
+    }
     let mut messages = Vec::new();
     if let Some(system) = &plan.system {
         messages.push(Message {
@@ -290,6 +335,42 @@ fn render_prompt(
     });
     let text = template.render(&messages, true)?;
     Ok(text)
+}
+
+/// The user turn for a template that takes string content: one placeholder per media item,
+/// each on its own line, then the text, as vLLM's `_get_full_multimodal_text_prompt` joins
+/// them (`"\n".join(placeholders + [text])`).
+fn render_string_content(
+    plan: &Plan,
+    template: &ChatTemplate,
+    defaults: &FamilyDefaults,
+    media: &[MediaInput],
+) -> Result<String> {
+    let mut messages = Vec::new();
+    if let Some(system) = &plan.system {
+        messages.push(TextMessage {
+            role: "system".into(),
+            content: system.clone(),
+        });
+    }
+    let mut lines = Vec::with_capacity(media.len() + 1);
+    for m in media {
+        let modality = m.item.modality();
+        let placeholder = defaults.placeholders.get(&modality).ok_or_else(|| {
+            Error::input(
+                &m.input,
+                format!("this model has no placeholder for {modality} items"),
+                "media of a modality the model accepts",
+            )
+        })?;
+        lines.push(placeholder.as_str());
+    }
+    lines.push(&plan.prompt);
+    messages.push(TextMessage {
+        role: "user".into(),
+        content: lines.join("\n"),
+    });
+    template.render_text(&messages, true)
 }
 
 /// Tokenizes the rendered prompt as Hugging Face processors do (special tokens added unless

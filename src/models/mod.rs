@@ -35,6 +35,23 @@ pub struct FamilyDefaults {
     pub fallback_chat_template: Option<&'static str>,
     /// Whether `embeds` input is accepted, and for which modality.
     pub embeds: Option<Modality>,
+    /// Other models this one's weights partly come from, named in `config.json` (Ultravox's
+    /// `text_model_id`): each an `--model`-style reference, resolved and downloaded like the
+    /// model itself, whose directory the loader receives in `LoadContext::extra_dirs`.
+    pub extra_models: Vec<ExtraModel>,
+    /// Whether the chat template takes each message's content as one string (Llama 3's
+    /// `message['content'] | trim`) rather than a list of typed parts: the user turn is then
+    /// one placeholder line per media item followed by the text, as vLLM writes it.
+    pub string_content: bool,
+}
+
+/// A model another one's `config.json` names for part of its weights.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraModel {
+    /// An alias, repo id (`org/name[@revision]`) or directory, as `--model` takes.
+    pub reference: String,
+    /// The `config.json` key that names it, for error messages (`text_model_id`).
+    pub key: &'static str,
 }
 
 /// Facts about a loaded model that the engine needs.

@@ -1,7 +1,7 @@
 //! The one table of model families. A family is chosen from `config.json` (`model_type`, then
 //! `architectures`), never from the alias the user typed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
@@ -11,6 +11,9 @@ use crate::error::{Error, Result};
 /// What a loader receives: a model directory whose files are all present.
 pub struct LoadContext<'a> {
     pub dir: &'a Path,
+    /// The directories of [`FamilyDefaults::extra_models`], in that order, each with its
+    /// `config.json` and weights present.
+    pub extra_dirs: &'a [PathBuf],
     pub config: &'a serde_json::Value,
     pub device: &'a Device,
     pub dtype: DType,

@@ -46,6 +46,14 @@ pub struct Message {
     pub content: Vec<ContentPart>,
 }
 
+/// A message whose content is one string, for templates that take string content
+/// (Llama 3's `message['content'] | trim`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TextMessage {
+    pub role: String,
+    pub content: String,
+}
+
 /// Where a template came from, for error messages.
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
@@ -133,6 +141,23 @@ impl ChatTemplate {
 
     /// Renders `messages` with `add_generation_prompt`, as `apply_chat_template(tokenize=False)`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_any(messages, add_generation_prompt)
+    }
+
+    /// As [`ChatTemplate::render`], for templates that take string content.
+    pub fn render_text(
+        &self,
+        messages: &[TextMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.render_any(messages, add_generation_prompt)
+    }
+
+    fn render_any<M: Serialize>(
+        &self,
+        messages: &[M],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let env = environment();
         let template = env.template_from_str(&self.source).map_err(|e| {
             Error::input(
@@ -361,6 +386,23 @@ mod tests {
             role: "user".into(),
             content: parts,
         }
+    }
+
+    #[test]
+    fn string_content_messages_render_as_strings() {
+        let files = TemplateFiles {
+            jinja: Some(
+                "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] | trim }}{% endfor %}"
+                    .into(),
+            ),
+            ..Default::default()
+        };
+        let t = ChatTemplate::select(&files, None).unwrap().unwrap();
+        let msgs = [TextMessage {
+            role: "user".into(),
+            content: " <|audio|>\nhi \n".into(),
+        }];
+        assert_eq!(t.render_text(&msgs, true).unwrap(), "[user]<|audio|>\nhi");
     }
 
     #[test]

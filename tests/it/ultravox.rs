@@ -324,3 +324,169 @@ fn cli_case(case: &str) {
         }
     }
 }
+
+/// A Llama 3 chat template that takes STRING content (`message['content'] | trim`), as the
+/// hub checkpoint's Llama-3.2 template does, without its date/system preamble. With the user
+/// turn `"<|audio|>\nWhat is said?"` it renders exactly the fixture's `rendered_prompt`
+/// (`<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|audio|>\nWhat is
+/// said?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n`), so the reference ids hold.
+const STRING_CONTENT_TEMPLATE: &str = "{{- bos_token }}{%- for message in messages %}\
+{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}\
+{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}";
+
+/// The published layout, built from the tiny fixture in `root`: `root/text` is a Llama
+/// directory (config.json from `text_config`, `language_model.*` weights under their plain
+/// Llama names) and `root/ultravox` an Ultravox directory naming it by `text_model_id` (an
+/// absolute path), with only the encoder and projector weights and a string-content template.
+/// Returns the Ultravox directory.
+fn published_layout(root: &Path, text_model_id: &str) -> PathBuf {
+    let text_dir = root.join("text");
+    let uv_dir = root.join("ultravox");
+    std::fs::create_dir_all(&text_dir).unwrap();
+    std::fs::create_dir_all(&uv_dir).unwrap();
+
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap())
+            .unwrap();
+    let obj = config.as_object_mut().unwrap();
+    let text_config = obj.remove("text_config").unwrap();
+    obj.insert("text_model_id".into(), text_model_id.into());
+    std::fs::write(uv_dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(text_dir.join("config.json"), text_config.to_string()).unwrap();
+
+    let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
+    let all = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut text = Vec::new();
+    let mut rest = Vec::new();
+    for (name, view) in all.tensors() {
+        let view =
+            safetensors::tensor::TensorView::new(view.dtype(), view.shape().to_vec(), view.data())
+                .unwrap();
+        match name.strip_prefix("language_model.") {
+            Some(plain) => text.push((plain.to_string(), view)),
+            None => rest.push((name, view)),
+        }
+    }
+    assert!(!text.is_empty() && !rest.is_empty());
+    assert!(text.iter().any(|(n, _)| n.starts_with("model.layers.")));
+    safetensors::serialize_to_file(text, None, &text_dir.join("model.safetensors")).unwrap();
+    safetensors::serialize_to_file(rest, None, &uv_dir.join("model.safetensors")).unwrap();
+
+    for entry in std::fs::read_dir(fixture()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if path.is_file()
+            && !["config.json", "model.safetensors", "chat_template.jinja"].contains(&name.as_str())
+        {
+            std::fs::copy(&path, uv_dir.join(&name)).unwrap();
+        }
+    }
+    std::fs::write(uv_dir.join("chat_template.jinja"), STRING_CONTENT_TEMPLATE).unwrap();
+    uv_dir
+}
+
+#[test]
+fn the_published_layout_loads_its_text_model_id_and_reproduces_the_reference_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text_dir = tmp.path().join("text");
+    let dir = published_layout(tmp.path(), text_dir.to_str().unwrap());
+    let want = expected("speech");
+    let t = tensors("speech");
+    let wav = root().join(want["audio"].as_str().unwrap());
+    let out = mmllm(&[
+        "audio",
+        "--model",
+        dir.to_str().unwrap(),
+        wav.to_str().unwrap(),
+        want["prompt"].as_str().unwrap(),
+        "--output",
+        "jsonl",
+        "--max-tokens",
+        "16",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value =
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    let ids: Vec<u32> = got["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(ids, int_list(&t["greedy_ids"]));
+    // Same prompt length as the reference: the string-content render matched token for token.
+    assert_eq!(got["usage"]["prompt_tokens"], want["num_prompt_tokens"]);
+}
+
+#[test]
+fn a_missing_text_model_id_directory_is_an_input_error_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-llama");
+    let dir = published_layout(tmp.path(), missing.to_str().unwrap());
+    let wav = root().join("tests/data/speech_16k.wav");
+    let out = mmllm(&[
+        "audio",
+        "--model",
+        dir.to_str().unwrap(),
+        wav.to_str().unwrap(),
+        "What is said?",
+        "--max-tokens",
+        "2",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains(missing.to_str().unwrap()), "{stderr}");
+    assert!(stderr.contains("text_model_id"), "{stderr}");
+}
+
+#[test]
+fn an_uncached_text_model_id_offline_is_an_input_error_naming_the_repo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = "meta-llama/Llama-3.2-1B-Instruct";
+    let dir = published_layout(tmp.path(), repo);
+    let cache = tmp.path().join("hub-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mmllm"))
+        .args([
+            "audio",
+            "--model",
+            dir.to_str().unwrap(),
+            root().join("tests/data/speech_16k.wav").to_str().unwrap(),
+            "What is said?",
+        ])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", &cache)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains(repo), "{stderr}");
+    assert!(stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
+}
+
+#[test]
+fn defaults_name_the_text_model_only_when_text_config_is_absent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = published_layout(tmp.path(), "org/some-llama");
+    let read = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap()
+    };
+    let own = mmllm::models::ultravox::defaults(&read(&fixture())).unwrap();
+    assert!(own.extra_models.is_empty());
+    assert!(own.string_content);
+    let published = mmllm::models::ultravox::defaults(&read(&dir)).unwrap();
+    let refs: Vec<(&str, &str)> = published
+        .extra_models
+        .iter()
+        .map(|e| (e.reference.as_str(), e.key))
+        .collect();
+    assert_eq!(refs, [("org/some-llama", "text_model_id")]);
+}

@@ -59,6 +59,8 @@ pub fn defaults(config: &serde_json::Value) -> Result<FamilyDefaults> {
         placeholders: BTreeMap::from([(Modality::Image, IMAGE_PLACEHOLDER.to_string())]),
         fallback_chat_template: Some(FALLBACK_CHAT_TEMPLATE),
         embeds: Some(Modality::Image),
+        extra_models: Vec::new(),
+        string_content: false,
     })
 }
 

@@ -90,6 +90,8 @@ pub fn defaults(config: &serde_json::Value) -> Result<FamilyDefaults> {
         placeholders: BTreeMap::from([(Modality::Audio, AUDIO_PLACEHOLDER.to_string())]),
         fallback_chat_template: Some(DEFAULT_CHAT_TEMPLATE),
         embeds: None,
+        extra_models: Vec::new(),
+        string_content: false,
     })
 }
 

@@ -66,6 +66,8 @@ pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
         ]),
         fallback_chat_template: None,
         embeds: Some(Modality::Image),
+        extra_models: Vec::new(),
+        string_content: false,
     })
 }
 

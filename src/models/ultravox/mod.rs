@@ -27,7 +27,7 @@ use crate::media::{Audio, MediaItem, Modality};
 use crate::models::common::llama::{Llama, LlamaConfig};
 use crate::models::common::mel::{LogMel, MelConfig, MelExtractor, Padding};
 use crate::models::registry::{Family, LoadContext};
-use crate::models::{EncodedItem, Expansion, FamilyDefaults, Model, ModelInfo};
+use crate::models::{EncodedItem, Expansion, ExtraModel, FamilyDefaults, Model, ModelInfo};
 
 /// The text placeholder for an audio item (Ultravox's `AUDIO_TOKEN`).
 pub const AUDIO_PLACEHOLDER: &str = "<|audio|>";
@@ -39,8 +39,11 @@ pub const FAMILY: Family = Family {
     architectures: &["UltravoxModel"],
     defaults,
     load: |ctx: &LoadContext| {
-        Ok(Box::new(UltravoxModel::load(
-            ctx.dir, ctx.device, ctx.dtype,
+        Ok(Box::new(UltravoxModel::load_with_text_model(
+            ctx.dir,
+            ctx.extra_dirs.first().map(PathBuf::as_path),
+            ctx.device,
+            ctx.dtype,
         )?))
     },
 };
@@ -48,14 +51,26 @@ pub const FAMILY: Family = Family {
 /// Cheap facts from `config.json`: one audio item per prompt by default (the model card's and
 /// vLLM's example usage; the processor itself takes several, so `--limit-mm-per-prompt`
 /// may raise it), written `<|audio|>`; the chat template comes from the model directory.
+/// The hub checkpoints name their language model by `text_model_id` (no `text_config`, no
+/// `language_model.*` weights): that model is then an extra model to resolve. Their template is
+/// Llama 3's, which takes string content (`message['content'] | trim`).
 pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
-    UltravoxConfig::from_value(config, "config.json")?;
+    let parsed = UltravoxConfig::from_value(config, "config.json")?;
+    let extra_models = match (&parsed.text, &parsed.text_model_id) {
+        (None, Some(id)) => vec![ExtraModel {
+            reference: id.clone(),
+            key: "text_model_id",
+        }],
+        _ => Vec::new(),
+    };
     Ok(FamilyDefaults {
         family: "ultravox",
         limits: BTreeMap::from([(Modality::Audio, 1)]),
         placeholders: BTreeMap::from([(Modality::Audio, AUDIO_PLACEHOLDER.to_string())]),
         fallback_chat_template: None,
         embeds: None,
+        extra_models,
+        string_content: true,
     })
 }
 

@@ -77,6 +77,8 @@ pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
         placeholders: BTreeMap::new(),
         fallback_chat_template: None,
         embeds: None,
+        extra_models: Vec::new(),
+        string_content: false,
     })
 }
 
