@@ -2,6 +2,7 @@
 
 pub mod clip_processor;
 pub mod clip_vision;
+pub mod files;
 pub mod llama;
 pub mod mel;
 pub mod resize;

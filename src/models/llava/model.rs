@@ -2,7 +2,7 @@
 //! Reads weights in both the transformers 4.x layout (`language_model.model.*`,
 //! `vision_tower.vision_model.*`) and the 5.x layouts (`model.language_model.*`, ...).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear_b, Linear, VarBuilder};
@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::media::{Embeds, MediaItem, Modality};
 use crate::models::common::clip_processor::ClipProcessorConfig;
 use crate::models::common::clip_vision::ClipVisionTower;
+use crate::models::common::files::weight_files;
 use crate::models::common::llama::Llama;
 use crate::models::{EncodedItem, Expansion, Model, ModelInfo};
 
@@ -118,64 +119,6 @@ fn prefixes(vb: &VarBuilder) -> Result<Prefixes> {
         text,
         lm_head,
     })
-}
-
-/// The safetensors files of a model directory: the shards named by
-/// `model.safetensors.index.json`, else `model.safetensors`, else every `*.safetensors`.
-pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let text = std::fs::read_to_string(&index)?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-            Error::input(
-                index.display().to_string(),
-                e.to_string(),
-                "a safetensors index",
-            )
-        })?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| {
-                Error::input(
-                    index.display().to_string(),
-                    "no weight_map object",
-                    "a safetensors index with a weight_map",
-                )
-            })?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .filter_map(|v| v.as_str())
-            .map(|f| dir.join(f))
-            .collect();
-        files.sort();
-        files.dedup();
-        if let Some(missing) = files.iter().find(|f| !f.exists()) {
-            return Err(Error::input(
-                missing.display().to_string(),
-                "shard named by model.safetensors.index.json is missing",
-                "every shard of the index in the model directory",
-            ));
-        }
-        return Ok(files);
-    }
-    let single = dir.join("model.safetensors");
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(Error::input(
-            dir.display().to_string(),
-            "no *.safetensors weights",
-            "model.safetensors or a sharded model.safetensors.index.json",
-        ));
-    }
-    Ok(files)
 }
 
 /// A loaded LLaVA-1.5 model.

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::models::common::files::read_optional_json;
 use crate::models::common::llama::{LlamaConfig, TokenIds};
 use crate::models::common::mel::MelConfig;
 
@@ -256,18 +257,6 @@ impl Qwen2AudioConfig {
     }
 }
 
-fn read_json(path: &Path) -> Result<Option<Value>> {
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::input(&shown, e.to_string(), "a readable JSON file"))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::input(&shown, format!("invalid JSON: {e}"), "a JSON object"))
-}
-
 /// The feature extractor settings of `dir`: `preprocessor_config.json`, else the
 /// `feature_extractor` object of `processor_config.json` (transformers 5), else Whisper's
 /// defaults with the encoder's mel bins. Checked against the encoder: `n_mels` bins over the
@@ -275,10 +264,10 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
 pub fn mel_config(dir: &Path, config: &Qwen2AudioConfig) -> Result<MelConfig> {
     let pre = dir.join("preprocessor_config.json");
     let combined = dir.join("processor_config.json");
-    let (value, file) = match read_json(&pre)? {
+    let (value, file) = match read_optional_json(&pre)? {
         Some(v) => (Some(v), "preprocessor_config.json"),
         None => (
-            read_json(&combined)?.and_then(|v| v.get("feature_extractor").cloned()),
+            read_optional_json(&combined)?.and_then(|v| v.get("feature_extractor").cloned()),
             "processor_config.json",
         ),
     };

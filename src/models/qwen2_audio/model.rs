@@ -2,11 +2,10 @@
 //! 30 s -> encoder + projector -> features spliced at the `<|AUDIO|>` slots of a Qwen2 decoder.
 //! Audio tokens take ordinary positions, so the trait's default `prefill` / `decode` apply.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use serde_json::Value;
 
 use super::config::{mel_config, Qwen2AudioConfig};
 use super::encoder::AudioEncoder;
@@ -14,6 +13,7 @@ use super::output_lengths;
 use crate::engine::kv::KvCache;
 use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem};
+use crate::models::common::files::{read_json, weight_files};
 use crate::models::common::llama::Llama;
 use crate::models::common::mel::{LogMel, MelExtractor, Padding};
 use crate::models::{EncodedItem, Expansion, Model, ModelInfo};
@@ -26,50 +26,6 @@ pub struct Qwen2AudioModel {
     encoder: AudioEncoder,
     lm: Llama,
     device: Device,
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::input(&shown, e.to_string(), "a readable JSON file"))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::input(&shown, format!("invalid JSON: {e}"), "a JSON object"))
-}
-
-/// The checkpoint's safetensors files: those named by `model.safetensors.index.json` when
-/// sharded, else `model.safetensors`.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        let v = read_json(&index)?;
-        let map = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| {
-                Error::input(
-                    index.display().to_string(),
-                    "no weight_map",
-                    "a safetensors index",
-                )
-            })?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .filter_map(Value::as_str)
-            .map(|f| dir.join(f))
-            .collect();
-        files.sort();
-        files.dedup();
-        return Ok(files);
-    }
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    Err(Error::input(
-        dir.display().to_string(),
-        "no model.safetensors or model.safetensors.index.json",
-        "a Hugging Face Qwen2-Audio directory with safetensors weights",
-    ))
 }
 
 /// The first of `candidates` under which `probe` exists: checkpoints saved by transformers 4

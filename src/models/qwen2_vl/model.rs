@@ -15,6 +15,7 @@ use super::vision::{inv_freq, rotate_half, Act, VisionTower};
 use crate::engine::kv::KvCache;
 use crate::error::{Error, Result};
 use crate::media::{Embeds, MediaItem, Modality, Video};
+use crate::models::common::files::weight_files;
 use crate::models::{
     splice_embeddings, EncodedItem, Expansion, ItemGrid, Model, ModelInfo, Spliced,
 };
@@ -418,59 +419,6 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Qwen2VlModel> {
         dtype,
         device: device.clone(),
     })
-}
-
-/// The checkpoint's safetensors files: those named by `model.safetensors.index.json` when
-/// sharded, else `model.safetensors`, else every `*.safetensors` in the directory.
-fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let text = std::fs::read_to_string(&index)?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::input(index.display().to_string(), e.to_string(), "valid JSON"))?;
-        let map = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| {
-                Error::input(
-                    index.display().to_string(),
-                    "no `weight_map` object",
-                    "a safetensors index with a weight_map",
-                )
-            })?;
-        let mut files: Vec<_> = map
-            .values()
-            .filter_map(Value::as_str)
-            .map(|f| dir.join(f))
-            .collect();
-        files.sort();
-        files.dedup();
-        if let Some(missing) = files.iter().find(|f| !f.exists()) {
-            return Err(Error::input(
-                missing.display().to_string(),
-                "listed in model.safetensors.index.json but absent",
-                "every shard of the checkpoint",
-            ));
-        }
-        return Ok(files);
-    }
-    let single = dir.join("model.safetensors");
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    let mut files: Vec<_> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(Error::input(
-            dir.display().to_string(),
-            "no *.safetensors weights",
-            "a model directory with safetensors weights",
-        ));
-    }
-    Ok(files)
 }
 
 impl Qwen2VlModel {

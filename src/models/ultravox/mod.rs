@@ -24,6 +24,7 @@ pub use config::{chunk_plan, Chunk, UltravoxConfig};
 use crate::engine::kv::KvCache;
 use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem, Modality};
+use crate::models::common::files::{read_json, weight_files};
 use crate::models::common::llama::{Llama, LlamaConfig};
 use crate::models::common::mel::{LogMel, MelConfig, MelExtractor, Padding};
 use crate::models::registry::{Family, LoadContext};
@@ -72,57 +73,6 @@ pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
         extra_models,
         string_content: true,
     })
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Error::input(
-            path.display().to_string(),
-            e.to_string(),
-            "a readable JSON file",
-        )
-    })?;
-    serde_json::from_str(&text).map_err(|e| {
-        Error::input(
-            path.display().to_string(),
-            format!("invalid JSON: {e}"),
-            "a JSON file",
-        )
-    })
-}
-
-/// The safetensors files of a directory (sharded through the index, or one file).
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        let v = read_json(&index)?;
-        let mut files: Vec<PathBuf> = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| {
-                Error::input(
-                    index.display().to_string(),
-                    "no weight_map",
-                    "a safetensors index",
-                )
-            })?
-            .values()
-            .filter_map(Value::as_str)
-            .map(|f| dir.join(f))
-            .collect();
-        files.sort();
-        files.dedup();
-        return Ok(files);
-    }
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    Err(Error::input(
-        dir.display().to_string(),
-        "no model.safetensors or model.safetensors.index.json",
-        "a model directory with safetensors weights",
-    ))
 }
 
 /// The id of the tokenizer's `eos_token` (tokenizer_config.json), which

@@ -1,0 +1,84 @@
+//! The files of a model directory that every family reads the same way: JSON configs and
+//! the safetensors weights (one file, or the shards of an index).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// Parses a JSON file; errors name the file.
+pub fn read_json(path: &Path) -> Result<Value> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::input(&shown, e.to_string(), "a readable JSON file"))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::input(&shown, format!("invalid JSON: {e}"), "a JSON file"))
+}
+
+/// [`read_json`] for a file that may be absent.
+pub fn read_optional_json(path: &Path) -> Result<Option<Value>> {
+    if path.is_file() {
+        read_json(path).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// The safetensors files of a model directory: the shards named by
+/// `model.safetensors.index.json`, else `model.safetensors`, else every `*.safetensors`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let json = read_json(&index)?;
+        let map = json
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| {
+                Error::input(
+                    index.display().to_string(),
+                    "no weight_map object",
+                    "a safetensors index with a weight_map",
+                )
+            })?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        if let Some(missing) = files.iter().find(|f| !f.exists()) {
+            return Err(Error::input(
+                missing.display().to_string(),
+                "shard named by model.safetensors.index.json is missing",
+                "every shard of the index in the model directory",
+            ));
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| {
+            Error::input(
+                dir.display().to_string(),
+                e.to_string(),
+                "a readable model directory",
+            )
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::input(
+            dir.display().to_string(),
+            "no *.safetensors weights",
+            "model.safetensors or a sharded model.safetensors.index.json",
+        ));
+    }
+    Ok(files)
+}
