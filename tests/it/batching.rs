@@ -25,6 +25,16 @@ fn setup(jobs: &[(&str, &[&str], usize)]) -> (Resolved, Loaded, Vec<Request>) {
 
 /// The same for the tiny model fixture `model`.
 fn setup_for(model: &str, jobs: &[(&str, &[&str], usize)]) -> (Resolved, Loaded, Vec<Request>) {
+    setup_with(model, "images", "image=2", jobs)
+}
+
+/// Jobs whose media (files under tests/data) go under manifest key `key`.
+fn setup_with(
+    model: &str,
+    key: &str,
+    limit: &str,
+    jobs: &[(&str, &[&str], usize)],
+) -> (Resolved, Loaded, Vec<Request>) {
     let mut yaml = String::from("jobs:\n");
     for (i, (prompt, photos, max_tokens)) in jobs.iter().enumerate() {
         let images: Vec<String> = photos
@@ -32,7 +42,7 @@ fn setup_for(model: &str, jobs: &[(&str, &[&str], usize)]) -> (Resolved, Loaded,
             .map(|p| format!("\"{}\"", repo().join("tests/data").join(p).display()))
             .collect();
         yaml.push_str(&format!(
-            "  - id: job{i}\n    model: \"{}\"\n    prompt: {prompt:?}\n    images: [{}]\n    max_tokens: {max_tokens}\n    temperature: 0\n    limit_mm_per_prompt: image=2\n",
+            "  - id: job{i}\n    model: \"{}\"\n    prompt: {prompt:?}\n    {key}: [{}]\n    max_tokens: {max_tokens}\n    temperature: 0\n    limit_mm_per_prompt: {limit}\n",
             repo().join("tests/fixtures").join(model).display(),
             images.join(", ")
         ));
@@ -166,6 +176,36 @@ fn qwen2_vl_batched_greedy_equals_each_job_alone() {
     assert_eq!(done.len(), 3);
     for (i, got) in &done {
         same(got.as_ref().unwrap(), &want[*i], &format!("job {i}"));
+    }
+}
+
+/// The audio families whose language model is the shared Llama decoder batch their decode
+/// steps too, with the same greedy results as each job alone.
+#[test]
+fn audio_families_batched_greedy_equals_each_job_alone() {
+    let jobs: &[(&str, &[&str], usize)] = &[
+        ("What is said?", &["speech_16k.wav"], 7),
+        ("Repeat it.", &["speech_44k.wav"], 10),
+        ("What is said?", &["speech_16k.wav"], 3),
+    ];
+    for model in ["qwen2-audio-tiny", "ultravox-tiny"] {
+        let (_, loaded, requests) = setup_with(model, "audios", "audio=1", jobs);
+        let want = alone(&loaded, &requests);
+        let config = SchedulerConfig {
+            max_seqs: 2,
+            max_kv_positions: usize::MAX,
+        };
+        let items = requests.iter().cloned().map(Ok).enumerate().collect();
+        let (done, stats) = batched(&loaded, config, items);
+        assert_eq!(stats.peak_seqs, 2, "{model}");
+        assert_eq!(done.len(), 3, "{model}");
+        for (i, got) in &done {
+            same(
+                got.as_ref().unwrap(),
+                &want[*i],
+                &format!("{model} job {i}"),
+            );
+        }
     }
 }
 

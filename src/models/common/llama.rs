@@ -586,6 +586,16 @@ impl Llama {
         Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
     }
 
+    /// [`Model::decode_batch`](crate::models::Model::decode_batch) for families whose language
+    /// model is this decoder: one new token per sequence, logits `(vocab,)` per sequence.
+    pub fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
+        crate::models::check_batch(ids, caches)?;
+        let logits = self.forward_decode_batch(&self.embed_tokens(ids)?, caches)?;
+        Ok((0..ids.len())
+            .map(|i| logits.get(i))
+            .collect::<candle_core::Result<_>>()?)
+    }
+
     /// One new position for each of several sequences: row `i` of `embeds` `(B, hidden)`
     /// follows the positions in `caches[i]`. Every weight matmul (projections, MLP,
     /// `lm_head`) runs once over the `B` rows; attention and rotary positions stay per

@@ -423,13 +423,7 @@ impl Model for LlavaModel {
     }
 
     fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
-        crate::models::check_batch(ids, caches)?;
-        let logits = self
-            .lm
-            .forward_decode_batch(&self.lm.embed_tokens(ids)?, caches)?;
-        Ok((0..ids.len())
-            .map(|i| logits.get(i))
-            .collect::<candle_core::Result<_>>()?)
+        self.lm.decode_batch(ids, caches)
     }
 }
 

@@ -192,6 +192,10 @@ impl Model for Qwen2AudioModel {
         };
         self.lm.forward_embeds(&embeds, cache)
     }
+
+    fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
+        self.lm.decode_batch(ids, caches)
+    }
 }
 
 /// Loads a Qwen2-Audio directory (the family table's `load` wraps this in a `Box<dyn Model>`).

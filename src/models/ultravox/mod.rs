@@ -329,4 +329,8 @@ impl Model for UltravoxModel {
         };
         self.lm.forward_embeds(&embeds, cache)
     }
+
+    fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
+        self.lm.decode_batch(ids, caches)
+    }
 }
