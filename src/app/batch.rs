@@ -4,7 +4,7 @@
 //! `--unordered`). A failed job gets an error line and the batch goes on; `--resume` keeps the
 //! finished results of an earlier run (repairing a line cut by a kill) and runs the rest.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::OpenOptions;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -13,8 +13,9 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::pipeline::{self, Resolved};
-use crate::cli::plan::{parse_device, Plan};
+use crate::cli::plan::{parse_device, MediaInput, Plan};
 use crate::cli::BatchArgs;
+use crate::engine::generate::Request;
 use crate::engine::scheduler::{self, SchedulerConfig};
 use crate::error::{Error, Result};
 use crate::manifest::{self, Job};
@@ -190,19 +191,47 @@ fn run_model(
         max_seqs: args.max_seqs.max(1),
         max_kv_positions: (KV_BUDGET_BYTES / per_position).max(1),
     };
+    // Jobs are prepared a group at a time (up to --max-seqs) so that their media go through
+    // the encoder together where the family can stack them; the scheduler then pulls the
+    // ready requests one by one as room frees up.
+    let group = config.max_seqs;
     let mut first = Some(first);
+    let mut ready: VecDeque<(usize, Result<Request>)> = VecDeque::new();
     let mut requests = std::iter::from_fn(|| {
-        let (i, media) = match first.take() {
-            Some(ready) => ready,
-            None => {
-                let i = todo.next()?;
-                match pipeline::prepare_media(&plans[i], resolved, &mut no_stdin) {
-                    Ok(media) => (i, media),
-                    Err(e) => return Some((i, Err(e))),
-                }
+        if ready.is_empty() {
+            let mut prepared: Vec<(usize, Result<Vec<MediaInput>>)> = Vec::new();
+            if let Some((i, media)) = first.take() {
+                prepared.push((i, Ok(media)));
             }
-        };
-        Some((i, pipeline::request(&plans[i], resolved, &loaded, &media)))
+            while prepared.len() < group {
+                let Some(i) = todo.next() else {
+                    break;
+                };
+                prepared.push((
+                    i,
+                    pipeline::prepare_media(&plans[i], resolved, &mut no_stdin),
+                ));
+            }
+            let ok: Vec<(&Plan, &[MediaInput])> = prepared
+                .iter()
+                .filter_map(|(i, m)| m.as_ref().ok().map(|m| (&plans[*i], m.as_slice())))
+                .collect();
+            let built = pipeline::requests_batched(resolved, &loaded, &ok);
+            drop(ok);
+            let mut built = built.into_iter();
+            for (i, media) in prepared {
+                let request = match media {
+                    Ok(_) => built.next().unwrap_or_else(|| {
+                        Err(Error::Runtime(anyhow::anyhow!(
+                            "no request built for job {i}"
+                        )))
+                    }),
+                    Err(e) => Err(e),
+                };
+                ready.push_back((i, request));
+            }
+        }
+        ready.pop_front()
     });
     scheduler::run(
         loaded.model.as_ref(),

@@ -153,6 +153,44 @@ pub fn request(
 ) -> Result<Request> {
     let started = Instant::now();
     let items = encode_media(loaded, media)?;
+    request_with_items(plan, resolved, loaded, media, items, started)
+}
+
+/// Encodes the media of several requests together (one encoder pass where the family can
+/// stack them) and builds each request; one result per `(plan, media)`, in order.
+pub fn requests_batched(
+    resolved: &Resolved,
+    loaded: &Loaded,
+    batch: &[(&Plan, &[MediaInput])],
+) -> Vec<Result<Request>> {
+    let started = Instant::now();
+    let all: Vec<&MediaInput> = batch.iter().flat_map(|(_, m)| m.iter()).collect();
+    let items: Vec<&MediaItem> = all.iter().map(|m| &m.item).collect();
+    let mut encoded = loaded
+        .model
+        .encode_batch(&items)
+        .into_iter()
+        .zip(&all)
+        .map(|(r, m)| r.map_err(|e| renamed(e, m)));
+    batch
+        .iter()
+        .map(|(plan, media)| {
+            let items: Vec<Result<EncodedItem>> = encoded.by_ref().take(media.len()).collect();
+            let items = items.into_iter().collect::<Result<Vec<_>>>()?;
+            request_with_items(plan, resolved, loaded, media, items, started)
+        })
+        .collect()
+}
+
+/// Builds the request once its media are encoded.
+fn request_with_items(
+    plan: &Plan,
+    resolved: &Resolved,
+    loaded: &Loaded,
+    media: &[MediaInput],
+    items: Vec<EncodedItem>,
+    started: Instant,
+) -> Result<Request> {
     let prompt = match loaded.model.own_prompt(&plan.prompt, &items) {
         Some(ids) => Spliced {
             ids: ids?,
@@ -183,15 +221,18 @@ pub fn request(
 fn encode_media(loaded: &Loaded, media: &[MediaInput]) -> Result<Vec<EncodedItem>> {
     media
         .iter()
-        .map(|m| {
-            loaded.model.encode(&m.item).map_err(|e| match e {
-                Error::Input {
-                    problem, expected, ..
-                } => Error::input(&m.input, problem, expected),
-                other => other,
-            })
-        })
+        .map(|m| loaded.model.encode(&m.item).map_err(|e| renamed(e, m)))
         .collect()
+}
+
+/// A model's input error, named after the media argument it came from.
+fn renamed(e: Error, m: &MediaInput) -> Error {
+    match e {
+        Error::Input {
+            problem, expected, ..
+        } => Error::input(&m.input, problem, expected),
+        other => other,
+    }
 }
 
 /// Reads and decodes every media argument; video frames become images with `--as-images`.

@@ -97,6 +97,13 @@ pub trait Model: Send {
     /// `(slots, hidden)` features, with the tokens that stand for it in the prompt.
     fn encode(&self, item: &MediaItem) -> Result<EncodedItem>;
 
+    /// Encodes several items at once (items of different prompts, for batch runs); one
+    /// result per item, in order. Families whose encoder can stack same-shaped inputs
+    /// override it to run one encoder pass.
+    fn encode_batch(&self, items: &[&MediaItem]) -> Vec<Result<EncodedItem>> {
+        items.iter().map(|item| self.encode(item)).collect()
+    }
+
     /// Token embeddings `(ids.len(), hidden)`.
     fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor>;
 

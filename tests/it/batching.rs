@@ -459,3 +459,50 @@ fn cli_results_do_not_depend_on_max_seqs() {
     assert!(lines.is_empty());
     assert!(stderr.contains("--max-seqs"), "{stderr}");
 }
+
+/// Batched vision encoding: LLaVA stacks the images of several prompts into one tower pass;
+/// each item's features equal encoding it alone, and non-image items pass through in order.
+#[test]
+fn llava_encode_batch_equals_encoding_each_item() {
+    use mmllm::media::MediaItem;
+    let (_, loaded, _) = setup(&[("Hi", &[], 1)]);
+    let decode = |name: &str| {
+        let bytes = std::fs::read(repo().join("tests/data").join(name)).unwrap();
+        let limits = mmllm::media::image::ImageLimits::default();
+        MediaItem::Image(mmllm::media::image::decode_image(&bytes, name, &limits).unwrap())
+    };
+    let embeds_bytes =
+        std::fs::read(repo().join("tests/fixtures/llava-tiny/expected/image_embeds.safetensors"))
+            .unwrap();
+    let embeds = MediaItem::Embeds(
+        mmllm::media::embeds::load_embeds(
+            &embeds_bytes,
+            "image_embeds.safetensors",
+            mmllm::media::Modality::Image,
+        )
+        .unwrap(),
+    );
+    let items = [
+        decode("llava_photo_1.jpg"),
+        embeds,
+        decode("llava_photo_2.jpg"),
+        decode("llava_photo_1.jpg"),
+    ];
+    let refs: Vec<&MediaItem> = items.iter().collect();
+    let batched = loaded.model.encode_batch(&refs);
+    assert_eq!(batched.len(), items.len());
+    for (i, (item, got)) in items.iter().zip(batched).enumerate() {
+        let got = got.unwrap();
+        let want = loaded.model.encode(item).unwrap();
+        assert_eq!(got.expansion, want.expansion, "item {i}");
+        let diff = (got.features - want.features)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff <= 1e-5, "item {i}: features differ by {diff}");
+    }
+}

@@ -267,6 +267,31 @@ impl LlavaModel {
     }
 
     /// Preprocessed `pixel_values` `(B, 3, S, S)` -> projected features `(B * slots, hidden)`.
+    /// Images preprocessed and stacked into one vision-tower pass; one item each.
+    fn encode_images(&self, images: &[&MediaItem]) -> Result<Vec<EncodedItem>> {
+        let mut pixels = Vec::with_capacity(images.len());
+        for item in images {
+            let MediaItem::Image(img) = item else {
+                return Err(Error::Runtime(anyhow::anyhow!("not an image")));
+            };
+            let px = self.processor.preprocess(img);
+            let (h, w) = (px.height as usize, px.width as usize);
+            pixels.push(Tensor::from_vec(px.data, (1, 3, h, w), &self.device)?);
+        }
+        let features = self.encode_pixels(&Tensor::cat(&pixels, 0)?)?;
+        let expansion = self.image_expansion()?;
+        let slots = expansion.slots;
+        (0..images.len())
+            .map(|i| {
+                Ok(EncodedItem {
+                    expansion: expansion.clone(),
+                    features: features.narrow(0, i * slots, slots)?,
+                    grid: None,
+                })
+            })
+            .collect()
+    }
+
     pub fn encode_pixels(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let pixel_values = pixel_values.to_device(&self.device)?;
         let states = self
@@ -404,6 +429,40 @@ impl Model for LlavaModel {
                 "an image or image embeddings",
             )),
         }
+    }
+
+    /// Images are stacked into one vision-tower pass (every crop has the same size); other
+    /// items are encoded one by one.
+    fn encode_batch(&self, items: &[&MediaItem]) -> Vec<Result<EncodedItem>> {
+        let images: Vec<usize> = (0..items.len())
+            .filter(|&i| matches!(items[i], MediaItem::Image(_)))
+            .collect();
+        let mut out: Vec<Option<Result<EncodedItem>>> = items
+            .iter()
+            .map(|item| match item {
+                MediaItem::Image(_) => None,
+                other => Some(self.encode(other)),
+            })
+            .collect();
+        if images.len() > 1 {
+            match self.encode_images(&images.iter().map(|&i| items[i]).collect::<Vec<_>>()) {
+                Ok(encoded) => {
+                    for (i, e) in images.iter().zip(encoded) {
+                        out[*i] = Some(Ok(e));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for i in &images {
+                        out[*i] = Some(Err(Error::Runtime(anyhow::anyhow!("{msg}"))));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .zip(items)
+            .map(|(r, item)| r.unwrap_or_else(|| self.encode(item)))
+            .collect()
     }
 
     fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
