@@ -552,9 +552,14 @@ impl Llama {
         })
     }
 
-    /// Runs the decoder over `embeds` `(1, t, hidden)` placed after the cached positions and
-    /// returns the logits of the last position `(vocab,)` as f32. Advances the cache by `t`.
+    /// Runs the decoder over `embeds` `(t, hidden)` or `(1, t, hidden)` placed after the cached
+    /// positions and returns the logits of the last position `(vocab,)` as f32. Advances the
+    /// cache by `t`.
     pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let embeds = &match embeds.rank() {
+            2 => embeds.unsqueeze(0)?,
+            _ => embeds.clone(),
+        };
         let (b, t, h) = embeds.dims3()?;
         // The cache holds one sequence.
         if b != 1 || h != self.cfg.hidden_size || t == 0 {

@@ -323,11 +323,7 @@ impl Model for UltravoxModel {
     }
 
     fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let embeds = match embeds.rank() {
-            2 => embeds.unsqueeze(0)?,
-            _ => embeds.clone(),
-        };
-        self.lm.forward_embeds(&embeds, cache)
+        self.lm.forward_embeds(embeds, cache)
     }
 
     fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
