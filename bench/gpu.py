@@ -94,37 +94,6 @@ def make_llava7b(out_dir):
     return model
 
 
-def hf_speed(model, model_dir, image, new_tokens):
-    processor = transformers.AutoProcessor.from_pretrained(model_dir)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=Image.open(PHOTO), text=text, return_tensors="pt").to("cuda")
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-    model.eval()
-
-    def timed(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    timed(2)  # warm-up
-    ttft = min(timed(1) for _ in range(3))
-    total = timed(new_tokens)
-
-    def batch_inputs(image, n):
-        processor.tokenizer.padding_side = "left"
-        b = processor(images=[Image.open(image)] * n, text=[text] * n, padding=True,
-                      return_tensors="pt").to("cuda")
-        b["pixel_values"] = b["pixel_values"].to(torch.bfloat16)
-        return b
-
-    batch_tps = hf_concurrent(model, batch_inputs, PHOTO, new_tokens)
-    return ttft, (new_tokens - 1) / (total - ttft), inputs["input_ids"].shape[1], batch_tps
-
-
 def make_qwen2vl_2b(out_dir):
     """Random Qwen2-VL-2B-shaped checkpoint (bf16) with the tiny fixture's tokenizer files."""
     cfg = transformers.AutoConfig.from_pretrained(QWEN_TINY)
@@ -155,13 +124,22 @@ def make_qwen2vl_2b(out_dir):
     return model
 
 
-def hf_speed_qwen(model, model_dir, image, new_tokens):
+def hf_speed(model, model_dir, image, new_tokens):
+    """HF generate on the same card: TTFT, batch-1 decode tok/s, prompt length, and output
+    tok/s over 16 identical prompts in one padded batch (PIL image processor, as mmllm)."""
     processor = transformers.AutoProcessor.from_pretrained(model_dir, use_fast=False)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[Image.open(image)], text=[text], return_tensors="pt").to("cuda")
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     model.eval()
+
+    def prompts(n):
+        processor.tokenizer.padding_side = "left"
+        b = processor(images=[Image.open(image)] * n, text=[text] * n, padding=True,
+                      return_tensors="pt").to("cuda")
+        b["pixel_values"] = b["pixel_values"].to(torch.bfloat16)
+        return b
+
+    inputs = prompts(1)
 
     def timed(n):
         torch.cuda.synchronize()
@@ -171,18 +149,10 @@ def hf_speed_qwen(model, model_dir, image, new_tokens):
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    timed(2)
+    timed(2)  # warm-up
     ttft = min(timed(1) for _ in range(3))
     total = timed(new_tokens)
-
-    def batch_inputs(image, n):
-        processor.tokenizer.padding_side = "left"
-        b = processor(images=[Image.open(image)] * n, text=[text] * n, padding=True,
-                      return_tensors="pt").to("cuda")
-        b["pixel_values"] = b["pixel_values"].to(torch.bfloat16)
-        return b
-
-    batch_tps = hf_concurrent(model, batch_inputs, image, new_tokens)
+    batch_tps = hf_concurrent(model, prompts(16), 16, new_tokens)
     return ttft, (new_tokens - 1) / (total - ttft), inputs["input_ids"].shape[1], batch_tps
 
 
@@ -206,9 +176,8 @@ def run_batch(binary, model, image, new_tokens, jobs, max_seqs):
     return lines, wall, " ".join(cmd) + f"  (manifest: {jobs} identical jobs, model {model})"
 
 
-def hf_concurrent(model, processor_fn, image, new_tokens, n=16):
-    """HF generate over n identical prompts in one padded batch: output tokens per second."""
-    inputs = processor_fn(image, n)
+def hf_concurrent(model, inputs, n, new_tokens):
+    """HF generate over `inputs`, n prompts in one padded batch: output tokens per second."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -275,7 +244,7 @@ def main():
         model = make_qwen2vl_2b(d)
         print(f"\nbuilt random Qwen2-VL-2B-shape checkpoint in {time.perf_counter() - t0:.0f} s")
         speed_rows("Qwen2-VL-2B shape, one 448x448 image", args.mmllm, d, model,
-                   hf_speed_qwen, image, args.new_tokens)
+                   hf_speed, image, args.new_tokens)
         shutil.rmtree(d, ignore_errors=True)
     if not ok:
         raise SystemExit("parity check failed on the GPU (f32)")
