@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """mmllm on one GPU, side by side with Hugging Face transformers on the same card:
-parity of the tiny LLaVA fixture (f32 and bf16), then speed at the real shapes of
-LLaVA-1.5-7B and Qwen2-VL-2B (random weights, bf16, batch 1): TTFT (vision encoder and
-prefill) and decode tok/s over a fixed number of new tokens (EOS ignored).
+parity of the tiny LLaVA and Qwen2-VL fixtures on the GPU (f32 and bf16), then speed at the
+real shapes of LLaVA-1.5-7B, Qwen2-VL-2B and Llama-3.2-1B (random weights, bf16): TTFT
+(vision encoder and prefill), decode tok/s at batch 1 over a fixed number of new tokens (EOS
+ignored), output tok/s with 16 prompts, and where a decode step's time goes (`mmllm
+profile-decode`: host time to enqueue a step vs GPU time to run it, with the fused decode
+kernels and without them, MMLLM_UNFUSED_DECODE=1), against the copy-bandwidth limit.
 
 Runs on a machine with an NVIDIA GPU, PyTorch and transformers, no Rust toolchain and no
 network, given an `mmllm` binary built with `--features cuda`:
 
-    python3 bench/gpu.py --mmllm ./mmllm [--skip-7b] [--skip-qwen]
+    python3 bench/gpu.py --mmllm ./mmllm [--skip-7b] [--skip-qwen] [--skip-1b]
 
-Prints a table on stdout and exits non-zero if a parity check fails.
+Prints tables on stdout and exits non-zero if a parity check fails.
 """
 
 import argparse
@@ -28,6 +31,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "tests/fixtures/llava-tiny")
 QWEN_TINY = os.path.join(REPO, "tests/fixtures/qwen2-vl-tiny")
+ULTRAVOX_TINY = os.path.join(REPO, "tests/fixtures/ultravox-tiny")
 PHOTO = os.path.join(REPO, "tests/data/llava_photo_1.jpg")
 PROMPT = "What is in this image?"
 
@@ -43,27 +47,42 @@ def run_mmllm(binary, model, *extra, image=PHOTO):
     return json.loads(out.stdout.strip().splitlines()[-1]), wall, " ".join(cmd)
 
 
+def top_error(res, greedy, step_top):
+    """Greedy ids equal, and the largest error of the reference's top-5 logprobs over the
+    steps whose tokens agree so far (step_top: [(ids, logprobs)] per step)."""
+    max_err = 0.0
+    for step, (got, (wids, wlps)) in enumerate(zip(res["logprobs"], step_top)):
+        if res["token_ids"][:step + 1] != greedy[:step + 1]:
+            break
+        by_id = {t["token_id"]: t["logprob"] for t in got["top"]}
+        for wid, wlp in zip(wids, wlps):
+            if wid in by_id:
+                max_err = max(max_err, abs(by_id[wid] - wlp))
+    return res["token_ids"] == greedy, max_err
+
+
 def tiny_parity(binary):
-    """Greedy ids and top-5 logprobs of the tiny fixture on the GPU vs HF's CPU f32 reference."""
-    expected = json.load(open(os.path.join(TINY, "expected/photo_1.json")))
+    """Greedy ids and top-5 logprobs of the tiny fixtures on the GPU (fused decode kernels)
+    vs HF's CPU f32 reference."""
+    llava = json.load(open(os.path.join(TINY, "expected/photo_1.json")))
+    qwen = json.load(open(os.path.join(QWEN_TINY, "expected/one_image.json")))
+    cases = [
+        ("LLaVA", TINY, PHOTO, llava["greedy_ids"],
+         [(t["ids"], t["logprobs"]) for t in llava["step_top"]], ["--ignore-eos"]),
+        ("Qwen2-VL", QWEN_TINY, os.path.join(REPO, "tests/data", qwen["image_files"][0]),
+         qwen["greedy_ids"], list(zip(qwen["top5_ids"], qwen["top5_logprobs"])), []),
+    ]
     rows = []
     ok = True
-    for dtype in ["f32", "bf16"]:
-        res, _, cmd = run_mmllm(binary, TINY, "--device", "cuda", "--dtype", dtype,
-                                "--max-tokens", str(len(expected["greedy_ids"])),
-                                "--ignore-eos", "--logprobs", "5")
-        ids_equal = res["token_ids"] == expected["greedy_ids"]
-        # Compare the top-5 logprobs of steps whose tokens agree so far.
-        max_err = 0.0
-        for step, (got, want) in enumerate(zip(res["logprobs"], expected["step_top"])):
-            if res["token_ids"][:step + 1] != expected["greedy_ids"][:step + 1]:
-                break
-            for t, (wid, wlp) in zip(got["top"], zip(want["ids"], want["logprobs"])):
-                if t["token_id"] == wid:
-                    max_err = max(max_err, abs(t["logprob"] - wlp))
-        rows.append((dtype, ids_equal, max_err, cmd))
-        if dtype == "f32" and (not ids_equal or max_err > 1e-3):
-            ok = False
+    for name, model, image, greedy, step_top, extra in cases:
+        for dtype in ["f32", "bf16"]:
+            res, _, cmd = run_mmllm(binary, model, "--device", "cuda", "--dtype", dtype,
+                                    "--max-tokens", str(len(greedy)), "--logprobs", "5",
+                                    *extra, image=image)
+            ids_equal, max_err = top_error(res, greedy, step_top)
+            rows.append((f"{name} {dtype}", ids_equal, max_err, cmd))
+            if dtype == "f32" and (not ids_equal or max_err > 1e-3):
+                ok = False
     return rows, ok
 
 
@@ -186,7 +205,78 @@ def hf_concurrent(model, inputs, n, new_tokens):
     return n * new_tokens / (time.perf_counter() - t0)
 
 
-def speed_rows(name, binary, d, model, hf_fn, image, new_tokens):
+def copy_bandwidth():
+    """Device-to-device copy throughput (bytes read + written per second) of 1 GiB."""
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 2 * x.numel() * 10 / (time.perf_counter() - t0)
+    del x, y
+    torch.cuda.empty_cache()
+    return bw
+
+
+def decode_bytes(model, text_config):
+    """Weight bytes one decode step must read: the language model's layers and final norm,
+    plus the output projection (vocab x hidden, bf16) — not the vision tower, nor the input
+    embedding table, of which a step reads one row."""
+    layers = 0
+    for n, p in model.named_parameters():
+        lm = "language_model." in n or n.startswith("model.layers.") or n == "model.norm.weight"
+        if lm and "embed_tokens" not in n and "lm_head" not in n:
+            layers += p.numel() * p.element_size()
+    return layers + text_config.vocab_size * text_config.hidden_size * 2
+
+
+def profile(binary, d, context, steps, image=None, unfused=False):
+    """`mmllm profile-decode`: one JSON line (step wall, host enqueue and GPU busy time)."""
+    cmd = [binary, "profile-decode", "--model", d, "--device", "cuda", "--dtype", "bf16",
+           "--context", str(context), "--steps", str(steps)]
+    if image:
+        cmd += ["--image", image]
+    env = dict(os.environ)
+    if unfused:
+        env["MMLLM_UNFUSED_DECODE"] = "1"
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr)
+        raise SystemExit(f"mmllm profile-decode failed ({out.returncode})")
+    return json.loads(out.stdout.strip().splitlines()[-1]), ("MMLLM_UNFUSED_DECODE=1 " if unfused else "") + " ".join(cmd)
+
+
+def profile_rows(binary, d, context, steps, limit_tps, image=None):
+    """Prints where a decode step's time goes, fused and unfused; returns the fused profile."""
+    print(f"\n| decode step at context {context} (`mmllm profile-decode`) | step ms | tok/s | "
+          f"% of bandwidth limit | host enqueue ms | GPU busy ms |")
+    print("|---|---|---|---|---|---|")
+    results = []
+    for unfused in (False, True):
+        p, cmd = profile(binary, d, context, steps, image=image, unfused=unfused)
+        results.append((p, cmd))
+        name = "unfused (candle ops, MMLLM_UNFUSED_DECODE=1)" if unfused else "fused decode kernels"
+        print(f"| {name} | {p['step_ms']:.2f} | {p['tokens_per_s']:.1f} | "
+              f"{100 * p['tokens_per_s'] / limit_tps:.0f}% | {p['host_enqueue_ms']:.2f} | "
+              f"{p['gpu_busy_ms']:.2f} |")
+    fused = results[0][0]
+    parts = f"prefill of {context} text tokens {fused['prefill_ms']:.1f} ms"
+    if fused.get("encode_image_ms") is not None:
+        parts = f"image encode (CPU preprocessing + vision tower) {fused['encode_image_ms']:.1f} ms; " + parts
+    print(f"  TTFT parts, fused build, synchronised, best of 3: {parts}")
+    for _, cmd in results:
+        print(f"  command: {cmd}")
+    return fused
+
+
+def speed_rows(name, binary, d, model, hf_fn, image, new_tokens, bandwidth, summary):
+    text_config = model.config.get_text_config()
+    lm_bytes = decode_bytes(model, text_config)
+    limit_tps = bandwidth / lm_bytes
     hf_ttft, hf_tps, n_prompt, hf_batch_tps = hf_fn(model, d, image or PHOTO, new_tokens)
     del model
     torch.cuda.empty_cache()
@@ -207,9 +297,87 @@ def speed_rows(name, binary, d, model, hf_fn, image, new_tokens):
     print(f"| mmllm image, new process per prompt | {cold['timing']['ttft_ms']:.1f} | {cold['timing']['tokens_per_s']:.1f} | |")
     print(f"| mmllm batch, 3rd identical job (warm, --max-seqs 1) | {warm['timing']['ttft_ms']:.1f} | {warm['timing']['tokens_per_s']:.1f} | |")
     print(f"| mmllm batch, 16 jobs, --max-seqs 16 (wall minus load) | | | {out_tps:.0f} |")
-    print(f"  mmllm prompt tokens {cold['usage']['prompt_tokens']}; weights {weight_bytes / 1e9:.2f} GB; "
-          f"load {cold['timing']['load_ms']:.0f} ms; process wall {wall:.1f} s; 16-job wall {wall16:.1f} s")
+    print(f"  mmllm prompt tokens {cold['usage']['prompt_tokens']}; checkpoint {weight_bytes / 1e9:.2f} GB; "
+          f"bytes read per decode step {lm_bytes / 1e9:.2f} GB -> limit {limit_tps:.0f} tok/s at "
+          f"{bandwidth / 1e12:.2f} TB/s; load {cold['timing']['load_ms']:.0f} ms")
     print(f"  commands: {cmd}\n            {warm_cmd}\n            {batch_cmd}")
+    fused = profile_rows(binary, d, cold["usage"]["prompt_tokens"], new_tokens, limit_tps, image=image)
+    summary.append((name, hf_ttft * 1e3, warm["timing"]["ttft_ms"], hf_tps,
+                    warm["timing"]["tokens_per_s"], fused["tokens_per_s"], limit_tps))
+
+
+def make_llama1b(out_dir):
+    """Random Llama-3.2-1B-shaped LlamaForCausalLM (bf16) for HF, and the same weights as the
+    text model of an Ultravox checkpoint (the tiny fixture's audio tower and projector, the
+    projector's output widened to 2048) for mmllm, which has no text-only family."""
+    tiny = json.load(open(os.path.join(ULTRAVOX_TINY, "config.json")))
+    text = transformers.LlamaConfig(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
+        rope_parameters=tiny["text_config"]["rope_parameters"])
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = transformers.LlamaForCausalLM(text)
+        torch.set_default_dtype(torch.float32)
+    from safetensors.torch import load_file, save_file
+    tensors = {k: v.to(torch.bfloat16) for k, v in
+               load_file(os.path.join(ULTRAVOX_TINY, "model.safetensors")).items()
+               if not k.startswith("language_model.")}
+    tensors["multi_modal_projector.linear_2.weight"] = (
+        torch.randn(2048, tensors["multi_modal_projector.linear_2.weight"].shape[1]) * 0.02
+    ).to(torch.bfloat16)
+    for k, v in model.state_dict().items():
+        if k != "lm_head.weight":  # tied
+            tensors["language_model." + k] = v.detach().cpu().contiguous()
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"))
+    cfg = dict(tiny)
+    cfg["text_config"] = {**tiny["text_config"], **{k: v for k, v in text.to_dict().items()
+                                                   if k in tiny["text_config"]}}
+    cfg["text_config"]["vocab_size"] = 128256
+    cfg["vocab_size"] = 128256
+    json.dump(cfg, open(os.path.join(out_dir, "config.json"), "w"), indent=2)
+    for f in os.listdir(ULTRAVOX_TINY):
+        if f not in ("config.json", "model.safetensors") and \
+                os.path.isfile(os.path.join(ULTRAVOX_TINY, f)):
+            shutil.copy(os.path.join(ULTRAVOX_TINY, f), out_dir)
+    return model
+
+
+def llama_rows(binary, d, model, new_tokens, bandwidth, summary):
+    """Llama-3.2-1B: HF generate on 128 random prompt ids vs mmllm's decode of the same
+    weights (profile-decode over a 128-token context)."""
+    context = 128
+    lm_bytes = decode_bytes(model, model.config)
+    limit_tps = bandwidth / lm_bytes
+    torch.manual_seed(1)
+    ids = torch.randint(10, 128000, (1, context), device="cuda")
+    model.eval()
+
+    def timed(n, batch=1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids.repeat(batch, 1), attention_mask=torch.ones_like(ids).repeat(batch, 1),
+                           max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timed(2)
+    ttft = min(timed(1) for _ in range(3))
+    total = timed(new_tokens)
+    hf_tps = (new_tokens - 1) / (total - ttft)
+    hf_batch = 16 * new_tokens / timed(new_tokens, 16)
+    del model
+    torch.cuda.empty_cache()
+    print(f"\n| Llama-3.2-1B shape, bf16, {context} prompt tokens | TTFT ms | decode tok/s (batch 1) | output tok/s, 16 prompts |")
+    print("|---|---|---|---|")
+    print(f"| HF transformers {transformers.__version__} generate (warm process) | {ttft * 1e3:.1f} | {hf_tps:.1f} | {hf_batch:.0f} |")
+    print(f"  bytes read per decode step {lm_bytes / 1e9:.2f} GB -> limit {limit_tps:.0f} tok/s")
+    fused = profile_rows(binary, d, context, new_tokens, limit_tps)
+    summary.append(("Llama-3.2-1B shape (mmllm: text model of an Ultravox checkpoint)", ttft * 1e3,
+                    fused["prefill_ms"], hf_tps, None, fused["tokens_per_s"], limit_tps))
 
 
 def main():
@@ -217,24 +385,27 @@ def main():
     ap.add_argument("--mmllm", required=True)
     ap.add_argument("--skip-7b", action="store_true")
     ap.add_argument("--skip-qwen", action="store_true")
+    ap.add_argument("--skip-1b", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=128)
     args = ap.parse_args()
+    bandwidth = copy_bandwidth()
     print(f"card: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
-          f"transformers {transformers.__version__}")
+          f"transformers {transformers.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     rows, ok = tiny_parity(args.mmllm)
-    print("\n| tiny LLaVA on GPU | greedy ids equal HF (CPU f32) | max top-5 logprob error |")
+    print("\n| tiny fixture on GPU | greedy ids equal HF (CPU f32) | max top-5 logprob error |")
     print("|---|---|---|")
-    for dtype, eq, err, _ in rows:
-        print(f"| {dtype} | {eq} | {err:.2e} |")
+    for case, eq, err, _ in rows:
+        print(f"| {case} | {eq} | {err:.2e} |")
     for _, _, _, cmd in rows:
         print(f"  command: {cmd}")
+    summary = []
     if not args.skip_7b:
         d = tempfile.mkdtemp(prefix="llava7b-")
         t0 = time.perf_counter()
         model = make_llava7b(d)
         print(f"\nbuilt random LLaVA-1.5-7B-shape checkpoint in {time.perf_counter() - t0:.0f} s")
         speed_rows("LLaVA-1.5-7B shape, one 336-px crop + prompt", args.mmllm, d, model,
-                   hf_speed, None, args.new_tokens)
+                   hf_speed, None, args.new_tokens, bandwidth, summary)
         shutil.rmtree(d, ignore_errors=True)
     if not args.skip_qwen:
         d = tempfile.mkdtemp(prefix="qwen2vl2b-")
@@ -244,8 +415,23 @@ def main():
         model = make_qwen2vl_2b(d)
         print(f"\nbuilt random Qwen2-VL-2B-shape checkpoint in {time.perf_counter() - t0:.0f} s")
         speed_rows("Qwen2-VL-2B shape, one 448x448 image", args.mmllm, d, model,
-                   hf_speed, image, args.new_tokens)
+                   hf_speed, image, args.new_tokens, bandwidth, summary)
         shutil.rmtree(d, ignore_errors=True)
+    if not args.skip_1b:
+        d = tempfile.mkdtemp(prefix="llama1b-")
+        t0 = time.perf_counter()
+        model = make_llama1b(d)
+        print(f"\nbuilt random Llama-3.2-1B-shape checkpoint in {time.perf_counter() - t0:.0f} s")
+        llama_rows(args.mmllm, d, model, args.new_tokens, bandwidth, summary)
+        shutil.rmtree(d, ignore_errors=True)
+    print("\n## Summary (bf16, batch 1; mmllm TTFT: warm batch job incl. CPU preprocessing, "
+          "or for Llama the synchronised prefill)")
+    print("| workload | HF TTFT ms | mmllm TTFT ms | HF decode tok/s | mmllm decode tok/s (generation) "
+          "| mmllm decode tok/s (profile) | bandwidth limit tok/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, hf_ttft, mm_ttft, hf_tps, mm_tps, prof_tps, limit in summary:
+        mm = f"{mm_tps:.1f}" if mm_tps is not None else ""
+        print(f"| {name} | {hf_ttft:.1f} | {mm_ttft:.1f} | {hf_tps:.1f} | {mm} | {prof_tps:.1f} | {limit:.0f} |")
     if not ok:
         raise SystemExit("parity check failed on the GPU (f32)")
 

@@ -30,6 +30,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('audio', 'audio', [CompletionResultType]::ParameterValue, 'Prompt a model with audio (WAV, mp3, flac, ogg, m4a, .npy)')
             [CompletionResult]::new('embeds', 'embeds', [CompletionResultType]::ParameterValue, 'Prompt a model with precomputed embeddings instead of raw media')
             [CompletionResult]::new('batch', 'batch', [CompletionResultType]::ParameterValue, 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job')
+            [CompletionResult]::new('profile-decode', 'profile-decode', [CompletionResultType]::ParameterValue, 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line')
             [CompletionResult]::new('generate-docs', 'generate-docs', [CompletionResultType]::ParameterValue, 'Write the man pages and shell completions (for packagers)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -170,6 +171,16 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
         }
+        'mmllm;profile-decode' {
+            [CompletionResult]::new('--model', '--model', [CompletionResultType]::ParameterName, 'model')
+            [CompletionResult]::new('--device', '--device', [CompletionResultType]::ParameterName, 'device')
+            [CompletionResult]::new('--dtype', '--dtype', [CompletionResultType]::ParameterName, 'dtype')
+            [CompletionResult]::new('--context', '--context', [CompletionResultType]::ParameterName, 'Prompt length (token ids 1..) prefilled before the timed steps')
+            [CompletionResult]::new('--steps', '--steps', [CompletionResultType]::ParameterName, 'Decode steps timed (after 8 untimed ones)')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
         'mmllm;generate-docs' {
             [CompletionResult]::new('--out-dir', '--out-dir', [CompletionResultType]::ParameterName, 'Directory under which `man/` and `completions/` are written')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -182,6 +193,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('audio', 'audio', [CompletionResultType]::ParameterValue, 'Prompt a model with audio (WAV, mp3, flac, ogg, m4a, .npy)')
             [CompletionResult]::new('embeds', 'embeds', [CompletionResultType]::ParameterValue, 'Prompt a model with precomputed embeddings instead of raw media')
             [CompletionResult]::new('batch', 'batch', [CompletionResultType]::ParameterValue, 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job')
+            [CompletionResult]::new('profile-decode', 'profile-decode', [CompletionResultType]::ParameterValue, 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line')
             [CompletionResult]::new('generate-docs', 'generate-docs', [CompletionResultType]::ParameterValue, 'Write the man pages and shell completions (for packagers)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -199,6 +211,9 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             break
         }
         'mmllm;help;batch' {
+            break
+        }
+        'mmllm;help;profile-decode' {
             break
         }
         'mmllm;help;generate-docs' {

@@ -34,6 +34,9 @@ _mmllm() {
             mmllm,image)
                 cmd="mmllm__subcmd__image"
                 ;;
+            mmllm,profile-decode)
+                cmd="mmllm__subcmd__profile__subcmd__decode"
+                ;;
             mmllm,video)
                 cmd="mmllm__subcmd__video"
                 ;;
@@ -55,6 +58,9 @@ _mmllm() {
             mmllm__subcmd__help,image)
                 cmd="mmllm__subcmd__help__subcmd__image"
                 ;;
+            mmllm__subcmd__help,profile-decode)
+                cmd="mmllm__subcmd__help__subcmd__profile__subcmd__decode"
+                ;;
             mmllm__subcmd__help,video)
                 cmd="mmllm__subcmd__help__subcmd__video"
                 ;;
@@ -65,7 +71,7 @@ _mmllm() {
 
     case "${cmd}" in
         mmllm)
-            opts="-h -V --help --version image video audio embeds batch generate-docs help"
+            opts="-h -V --help --version image video audio embeds batch profile-decode generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -335,7 +341,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__help)
-            opts="image video audio embeds batch generate-docs help"
+            opts="image video audio embeds batch profile-decode generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -419,6 +425,20 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__help__subcmd__image)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        mmllm__subcmd__help__subcmd__profile__subcmd__decode)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -538,6 +558,40 @@ _mmllm() {
                     return 0
                     ;;
                 --max-pixels)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        mmllm__subcmd__profile__subcmd__decode)
+            opts="-h --model --device --dtype --context --steps --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --model)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --device)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dtype)
+                    COMPREPLY=($(compgen -W "auto bf16 f16 f32" -- "${cur}"))
+                    return 0
+                    ;;
+                --context)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --steps)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

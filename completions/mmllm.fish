@@ -31,6 +31,7 @@ complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "video" -d 'Prompt a mod
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "audio" -d 'Prompt a model with audio (WAV, mp3, flac, ogg, m4a, .npy)'
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "embeds" -d 'Prompt a model with precomputed embeddings instead of raw media'
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "batch" -d 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job'
+complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "profile-decode" -d 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line'
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "generate-docs" -d 'Write the man pages and shell completions (for packagers)'
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -s p -l prompt -d 'The prompt text (then every positional argument is a media item); - reads stdin' -r
@@ -157,12 +158,22 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l strict -d 'Check e
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l resume -d 'Skip jobs whose id already has a result in the output file, and append'
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l unordered -d 'Write results in completion order instead of manifest order'
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -s h -l help -d 'Print help'
+complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l model -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l device -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l dtype -r -f -a "auto\t''
+bf16\t''
+f16\t''
+f32\t''"
+complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l context -d 'Prompt length (token ids 1..) prefilled before the timed steps' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l steps -d 'Decode steps timed (after 8 untimed ones)' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand generate-docs" -l out-dir -d 'Directory under which `man/` and `completions/` are written' -r -F
 complete -c mmllm -n "__fish_mmllm_using_subcommand generate-docs" -s h -l help -d 'Print help'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch generate-docs help" -f -a "image" -d 'Prompt a model with one or more images'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch generate-docs help" -f -a "video" -d 'Prompt a model with a video file or a directory of frames'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch generate-docs help" -f -a "audio" -d 'Prompt a model with audio (WAV, mp3, flac, ogg, m4a, .npy)'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch generate-docs help" -f -a "embeds" -d 'Prompt a model with precomputed embeddings instead of raw media'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch generate-docs help" -f -a "batch" -d 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch generate-docs help" -f -a "generate-docs" -d 'Write the man pages and shell completions (for packagers)'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "image" -d 'Prompt a model with one or more images'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "video" -d 'Prompt a model with a video file or a directory of frames'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "audio" -d 'Prompt a model with audio (WAV, mp3, flac, ogg, m4a, .npy)'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "embeds" -d 'Prompt a model with precomputed embeddings instead of raw media'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "batch" -d 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "profile-decode" -d 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "generate-docs" -d 'Write the man pages and shell completions (for packagers)'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

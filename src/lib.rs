@@ -9,6 +9,7 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod hub;
+pub mod kernels;
 pub mod manifest;
 pub mod media;
 pub mod models;

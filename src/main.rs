@@ -15,6 +15,14 @@ fn main() -> ExitCode {
             mmllm::cli::generate_docs(out_dir).map_err(Error::from)
         }
         Command::Batch(args) => mmllm::app::batch::run(args),
+        Command::ProfileDecode {
+            model,
+            device,
+            dtype,
+            context,
+            steps,
+            image,
+        } => mmllm::app::profile::run(model, device, *dtype, *context, *steps, image.as_deref()),
         cmd => mmllm::app::oneshot::run(cmd),
     };
     match result {

@@ -4,3 +4,4 @@
 pub mod batch;
 pub mod oneshot;
 pub mod pipeline;
+pub mod profile;

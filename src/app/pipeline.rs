@@ -521,6 +521,13 @@ pub fn device_and_dtype(device: DeviceChoice, dtype: DTypeArg) -> Result<(Device
         })?,
         DeviceChoice::Auto => Device::cuda_if_available(0).unwrap_or(Device::Cpu),
     };
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        // SAFETY: candle runs everything on this device's one stream, where frees and copies
+        // are stream-ordered, so the per-tensor events cudarc records for multi-stream use
+        // (a few microseconds of host time per kernel argument) guard nothing here.
+        unsafe { d.disable_event_tracking() };
+    }
     let dtype = match dtype {
         DTypeArg::Auto if device.is_cuda() => DType::BF16,
         DTypeArg::Auto | DTypeArg::F32 => DType::F32,

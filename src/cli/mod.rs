@@ -43,6 +43,26 @@ pub enum Command {
     Embeds(EmbedsArgs),
     /// Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job.
     Batch(BatchArgs),
+    /// Time single-token decode steps of a model (for bench/gpu.py): step wall time, host
+    /// time to enqueue a step and GPU time to run it. Prints a JSON line.
+    #[command(hide = true)]
+    ProfileDecode {
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, value_enum, default_value = "auto")]
+        dtype: DTypeArg,
+        /// Prompt length (token ids 1..) prefilled before the timed steps.
+        #[arg(long, default_value_t = 128)]
+        context: usize,
+        /// Decode steps timed (after 8 untimed ones).
+        #[arg(long, default_value_t = 64)]
+        steps: usize,
+        /// Also time encoding this image (preprocessing and vision tower).
+        #[arg(long)]
+        image: Option<PathBuf>,
+    },
     /// Write the man pages and shell completions (for packagers).
     #[command(hide = true)]
     GenerateDocs {

@@ -112,7 +112,7 @@ impl Plan {
                 None,
                 false,
             ),
-            Command::Batch(_) | Command::GenerateDocs { .. } => {
+            Command::Batch(_) | Command::GenerateDocs { .. } | Command::ProfileDecode { .. } => {
                 return Err(Error::usage("not a prompting command"))
             }
         };

@@ -187,8 +187,17 @@ impl Sequence {
         let Some(logits) = self.logits.take() else {
             return Err(anyhow::anyhow!("sequence stepped without logits").into());
         };
-        let row: Vec<f32> = logits.to_vec1()?;
-        let id = self.sampler.sample(&row, &self.context);
+        // Greedy without logprobs needs only the argmax: on the GPU one id crosses to the host
+        // instead of the vocabulary's logits.
+        let on_device = req.logprobs.is_none()
+            && self.sampler.is_plain_argmax()
+            && !matches!(logits.device(), candle_core::Device::Cpu);
+        let (id, row) = if on_device {
+            (crate::kernels::argmax(&logits)?, Vec::new())
+        } else {
+            let row: Vec<f32> = logits.to_vec1()?;
+            (self.sampler.sample(&row, &self.context), row)
+        };
         let start = self.start;
         self.ttft_s
             .get_or_insert_with(|| start.elapsed().as_secs_f64());

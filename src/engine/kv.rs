@@ -80,6 +80,15 @@ impl KvCache {
                 self.capacity
             );
         }
+        let (ck, cv) = self.layer(layer)?;
+        ck.slice_set(&k.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((ck.narrow(2, 0, end)?, cv.narrow(2, 0, end)?))
+    }
+
+    /// The whole key and value buffers of `layer`, `(1, kv_heads, capacity, head_dim)`,
+    /// allocated on first use; kernels that write in place (the fused decode step) take them.
+    pub fn layer(&mut self, layer: usize) -> Result<(Tensor, Tensor)> {
         let entry = match &mut self.layers[layer] {
             Some(entry) => entry,
             slot => {
@@ -91,9 +100,7 @@ impl KvCache {
                 slot.as_mut().expect("just set")
             }
         };
-        entry.k.slice_set(&k.contiguous()?, 2, self.len)?;
-        entry.v.slice_set(&v.contiguous()?, 2, self.len)?;
-        Ok((entry.k.narrow(2, 0, end)?, entry.v.narrow(2, 0, end)?))
+        Ok((entry.k.clone(), entry.v.clone()))
     }
 
     /// Marks `new` positions as written by the forward that just ran.

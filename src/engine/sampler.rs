@@ -101,6 +101,12 @@ impl Sampler {
         &self.params
     }
 
+    /// True when the choice is the argmax of the raw logits (greedy, no repetition penalty),
+    /// so it can be taken where the logits are (on the GPU, copying one id back).
+    pub fn is_plain_argmax(&self) -> bool {
+        self.params.is_greedy() && self.params.repetition_penalty.is_none_or(|p| p == 1.0)
+    }
+
     /// Chooses the next token from `logits` (one row, vocabulary-sized). `context` holds the
     /// ids the repetition penalty looks at: the prompt's input ids followed by the generated
     /// ids, exactly as HF's `input_ids` at that step.
@@ -210,18 +216,7 @@ pub fn apply_repetition_penalty(scores: &mut [f32], context: &[u32], penalty: f3
 
 /// Index of the largest value; ties go to the lowest index and a NaN wins, like `torch.argmax`.
 pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in values.iter().enumerate() {
-        if v.is_nan() {
-            return i as u32;
-        }
-        if v > best_v || i == 0 {
-            best = i;
-            best_v = v;
-        }
-    }
-    best as u32
+    crate::kernels::argmax_slice(values)
 }
 
 /// HF's `TopKLogitsWarper`: zero every weight below the k-th largest (ties with it survive).

@@ -21,6 +21,12 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
         &["cli", "app", "engine", "models", "sink", "hub"],
     ),
     (
+        "kernels",
+        &[
+            "cli", "app", "engine", "models", "media", "prompt", "sink", "hub", "manifest",
+        ],
+    ),
+    (
         "error",
         &[
             "cli", "app", "engine", "models", "media", "prompt", "sink", "hub",

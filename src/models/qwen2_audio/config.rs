@@ -202,6 +202,7 @@ impl Qwen2AudioConfig {
             attention_bias: false,
             mlp_bias: false,
             qkv_bias: true,
+            mrope_section: None,
             rope_theta: text.rope_theta,
             rope_scaling: text.rope_scaling,
             rope_parameters: text.rope_parameters,

@@ -5,300 +5,50 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use serde_json::Value;
 
 use super::config::{Processors, Qwen2VlConfig, TextConfig, Variant};
 use super::preprocessor::{preprocess_image, preprocess_video, Patches};
-use super::vision::{inv_freq, rotate_half, Act, VisionTower};
+use super::vision::VisionTower;
 use crate::engine::kv::KvCache;
 use crate::error::{Error, Result};
 use crate::media::{Embeds, MediaItem, Modality, Video};
 use crate::models::common::files::weight_files;
+use crate::models::common::llama::{Llama, LlamaConfig};
 use crate::models::{
     splice_embeddings, EncodedItem, Expansion, ItemGrid, Model, ModelInfo, Spliced,
 };
 
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-}
-
-struct Layer {
-    attn: Attention,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    act: Act,
-    input_norm: RmsNorm,
-    post_norm: RmsNorm,
-}
-
-/// Qwen2 decoder (q/k/v biases, GQA, RMSNorm, SwiGLU) driven by explicit 3-row positions.
-pub struct TextModel {
-    cfg: TextConfig,
-    embed: Embedding,
-    layers: Vec<Layer>,
-    norm: RmsNorm,
-    lm_head: Linear,
-    inv_freq: Vec<f32>,
-    dtype: DType,
-    device: Device,
-}
-
-impl TextModel {
-    fn load(cfg: &TextConfig, vb: VarBuilder, lm_head: VarBuilder) -> Result<Self> {
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let embed = candle_nn::embedding(cfg.vocab_size, h, vb.pp("embed_tokens"))?;
-        let act = Act::from_name(&cfg.hidden_act)?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let l = vb.pp(format!("layers.{i}"));
-            let a = l.pp("self_attn");
-            let m = l.pp("mlp");
-            layers.push(Layer {
-                attn: Attention {
-                    q: candle_nn::linear(h, cfg.num_attention_heads * hd, a.pp("q_proj"))?,
-                    k: candle_nn::linear(h, cfg.num_key_value_heads * hd, a.pp("k_proj"))?,
-                    v: candle_nn::linear(h, cfg.num_key_value_heads * hd, a.pp("v_proj"))?,
-                    o: candle_nn::linear_no_bias(cfg.num_attention_heads * hd, h, a.pp("o_proj"))?,
-                },
-                gate: candle_nn::linear_no_bias(h, cfg.intermediate_size, m.pp("gate_proj"))?,
-                up: candle_nn::linear_no_bias(h, cfg.intermediate_size, m.pp("up_proj"))?,
-                down: candle_nn::linear_no_bias(cfg.intermediate_size, h, m.pp("down_proj"))?,
-                act,
-                input_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, l.pp("input_layernorm"))?,
-                post_norm: candle_nn::rms_norm(
-                    h,
-                    cfg.rms_norm_eps,
-                    l.pp("post_attention_layernorm"),
-                )?,
-            });
-        }
-        let norm = candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("norm"))?;
-        let lm_head = if lm_head.contains_tensor("weight") {
-            candle_nn::linear_no_bias(h, cfg.vocab_size, lm_head)?
-        } else {
-            // Tied (Qwen2-VL-2B): the output projection is the embedding matrix.
-            Linear::new(embed.embeddings().clone(), None)
-        };
-        Ok(Self {
-            cfg: cfg.clone(),
-            embed,
-            layers,
-            norm,
-            lm_head,
-            inv_freq: inv_freq(cfg.rope_theta, hd),
-            dtype: vb.dtype(),
-            device: vb.device().clone(),
-        })
-    }
-
-    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
-        let vocab = self.cfg.vocab_size as u32;
-        if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
-            return Err(
-                anyhow::anyhow!("token id {bad} is outside the vocabulary of {vocab}").into(),
-            );
-        }
-        let t = Tensor::from_slice(ids, ids.len(), &self.device)?;
-        Ok(self.embed.forward(&t)?)
-    }
-
-    /// `(cos, sin)` of shape `(seq, head_dim)`: frequency `j < head_dim/2` rotates by the
-    /// position row its `mrope_section` assigns (temporal, height, width), duplicated for the
-    /// second half as `rotate_half` expects.
-    fn rope(&self, positions: &[[i64; 3]]) -> Result<(Tensor, Tensor)> {
-        let half = self.cfg.head_dim / 2;
-        let mut row_of = Vec::with_capacity(half);
-        for (i, &n) in self.cfg.mrope_section.iter().enumerate() {
-            row_of.extend(std::iter::repeat_n(i % 3, n));
-        }
-        let mut cos = Vec::with_capacity(positions.len() * 2 * half);
-        let mut sin = Vec::with_capacity(positions.len() * 2 * half);
-        for p in positions {
-            let angles: Vec<f32> = (0..half)
-                .map(|j| p[row_of[j]] as f32 * self.inv_freq[j])
-                .collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
-            }
-        }
-        let shape = (positions.len(), 2 * half);
-        let cos = Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?;
-        let sin = Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?;
-        Ok((cos, sin))
-    }
-
-    /// Runs `embeds` `(seq, hidden)` at `positions` after what `cache` holds; returns the last
-    /// position's logits `(vocab,)` as float32.
-    fn forward(
-        &self,
-        embeds: &Tensor,
-        positions: &[[i64; 3]],
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
-        let (seq, _) = embeds.dims2()?;
-        if seq != positions.len() {
-            return Err(
-                anyhow::anyhow!("{seq} embeddings for {} positions", positions.len()).into(),
-            );
-        }
-        if seq == 0 {
-            return Err(anyhow::anyhow!("empty prompt").into());
-        }
-        let past = cache.len();
-        let (heads, kv_heads, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        );
-        let (cos, sin) = self.rope(positions)?;
-        let cos = cos.reshape((1, 1, seq, hd))?;
-        let sin = sin.reshape((1, 1, seq, hd))?;
-        let mask = if seq > 1 {
-            // Query i (at past + i) sees keys 0..=past + i.
-            let total = past + seq;
-            let m: Vec<f32> = (0..seq)
-                .flat_map(|i| {
-                    (0..total).map(move |j| {
-                        if j <= past + i {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                })
-                .collect();
-            Some(Tensor::from_vec(m, (1, 1, seq, total), &self.device)?)
-        } else {
-            None
-        };
-        let mut x = embeds.to_dtype(self.dtype)?.unsqueeze(0)?;
-        for (li, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_norm.forward(&x)?;
-            let q = layer.attn.q.forward(&h)?;
-            let k = layer.attn.k.forward(&h)?;
-            let v = layer.attn.v.forward(&h)?;
-            let q = q
-                .reshape((1, seq, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let k = k
-                .reshape((1, seq, kv_heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = v
-                .reshape((1, seq, kv_heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
-            let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
-            let (k, v) = cache.append(li, &k, &v)?;
-            let o = self
-                .attend(&q, &k, &v, mask.as_ref())?
-                .transpose(1, 2)?
-                .reshape((1, seq, heads * hd))?;
-            x = (x + layer.attn.o.forward(&o)?)?;
-            x = (&x + self.mlp(layer, &x)?)?;
-        }
-        cache.advance(seq);
-        let last = x.narrow(1, seq - 1, 1)?;
-        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
-        Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
-    }
-
-    /// One new text token for each of several sequences: row `i` of `embeds` `(B, hidden)`
-    /// sits at `positions[i]` after what `caches[i]` holds. The projections, MLP and `lm_head`
-    /// run once over all rows; attention runs per sequence over its own cache. Returns
-    /// `(B, vocab)` f32 logits and advances each cache by one.
-    fn forward_decode_batch(
-        &self,
-        embeds: &Tensor,
-        positions: &[[i64; 3]],
-        caches: &mut [&mut KvCache],
-    ) -> Result<Tensor> {
-        let (b, _) = embeds.dims2()?;
-        if b != positions.len() || b != caches.len() || b == 0 {
-            return Err(anyhow::anyhow!(
-                "{b} embeddings for {} positions and {} caches",
-                positions.len(),
-                caches.len()
-            )
-            .into());
-        }
-        let (heads, kv_heads, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        );
-        let (cos, sin) = self.rope(positions)?;
-        let cos = cos.reshape((b, 1, 1, hd))?;
-        let sin = sin.reshape((b, 1, 1, hd))?;
-        let mut x = embeds.to_dtype(self.dtype)?;
-        for (li, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_norm.forward(&x)?;
-            // One position per row: `(B, heads * hd)` is `(B, heads, 1, hd)` in memory.
-            let q = layer.attn.q.forward(&h)?.reshape((b, heads, 1, hd))?;
-            let k = layer.attn.k.forward(&h)?.reshape((b, kv_heads, 1, hd))?;
-            let v = layer.attn.v.forward(&h)?.reshape((b, kv_heads, 1, hd))?;
-            let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
-            let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
-            let mut outs = Vec::with_capacity(b);
-            for (i, cache) in caches.iter_mut().enumerate() {
-                let (ck, cv) = cache.append(li, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
-                let o = self.attend(&q.narrow(0, i, 1)?, &ck, &cv, None)?;
-                outs.push(o.reshape((1, heads * hd))?);
-            }
-            x = (x + layer.attn.o.forward(&Tensor::cat(&outs, 0)?)?)?;
-            x = (&x + self.mlp(layer, &x)?)?;
-        }
-        for cache in caches.iter_mut() {
-            cache.advance(1);
-        }
-        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
-        Ok(logits.to_dtype(DType::F32)?)
-    }
-
-    /// Eager attention of `q` `(1, heads, t, hd)` over cached `k`, `v` `(1, kv_heads, s, hd)`;
-    /// returns `(1, heads, t, hd)`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (heads, kv_heads, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        );
-        let total = k.dim(2)?;
-        let groups = heads / kv_heads;
-        // repeat_kv: head h reads kv head h / groups.
-        let k = k
-            .unsqueeze(2)?
-            .expand((1, kv_heads, groups, total, hd))?
-            .reshape((1, heads, total, hd))?;
-        let v = v
-            .unsqueeze(2)?
-            .expand((1, kv_heads, groups, total, hd))?
-            .reshape((1, heads, total, hd))?;
-        let scale = (hd as f64).powf(-0.5);
-        let mut att = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-        if let Some(m) = mask {
-            att = att.broadcast_add(m)?;
-        }
-        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(self.dtype)?;
-        Ok(att.matmul(&v)?)
-    }
-
-    /// The gated MLP of one layer over its post-attention norm of `x`.
-    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
-        let h = layer.post_norm.forward(x)?;
-        Ok(layer
-            .down
-            .forward(&(layer.act.apply(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?)?)
-    }
+/// The Qwen2 decoder of the family: the shared Llama decoder with q/k/v biases and M-RoPE
+/// positions.
+fn load_text(cfg: &TextConfig, vb: VarBuilder, lm_head: VarBuilder) -> Result<Llama> {
+    let llama = LlamaConfig {
+        model_type: None,
+        vocab_size: cfg.vocab_size,
+        hidden_size: cfg.hidden_size,
+        intermediate_size: cfg.intermediate_size,
+        num_hidden_layers: cfg.num_hidden_layers,
+        num_attention_heads: cfg.num_attention_heads,
+        num_key_value_heads: Some(cfg.num_key_value_heads),
+        head_dim: Some(cfg.head_dim),
+        hidden_act: cfg.hidden_act.clone(),
+        max_position_embeddings: cfg.max_position_embeddings,
+        rms_norm_eps: cfg.rms_norm_eps,
+        tie_word_embeddings: cfg.tie_word_embeddings,
+        attention_bias: false,
+        qkv_bias: true,
+        mlp_bias: false,
+        mrope_section: Some(cfg.mrope_section.clone()),
+        rope_theta: Some(cfg.rope_theta),
+        rope_scaling: None,
+        rope_parameters: None,
+        bos_token_id: None,
+        eos_token_id: None,
+    };
+    // The output projection is `lm_head` when present, else the embedding (Qwen2-VL-2B ties).
+    Llama::load(&llama, vb, lm_head, true)
 }
 
 /// transformers' `get_rope_index` over a spliced prompt: text tokens advance all three rows
@@ -367,7 +117,7 @@ pub struct Qwen2VlModel {
     cfg: Qwen2VlConfig,
     processors: Processors,
     vision: VisionTower,
-    text: TextModel,
+    text: Llama,
     info: ModelInfo,
     dtype: DType,
     device: Device,
@@ -404,7 +154,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Qwen2VlModel> {
         (vb.pp("visual"), vb.pp("model"))
     };
     let vision = VisionTower::load(&cfg.vision, cfg.variant, visual)?;
-    let text_model = TextModel::load(&cfg.text, lm, vb.pp("lm_head"))?;
+    let text_model = load_text(&cfg.text, lm, vb.pp("lm_head"))?;
     let info = ModelInfo {
         hidden_size: cfg.text.hidden_size,
         vocab_size: cfg.text.vocab_size,
@@ -675,7 +425,7 @@ impl Qwen2VlModel {
             grids,
             self.cfg.vision.spatial_merge_size,
         )?;
-        let logits = self.text.forward(&embeds, &positions, cache)?;
+        let logits = self.text.forward_embeds_at(&embeds, &positions, cache)?;
         cache.rope_delta = delta;
         Ok(logits)
     }
@@ -692,12 +442,6 @@ impl Qwen2VlModel {
             grids,
             self.cfg.vision.spatial_merge_size,
         )
-    }
-
-    /// Positions for `n` new tokens after the cache: text positions shifted by `rope_delta`.
-    fn text_positions(cache: &KvCache, n: usize) -> Vec<[i64; 3]> {
-        let start = cache.len() as i64 + cache.rope_delta;
-        (0..n as i64).map(|i| [start + i; 3]).collect()
     }
 }
 
@@ -727,8 +471,7 @@ impl Model for Qwen2VlModel {
     }
 
     fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let positions = Self::text_positions(cache, embeds.dim(0)?);
-        self.text.forward(embeds, &positions, cache)
+        self.text.forward_embeds(embeds, cache)
     }
 
     fn prefill(
@@ -753,25 +496,12 @@ impl Model for Qwen2VlModel {
     }
 
     fn decode(&self, id: u32, cache: &mut KvCache) -> Result<Tensor> {
-        let embeds = self.embed_tokens(&[id])?;
-        let positions = Self::text_positions(cache, 1);
-        self.text.forward(&embeds, &positions, cache)
+        self.text.forward_embeds(&self.embed_tokens(&[id])?, cache)
     }
 
     fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
-        crate::models::check_batch(ids, caches)?;
-        let embeds = self.embed_tokens(ids)?;
         // Each sequence continues at its own text position (cache length + its rope_delta).
-        let positions: Vec<[i64; 3]> = caches
-            .iter()
-            .map(|c| Self::text_positions(c, 1)[0])
-            .collect();
-        let logits = self
-            .text
-            .forward_decode_batch(&embeds, &positions, caches)?;
-        Ok((0..ids.len())
-            .map(|i| logits.get(i))
-            .collect::<candle_core::Result<_>>()?)
+        self.text.decode_batch(ids, caches)
     }
 }
 

@@ -1,0 +1,121 @@
+//! `mmllm profile-decode` (hidden; run by bench/gpu.py): where the time of one decode step
+//! goes. Prefills `--context` text tokens, then times single-token steps three ways: the wall
+//! time of a step including the argmax crossing to the host (what generation sees), the host
+//! time to enqueue a step while the GPU is held busy, and the GPU time the queued step takes
+//! when it runs back to back. Host ≈ wall means the step is launch-bound; GPU ≈ wall means
+//! the GPU is the limit. With `--image` it also times encoding that image (preprocessing and
+//! vision tower), and it times the prefill of the context: the parts of TTFT. Every time is
+//! taken after a warm-up run and waits for the GPU. Prints one JSON line on stdout.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+
+use crate::cli::plan::parse_device;
+use crate::cli::DTypeArg;
+use crate::error::{Error, Result};
+use crate::kernels;
+
+use super::pipeline;
+
+const WARMUP_STEPS: usize = 8;
+
+/// Seconds `f` takes, waiting for the GPU work it queued (by reading back a sum of the tensor
+/// it returns); the best of three runs after one warm-up.
+fn timed(f: &mut dyn FnMut() -> Result<Tensor>) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for run in 0..4 {
+        let start = Instant::now();
+        f()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if run > 0 {
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(best)
+}
+
+pub fn run(
+    model: &str,
+    device: &str,
+    dtype: DTypeArg,
+    context: usize,
+    steps: usize,
+    image: Option<&Path>,
+) -> Result<()> {
+    if context == 0 || steps == 0 {
+        return Err(Error::usage(
+            "--context and --steps: expected positive numbers".to_string(),
+        ));
+    }
+    let device = parse_device(device)?;
+    let resolved = pipeline::resolve(model)?;
+    let loaded = pipeline::load(&resolved, device, dtype)?;
+    let m = loaded.model.as_ref();
+    let vocab = m.info().vocab_size as u32;
+    let ids: Vec<u32> = (0..context as u32).map(|i| 1 + i % (vocab - 1)).collect();
+    let encode_s = match image {
+        Some(path) => {
+            let name = path.display().to_string();
+            let bytes = std::fs::read(path)
+                .map_err(|e| Error::input(&name, e.to_string(), "a readable image"))?;
+            let limits = crate::media::image::ImageLimits::from_env()?;
+            let item = crate::media::MediaItem::Image(crate::media::image::decode_image(
+                &bytes, &name, &limits,
+            )?);
+            Some(timed(&mut || Ok(m.encode(&item)?.features))?)
+        }
+        None => None,
+    };
+    let prefill_s = timed(&mut || {
+        let mut cache = m.new_cache(context)?;
+        m.forward(&m.embed_tokens(&ids)?, &mut cache)
+    })?;
+    let mut cache = m.new_cache(context + WARMUP_STEPS + 2 * steps)?;
+    let mut id = kernels::argmax(&m.forward(&m.embed_tokens(&ids)?, &mut cache)?)?;
+    for _ in 0..WARMUP_STEPS {
+        id = kernels::argmax(&m.decode(id, &mut cache)?)?;
+    }
+    let start = Instant::now();
+    for _ in 0..steps {
+        id = kernels::argmax(&m.decode(id, &mut cache)?)?;
+    }
+    let step_s = start.elapsed().as_secs_f64() / steps as f64;
+    let logits_device = m.embed_tokens(&[id])?.device().clone();
+    let (mut host, mut gpu) = (Vec::new(), Vec::new());
+    // Without a GPU there is no enqueue/run split: those fields stay null.
+    let profiled_steps = if logits_device.is_cuda() { steps } else { 0 };
+    for _ in 0..profiled_steps {
+        let mut logits = None;
+        let (h, g) = kernels::profile_step(&logits_device, &mut || {
+            logits = Some(m.decode(id, &mut cache)?);
+            Ok::<(), Error>(())
+        })?;
+        host.push(h);
+        gpu.push(g);
+        if let Some(l) = logits {
+            id = kernels::argmax(&l)?;
+        }
+    }
+    let median_ms = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).map(|s| s * 1e3)
+    };
+    let fused = logits_device.is_cuda()
+        && std::env::var_os("MMLLM_UNFUSED_DECODE").is_none_or(|v| v.is_empty());
+    let line = serde_json::json!({
+        "model": model,
+        "fused_decode": fused,
+        "context": context,
+        "steps": steps,
+        "encode_image_ms": encode_s.map(|s| s * 1e3),
+        "prefill_ms": prefill_s * 1e3,
+        "step_ms": step_s * 1e3,
+        "tokens_per_s": 1.0 / step_s,
+        "host_enqueue_ms": median_ms(&mut host),
+        "gpu_busy_ms": median_ms(&mut gpu),
+        "load_ms": loaded.load_s * 1e3,
+    });
+    println!("{line}");
+    Ok(())
+}

@@ -1,0 +1,326 @@
+//! Launching the kernels of `decode.cu` (PTX built by build.rs) on candle's CUDA stream.
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
+const MODULE: &str = "mmllm_decode";
+/// Warps per block of `decode_attention` (its shared arrays are sized for this).
+const ATTENTION_THREADS: u32 = 256;
+
+fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        other => bail!("expected a CUDA tensor, got one on {other:?}"),
+    }
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("fused decode kernels support f32, f16 and bf16, not {other:?}"),
+    })
+}
+
+/// Device address of the first element of `t`, which must be contiguous. The caller keeps
+/// `t` alive while a kernel uses the address.
+fn ptr(t: &Tensor) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    if !layout.is_contiguous() {
+        bail!(
+            "fused kernel input of shape {:?} is not contiguous",
+            t.dims()
+        );
+    }
+    let Storage::Cuda(cs) = &*storage else {
+        bail!("fused kernel input is not on a CUDA device");
+    };
+    let stream = cs.device.cuda_stream();
+    let base = match &cs.slice {
+        CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::U32(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::I64(s) => s.device_ptr(&stream).0,
+        _ => bail!(
+            "fused kernel input has an unsupported dtype {:?}",
+            t.dtype()
+        ),
+    };
+    Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
+}
+
+/// An uninitialised tensor of `shape` (every element is written by the kernel that fills it).
+fn alloc(dev: &CudaDevice, dtype: DType, shape: impl Into<Shape>) -> Result<Tensor> {
+    let shape = shape.into();
+    let n = shape.elem_count();
+    // SAFETY: the kernels write every element before anything reads the tensor.
+    let storage = unsafe {
+        match dtype {
+            DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
+            DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::f16>(n)?, dev.clone()),
+            DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone()),
+            DType::U32 => CudaStorage::wrap_cuda_slice(dev.alloc::<u32>(n)?, dev.clone()),
+            other => bail!("cannot allocate {other:?} for a fused kernel"),
+        }
+    };
+    Ok(Tensor::from_storage(
+        Storage::Cuda(storage),
+        shape,
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+macro_rules! launch {
+    ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let func = $dev.get_or_load_custom_func(&$name, MODULE, PTX)?;
+        let mut builder = func.builder();
+        $(builder.arg($arg);)*
+        // SAFETY: the argument list matches the kernel's signature in decode.cu, and every
+        // pointer refers to a live tensor of the size the kernel indexes.
+        unsafe { builder.launch($cfg) }.map_err(candle_core::Error::wrap)?;
+    }};
+}
+
+fn threads_for(n: usize) -> u32 {
+    (n.div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
+pub fn add_rms_norm(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let dev = cuda_device(x)?;
+    let n = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / n;
+    let x = x.contiguous()?;
+    let norm = alloc(&dev, x.dtype(), x.shape())?;
+    let (sum, residual_ptr, sum_ptr) = match residual {
+        Some(r) => {
+            let r = r.contiguous()?;
+            let sum = alloc(&dev, x.dtype(), x.shape())?;
+            let (rp, sp) = (ptr(&r)?, ptr(&sum)?);
+            (sum, rp, sp)
+        }
+        None => (x.clone(), 0u64, 0u64),
+    };
+    let (xp, wp, np) = (ptr(&x)?, ptr(weight)?, ptr(&norm)?);
+    let (n32, eps32) = (n as i32, eps as f32);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads_for(n), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = format!("add_rms_norm_{}", suffix(x.dtype())?);
+    launch!(
+        dev,
+        name,
+        cfg,
+        &xp,
+        &residual_ptr,
+        &wp,
+        &sum_ptr,
+        &np,
+        &n32,
+        &eps32
+    );
+    Ok((sum, norm))
+}
+
+pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
+    let dev = cuda_device(gate_up)?;
+    let gate_up = gate_up.contiguous()?;
+    let mut dims = gate_up.dims().to_vec();
+    let last = dims.len() - 1;
+    let inter = dims[last] / 2;
+    dims[last] = inter;
+    let rows = gate_up.elem_count() / (2 * inter);
+    let out = alloc(&dev, gate_up.dtype(), dims)?;
+    let (gp, op) = (ptr(&gate_up)?, ptr(&out)?);
+    let (rows32, inter32) = (rows as i32, inter as i32);
+    let blocks = (rows * inter).div_ceil(256).clamp(1, 65535) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = format!("silu_mul_{}", suffix(gate_up.dtype())?);
+    launch!(dev, name, cfg, &gp, &op, &rows32, &inter32);
+    Ok(out)
+}
+
+pub fn argmax(logits: &Tensor) -> Result<u32> {
+    let dev = cuda_device(logits)?;
+    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    let n = logits.elem_count();
+    let out = alloc(&dev, DType::U32, 1)?;
+    let (lp, op, n32) = (ptr(&logits)?, ptr(&out)?, n as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(dev, "argmax_f32", cfg, &lp, &op, &n32);
+    out.to_vec1::<u32>().map(|v| v[0])
+}
+
+/// The per-step table the attention kernels read (layout in decode.cu): each row's rotary
+/// position, cache slot and capacity, and every layer's key/value cache address, uploaded
+/// in one copy.
+pub struct StepTable {
+    table: CudaSlice<i64>,
+    rows: usize,
+}
+
+impl StepTable {
+    /// `positions[r]`: rotary position of row `r`'s new token; `slots[r]`, `capacities[r]`:
+    /// its cache length before the step and capacity; `layers[l][r]`: layer `l`'s key and
+    /// value caches `(1, kv_heads, capacity, head_dim)` of row `r`.
+    pub fn upload(
+        device: &Device,
+        positions: &[i64],
+        slots: &[usize],
+        capacities: &[usize],
+        layers: &[Vec<(&Tensor, &Tensor)>],
+    ) -> Result<Self> {
+        let Device::Cuda(dev) = device else {
+            bail!("a step table needs a CUDA device");
+        };
+        let rows = positions.len();
+        let mut host = Vec::with_capacity(3 * rows + 2 * rows * layers.len());
+        host.extend_from_slice(positions);
+        host.extend(slots.iter().map(|&s| s as i64));
+        host.extend(capacities.iter().map(|&c| c as i64));
+        for layer in layers {
+            for (k, v) in layer {
+                host.push(ptr(k)? as i64);
+                host.push(ptr(v)? as i64);
+            }
+        }
+        Ok(Self {
+            table: dev.clone_htod(&host)?,
+            rows,
+        })
+    }
+
+    fn address(&self) -> u64 {
+        self.table.device_ptr(self.table.stream()).0
+    }
+}
+
+/// Adds the q/k/v bias, rotates q and k and writes k, v into the caches of layer `layer` at
+/// each row's slot. `qkv` is `(rows, (heads + 2 kv_heads) head_dim)`; returns q
+/// `(rows, heads, head_dim)`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_write_kv(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    inv_freq: &Tensor,
+    table: &StepTable,
+    layer: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
+    let dev = cuda_device(qkv)?;
+    let qkv = qkv.contiguous()?;
+    let rows = table.rows;
+    if qkv.dims() != [rows, (heads + 2 * kv_heads) * head_dim] {
+        bail!(
+            "rope_write_kv: qkv of shape {:?} for {rows} rows",
+            qkv.dims()
+        );
+    }
+    let q = alloc(&dev, qkv.dtype(), (rows, heads, head_dim))?;
+    let bias_ptr = match bias {
+        Some(b) => ptr(b)?,
+        None => 0,
+    };
+    let (qkvp, fp, tp, qp) = (ptr(&qkv)?, ptr(inv_freq)?, table.address(), ptr(&q)?);
+    let args = [rows as i32, layer as i32];
+    let dims = [heads as i32, kv_heads as i32, head_dim as i32];
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, (heads + kv_heads) as u32, 1),
+        block_dim: (threads_for(head_dim / 2), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = format!("rope_write_kv_{}", suffix(qkv.dtype())?);
+    launch!(
+        dev, name, cfg, &qkvp, &bias_ptr, &fp, &tp, &args[0], &args[1], &qp, &dims[0], &dims[1],
+        &dims[2]
+    );
+    Ok(q)
+}
+
+/// Attention of each row's query `(rows, heads, head_dim)` over its layer-`layer` cache up to
+/// and including the slot just written; returns `(rows, heads * head_dim)`.
+pub fn decode_attention(
+    q: &Tensor,
+    table: &StepTable,
+    layer: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    let dev = cuda_device(q)?;
+    let (rows, heads, head_dim) = q.dims3()?;
+    if head_dim > 256 || rows != table.rows {
+        bail!("decode_attention: q of shape {:?}", q.dims());
+    }
+    let out = alloc(&dev, q.dtype(), (rows, heads * head_dim))?;
+    let (qp, tp, op) = (ptr(q)?, table.address(), ptr(&out)?);
+    let args = [rows as i32, layer as i32];
+    let dims = [heads as i32, kv_heads as i32, head_dim as i32];
+    let scale = (head_dim as f32).powf(-0.5);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, heads as u32, 1),
+        block_dim: (ATTENTION_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = format!("decode_attention_{}", suffix(q.dtype())?);
+    launch!(
+        dev, name, cfg, &qp, &tp, &args[0], &args[1], &op, &dims[0], &dims[1], &dims[2], &scale
+    );
+    Ok(out)
+}
+
+/// Times one call of `step` (which enqueues GPU work without waiting for it) two ways:
+/// the host seconds it takes to enqueue while a spinning kernel holds the GPU (so the queue
+/// cannot drain and nothing waits on the GPU), and the GPU seconds the queued work then takes
+/// back to back. Returns `(host_s, gpu_s)`.
+pub fn profile_step<E: From<candle_core::Error>>(
+    device: &Device,
+    step: &mut dyn FnMut() -> std::result::Result<(), E>,
+) -> std::result::Result<(f64, f64), E> {
+    let Device::Cuda(dev) = device else {
+        return Err(candle_core::Error::Msg("profiling needs --device cuda".into()).into());
+    };
+    let stream = dev.cuda_stream();
+    // ~50 ms at H100 clocks: far longer than enqueueing one step takes.
+    let cycles: i64 = 100_000_000;
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(dev, "spin", cfg, &cycles);
+    let start = stream
+        .record_event(None)
+        .map_err(candle_core::Error::wrap)?;
+    let t0 = std::time::Instant::now();
+    step()?;
+    let host = t0.elapsed().as_secs_f64();
+    let end = stream
+        .record_event(None)
+        .map_err(candle_core::Error::wrap)?;
+    end.synchronize().map_err(candle_core::Error::wrap)?;
+    let gpu_ms = start.elapsed_ms(&end).map_err(candle_core::Error::wrap)?;
+    Ok((host, gpu_ms as f64 / 1e3))
+}

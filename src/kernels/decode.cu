@@ -1,0 +1,284 @@
+// Fused kernels for the decode step of the Llama/Qwen2 decoder (one new position per
+// sequence). Each has a CPU reference in mod.rs and a test comparing the two.
+// Rounding follows HF's bf16/f16 order where it is observable: a value that HF materialises
+// as a tensor of the model dtype is rounded to that dtype here too.
+// Compiled to PTX by build.rs with the nvcc the candle build uses; no fast-math (cosf/sinf
+// and expf must be the accurate ones).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+    return __float2bfloat16(v);
+}
+
+// Rounds through the storage type: what a tensor of dtype T holds for the float v.
+template <typename T> __device__ __forceinline__ float rnd(float v) { return to_f(from_f<T>(v)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+// Sum over the block; every thread gets the result. `scratch` holds 32 floats.
+__device__ float block_sum(float v, float *scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < warps ? scratch[lane] : 0.f;
+    return warp_sum(t);
+}
+
+// out_sum = x + residual (rounded to T), out_norm = rms_norm(out_sum) * weight, one block per
+// row of n. Without a residual (residual == nullptr) the norm reads x and out_sum is unused.
+template <typename T>
+__device__ void add_rms_norm(const T *x, const T *residual, const T *weight, T *out_sum,
+                             T *out_norm, int n, float eps) {
+    __shared__ float scratch[32];
+    size_t row = blockIdx.x;
+    x += row * n;
+    out_norm += row * n;
+    if (residual) {
+        residual += row * n;
+        out_sum += row * n;
+    }
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = to_f(x[i]);
+        if (residual) {
+            T s = from_f<T>(v + to_f(residual[i]));
+            out_sum[i] = s;
+            v = to_f(s);
+        }
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);
+    float inv = rsqrtf(ss / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = residual ? to_f(out_sum[i]) : to_f(x[i]);
+        out_norm[i] = from_f<T>(rnd<T>(v * inv) * to_f(weight[i]));
+    }
+}
+
+// out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i], the activation rounded to T first.
+template <typename T>
+__device__ void silu_mul(const T *gate_up, T *out, int rows, int inter) {
+    size_t total = (size_t)rows * inter;
+    for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < total;
+         k += (size_t)gridDim.x * blockDim.x) {
+        size_t r = k / inter, i = k % inter;
+        float g = to_f(gate_up[r * 2 * inter + i]);
+        float u = to_f(gate_up[r * 2 * inter + inter + i]);
+        out[k] = from_f<T>(rnd<T>(g / (1.f + expf(-g))) * u);
+    }
+}
+
+// The step table (int64, uploaded once per step) for `rows` sequences and `layers` layers:
+//   [0, rows)            rotary position of each row's new token
+//   [rows, 2 rows)       cache slot it is written to (the cache length before the step)
+//   [2 rows, 3 rows)     cache capacity (positions) of each row
+//   then per layer l, row r: key cache pointer at 3 rows + 2 (l rows + r), value pointer next.
+// Caches are (kv_heads, capacity, head_dim) in T.
+struct Step {
+    const int64_t *t;
+    int rows;
+    __device__ int64_t pos(int r) const { return t[r]; }
+    __device__ int64_t slot(int r) const { return t[rows + r]; }
+    __device__ int64_t cap(int r) const { return t[2 * rows + r]; }
+    template <typename T> __device__ T *k(int layer, int r) const {
+        return (T *)t[3 * rows + 2 * (layer * rows + r)];
+    }
+    template <typename T> __device__ T *v(int layer, int r) const {
+        return (T *)t[3 * rows + 2 * (layer * rows + r) + 1];
+    }
+};
+
+// Grid (rows, heads + kv_heads), block >= head_dim / 2 threads. Adds the q/k/v bias (if any,
+// rounding as a separate add does), applies rotary embeddings (HF's rotate-half layout, cos and
+// sin rounded to T as HF casts them) to q and k, writes q to q_out (rows, heads, head_dim) and
+// k, v into the caches at the row's slot.
+template <typename T>
+__device__ void rope_write_kv(const T *qkv, const T *bias, const float *inv_freq, const int64_t *table,
+                              int rows, int layer, T *q_out, int heads, int kv_heads, int head_dim) {
+    Step step{table, rows};
+    int r = blockIdx.x, h = blockIdx.y, half = head_dim / 2;
+    int width = (heads + 2 * kv_heads) * head_dim;
+    const T *row = qkv + (size_t)r * width;
+    float pos = (float)step.pos(r);
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        int a = h * head_dim + j, b = a + half;
+        float x1 = to_f(row[a]), x2 = to_f(row[b]);
+        if (bias) {
+            x1 = rnd<T>(x1 + to_f(bias[a]));
+            x2 = rnd<T>(x2 + to_f(bias[b]));
+        }
+        float angle = pos * inv_freq[j];
+        float c = rnd<T>(cosf(angle)), s = rnd<T>(sinf(angle));
+        T o1 = from_f<T>(rnd<T>(x1 * c) + rnd<T>(-x2 * s));
+        T o2 = from_f<T>(rnd<T>(x2 * c) + rnd<T>(x1 * s));
+        if (h < heads) {
+            T *q = q_out + ((size_t)r * heads + h) * head_dim;
+            q[j] = o1;
+            q[j + half] = o2;
+        } else {
+            int kvh = h - heads;
+            size_t at = ((size_t)kvh * step.cap(r) + step.slot(r)) * head_dim;
+            T *k = step.k<T>(layer, r) + at;
+            k[j] = o1;
+            k[j + half] = o2;
+            T *v = step.v<T>(layer, r) + at;
+            int va = (heads + kv_heads + kvh) * head_dim + j, vb = va + half;
+            float v1 = to_f(row[va]), v2 = to_f(row[vb]);
+            if (bias) {
+                v1 = v1 + to_f(bias[va]);
+                v2 = v2 + to_f(bias[vb]);
+            }
+            v[j] = from_f<T>(v1);
+            v[j + half] = from_f<T>(v2);
+        }
+    }
+}
+
+// Attention of one new query per row over its cache (slot + 1 positions), all in f32 with an
+// online softmax. Grid (rows, heads), block of whole warps; each warp takes every warps-th key.
+// q (rows, heads, head_dim); out (rows, heads * head_dim). head_dim <= 256.
+template <typename T>
+__device__ void decode_attention(const T *q, const int64_t *table, int rows, int layer, T *out,
+                                 int heads, int kv_heads, int head_dim, float scale) {
+    Step step{table, rows};
+    constexpr int MAXD = 8;  // head_dim / 32, rounded up
+    __shared__ float s_m[32], s_l[32];
+    __shared__ float s_acc[32][MAXD * 32];
+    int r = blockIdx.x, h = blockIdx.y;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int kvh = h / (heads / kv_heads);
+    int64_t len = step.slot(r) + 1, cap = step.cap(r);
+    const T *kc = step.k<T>(layer, r) + (size_t)kvh * cap * head_dim;
+    const T *vc = step.v<T>(layer, r) + (size_t)kvh * cap * head_dim;
+    const T *qr = q + ((size_t)r * heads + h) * head_dim;
+    float qv[MAXD], acc[MAXD];
+    for (int i = 0; i < MAXD; i++) {
+        int d = lane + 32 * i;
+        qv[i] = d < head_dim ? to_f(qr[d]) : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = -INFINITY, l = 0.f;
+    for (int64_t j = warp; j < len; j += warps) {
+        const T *kj = kc + j * head_dim;
+        float dot = 0.f;
+        for (int i = 0; i < MAXD; i++) {
+            int d = lane + 32 * i;
+            if (d < head_dim) dot += qv[i] * to_f(kj[d]);
+        }
+        float s = warp_sum(dot) * scale;
+        float m_new = fmaxf(m, s);
+        float corr = expf(m - m_new), p = expf(s - m_new);
+        l = l * corr + p;
+        const T *vj = vc + j * head_dim;
+        for (int i = 0; i < MAXD; i++) {
+            int d = lane + 32 * i;
+            if (d < head_dim) acc[i] = acc[i] * corr + p * to_f(vj[d]);
+        }
+        m = m_new;
+    }
+    if (lane == 0) {
+        s_m[warp] = m;
+        s_l[warp] = l;
+    }
+    for (int i = 0; i < MAXD; i++) s_acc[warp][lane + 32 * i] = acc[i];
+    __syncthreads();
+    if (warp == 0) {
+        float gm = -INFINITY;
+        for (int w = 0; w < warps; w++) gm = fmaxf(gm, s_m[w]);
+        float gl = 0.f;
+        for (int w = 0; w < warps; w++)
+            if (s_l[w] > 0.f) gl += s_l[w] * expf(s_m[w] - gm);
+        for (int i = 0; i < MAXD; i++) {
+            int d = lane + 32 * i;
+            if (d >= head_dim) continue;
+            float o = 0.f;
+            for (int w = 0; w < warps; w++)
+                if (s_l[w] > 0.f) o += s_acc[w][d] * expf(s_m[w] - gm);
+            out[((size_t)r * heads + h) * head_dim + d] = from_f<T>(o / gl);
+        }
+    }
+}
+
+#define DTYPES(X) X(float, f32) X(__half, f16) X(__nv_bfloat16, bf16)
+
+#define INSTANCES(T, S)                                                                        \
+    extern "C" __global__ void add_rms_norm_##S(const T *x, const T *residual, const T *weight, \
+                                                T *out_sum, T *out_norm, int n, float eps) {   \
+        add_rms_norm<T>(x, residual, weight, out_sum, out_norm, n, eps);                       \
+    }                                                                                          \
+    extern "C" __global__ void silu_mul_##S(const T *gate_up, T *out, int rows, int inter) {   \
+        silu_mul<T>(gate_up, out, rows, inter);                                                \
+    }                                                                                          \
+    extern "C" __global__ void rope_write_kv_##S(const T *qkv, const T *bias,                  \
+                                                 const float *inv_freq, const int64_t *table,  \
+                                                 int rows, int layer, T *q_out, int heads,     \
+                                                 int kv_heads, int head_dim) {                 \
+        rope_write_kv<T>(qkv, bias, inv_freq, table, rows, layer, q_out, heads, kv_heads,      \
+                         head_dim);                                                            \
+    }                                                                                          \
+    extern "C" __global__ void decode_attention_##S(const T *q, const int64_t *table, int rows, \
+                                                    int layer, T *out, int heads,              \
+                                                    int kv_heads, int head_dim, float scale) { \
+        decode_attention<T>(q, table, rows, layer, out, heads, kv_heads, head_dim, scale);     \
+    }
+
+DTYPES(INSTANCES)
+
+// Index of the largest value of each row (one block per row); ties go to the lowest index and
+// the first NaN wins, as torch.argmax.
+extern "C" __global__ void argmax_f32(const float *x, uint32_t *out, int n) {
+    __shared__ float sv[1024];
+    __shared__ int si[1024];
+    const float *row = x + (size_t)blockIdx.x * n;
+    float best = -INFINITY;
+    int bi = -1;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = row[i];
+        bool nan = v != v, best_nan = best != best;
+        if (bi < 0 || (nan && !best_nan) || (!best_nan && v > best)) {
+            best = v;
+            bi = i;
+        }
+    }
+    sv[threadIdx.x] = best;
+    si[threadIdx.x] = bi;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) {
+            float a = sv[threadIdx.x], b = sv[threadIdx.x + stride];
+            int ia = si[threadIdx.x], ib = si[threadIdx.x + stride];
+            bool an = a != a, bn = b != b;
+            bool take_b = ib >= 0 && (ia < 0 || (bn && (!an || ib < ia)) ||
+                                      (!an && !bn && (b > a || (b == a && ib < ia))));
+            if (take_b) {
+                sv[threadIdx.x] = b;
+                si[threadIdx.x] = ib;
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = (uint32_t)si[0];
+}
+
+// Busy-waits about `cycles` clock cycles: holds the stream so that work queued behind it runs
+// back to back, which is how the decode profile measures GPU time apart from launch time.
+extern "C" __global__ void spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) {
+    }
+}

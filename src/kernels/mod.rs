@@ -1,0 +1,190 @@
+//! Fused kernels for the decode step of the Llama/Qwen2 decoder: a single-token decode is a
+//! few hundred tiny ops, each of which costs more host time to launch than GPU time to run, so
+//! on CUDA the per-layer small ops run as one kernel each (`decode.cu`). Every kernel has a
+//! CPU reference here, built from candle ops in Hugging Face's order, and a test comparing the
+//! two on the GPU.
+
+use candle_core::{DType, Result, Tensor, D};
+
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "cuda")]
+pub use cuda::{decode_attention, profile_step, rope_write_kv, StepTable};
+
+/// Without CUDA there is no GPU time to separate from host time.
+#[cfg(not(feature = "cuda"))]
+pub fn profile_step<E: From<candle_core::Error>>(
+    _device: &candle_core::Device,
+    _step: &mut dyn FnMut() -> std::result::Result<(), E>,
+) -> std::result::Result<(f64, f64), E> {
+    Err(candle_core::Error::Msg(
+        "profiling decode steps needs a binary built with --features cuda".into(),
+    )
+    .into())
+}
+
+/// `(x + residual, rms_norm(x + residual) * weight)` over the last dimension; without a
+/// residual the first output is `x` itself. HF's order: the sum is rounded to the dtype, the
+/// norm is taken in f32 and rounded before the weight multiplies it.
+pub fn add_rms_norm(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return cuda::add_rms_norm(x, residual, weight, eps);
+    }
+    let sum = match residual {
+        Some(r) => (x + r)?,
+        None => x.clone(),
+    };
+    let dtype = sum.dtype();
+    let f = sum.to_dtype(DType::F32)?;
+    let var = f.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = f.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let out = normed.to_dtype(dtype)?.broadcast_mul(weight)?;
+    Ok((sum, out))
+}
+
+/// `silu(gate) * up` where the last dimension of `gate_up` is `[gate | up]`; the activation is
+/// rounded to the dtype before the product, as HF's `act_fn(gate_proj(x)) * up_proj(x)`.
+pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if gate_up.device().is_cuda() {
+        return cuda::silu_mul(gate_up);
+    }
+    let inter = gate_up.dim(D::Minus1)? / 2;
+    let gate = gate_up.narrow(D::Minus1, 0, inter)?;
+    let up = gate_up.narrow(D::Minus1, inter, inter)?;
+    candle_nn::ops::silu(&gate)? * up
+}
+
+/// Index of the largest value of `logits` `(vocab,)` f32, ties to the lowest index and a NaN
+/// winning, as `torch.argmax`. On CUDA only the index crosses to the host.
+pub fn argmax(logits: &Tensor) -> Result<u32> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        return cuda::argmax(logits);
+    }
+    let row: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+    Ok(argmax_slice(&row))
+}
+
+/// [`argmax`] over a host slice.
+pub fn argmax_slice(values: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in values.iter().enumerate() {
+        if v.is_nan() {
+            return i as u32;
+        }
+        if v > best_v || i == 0 {
+            best = i;
+            best_v = v;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn argmax_ties_go_low_and_nan_wins() {
+        assert_eq!(argmax_slice(&[1.0, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax_slice(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+        assert_eq!(argmax_slice(&[1.0, f32::NAN, 5.0, f32::NAN]), 1);
+    }
+
+    #[test]
+    fn add_rms_norm_reference_matches_formula() -> Result<()> {
+        let x = Tensor::new(&[[1f32, -2.0, 3.0, 0.5]], &Device::Cpu)?;
+        let r = Tensor::new(&[[0.5f32, 0.5, -1.0, 0.0]], &Device::Cpu)?;
+        let w = Tensor::new(&[1f32, 2.0, 0.5, -1.0], &Device::Cpu)?;
+        let (sum, out) = add_rms_norm(&x, Some(&r), &w, 1e-6)?;
+        let s = [1.5f32, -1.5, 2.0, 0.5];
+        assert_eq!(sum.to_vec2::<f32>()?[0], s);
+        let rms = (s.iter().map(|v| v * v).sum::<f32>() / 4.0 + 1e-6).sqrt();
+        let want: Vec<f32> = s
+            .iter()
+            .zip([1.0, 2.0, 0.5, -1.0])
+            .map(|(v, w)| v / rms * w)
+            .collect();
+        for (g, w) in out.to_vec2::<f32>()?[0].iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn silu_mul_reference_matches_formula() -> Result<()> {
+        let gu = Tensor::new(&[[1f32, -2.0, 3.0, 0.5]], &Device::Cpu)?;
+        let got = silu_mul(&gu)?.to_vec2::<f32>()?;
+        let silu = |g: f32| g / (1.0 + (-g).exp());
+        assert!((got[0][0] - silu(1.0) * 3.0).abs() < 1e-6);
+        assert!((got[0][1] - silu(-2.0) * 0.5).abs() < 1e-6);
+        Ok(())
+    }
+
+    /// Largest absolute difference between two tensors of any dtype and device, relative to
+    /// the largest magnitude of the reference `a`.
+    #[cfg(feature = "cuda")]
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let a = a
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?;
+        let b = b
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?;
+        let scale = a.abs()?.max(0)?.to_scalar::<f32>()?;
+        Ok((a - b)?.abs()?.max(0)?.to_scalar::<f32>()? / scale)
+    }
+
+    /// Each CUDA kernel against its CPU reference, in f32 (to rounding) and bf16 (to a few
+    /// bf16 steps: the CPU reference rounds after every op, the kernels once).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_kernels_match_cpu_references() -> Result<()> {
+        let gpu = Device::new_cuda(0)?;
+        let cases: Vec<Vec<f32>> = vec![
+            vec![1.0, 3.0, 3.0, 2.0],
+            vec![f32::NEG_INFINITY; 3],
+            vec![1.0, f32::NAN, 5.0, f32::NAN],
+            (0..50_000).map(|i| ((i * 7919) % 1000) as f32).collect(),
+        ];
+        for v in cases {
+            assert_eq!(argmax(&Tensor::new(v.as_slice(), &gpu)?)?, argmax_slice(&v));
+        }
+        let cpu = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 300), &cpu)?;
+        let r = Tensor::randn(0f32, 1.0, (3, 300), &cpu)?;
+        let w = Tensor::randn(1f32, 0.2, 300, &cpu)?;
+        let gu = Tensor::randn(0f32, 2.0, (3, 2, 200), &cpu)?.reshape((3, 400))?;
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let on = |t: &Tensor, d: &Device| t.to_dtype(dtype)?.to_device(d);
+            let (sum_c, norm_c) =
+                add_rms_norm(&on(&x, &cpu)?, Some(&on(&r, &cpu)?), &on(&w, &cpu)?, 1e-5)?;
+            let (sum_g, norm_g) =
+                add_rms_norm(&on(&x, &gpu)?, Some(&on(&r, &gpu)?), &on(&w, &gpu)?, 1e-5)?;
+            assert!(max_diff(&sum_c, &sum_g)? <= tol, "{dtype:?} sum");
+            assert!(max_diff(&norm_c, &norm_g)? <= tol, "{dtype:?} norm");
+            let (_, plain_c) = add_rms_norm(&on(&x, &cpu)?, None, &on(&w, &cpu)?, 1e-5)?;
+            let (_, plain_g) = add_rms_norm(&on(&x, &gpu)?, None, &on(&w, &gpu)?, 1e-5)?;
+            assert!(
+                max_diff(&plain_c, &plain_g)? <= tol,
+                "{dtype:?} norm without residual"
+            );
+            let act_c = silu_mul(&on(&gu, &cpu)?)?;
+            let act_g = silu_mul(&on(&gu, &gpu)?)?;
+            assert_eq!(act_g.dims(), [3, 200]);
+            assert!(max_diff(&act_c, &act_g)? <= tol, "{dtype:?} silu_mul");
+        }
+        Ok(())
+    }
+}
