@@ -1,5 +1,6 @@
 //! Launching the kernels of `decode.cu` (PTX built by build.rs) on candle's CUDA stream.
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
 };
@@ -9,8 +10,6 @@ use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const MODULE: &str = "mmllm_decode";
-/// Warps per block of `decode_attention` (its shared arrays are sized for this).
-const ATTENTION_THREADS: u32 = 256;
 
 fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     match t.device() {
@@ -19,13 +18,24 @@ fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     }
 }
 
-fn suffix(dtype: DType) -> Result<&'static str> {
+/// The kernel of `names` (its f32, f16 and bf16 instances) for `dtype`.
+fn kernel(names: [&'static str; 3], dtype: DType) -> Result<&'static str> {
     Ok(match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
+        DType::F32 => names[0],
+        DType::F16 => names[1],
+        DType::BF16 => names[2],
         other => bail!("fused decode kernels support f32, f16 and bf16, not {other:?}"),
     })
+}
+
+macro_rules! instances {
+    ($name:literal) => {
+        [
+            concat!($name, "_f32"),
+            concat!($name, "_f16"),
+            concat!($name, "_bf16"),
+        ]
+    };
 }
 
 /// Device address of the first element of `t`, which must be contiguous. The caller keeps
@@ -80,7 +90,7 @@ fn alloc(dev: &CudaDevice, dtype: DType, shape: impl Into<Shape>) -> Result<Tens
 
 macro_rules! launch {
     ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let func = $dev.get_or_load_custom_func(&$name, MODULE, PTX)?;
+        let func = $dev.get_or_load_custom_func($name, MODULE, PTX)?;
         let mut builder = func.builder();
         $(builder.arg($arg);)*
         // SAFETY: the argument list matches the kernel's signature in decode.cu, and every
@@ -120,7 +130,7 @@ pub fn add_rms_norm(
         block_dim: (threads_for(n), 1, 1),
         shared_mem_bytes: 0,
     };
-    let name = format!("add_rms_norm_{}", suffix(x.dtype())?);
+    let name = kernel(instances!("add_rms_norm"), x.dtype())?;
     launch!(
         dev,
         name,
@@ -153,7 +163,7 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let name = format!("silu_mul_{}", suffix(gate_up.dtype())?);
+    let name = kernel(instances!("silu_mul"), gate_up.dtype())?;
     launch!(dev, name, cfg, &gp, &op, &rows32, &inter32);
     Ok(out)
 }
@@ -179,6 +189,8 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
 pub struct StepTable {
     table: CudaSlice<i64>,
     rows: usize,
+    /// The longest cache after the step (slot + 1), which sizes the attention's key splits.
+    max_len: usize,
 }
 
 impl StepTable {
@@ -209,6 +221,7 @@ impl StepTable {
         Ok(Self {
             table: dev.clone_htod(&host)?,
             rows,
+            max_len: slots.iter().max().map_or(1, |s| s + 1),
         })
     }
 
@@ -253,7 +266,7 @@ pub fn rope_write_kv(
         block_dim: (threads_for(head_dim / 2), 1, 1),
         shared_mem_bytes: 0,
     };
-    let name = format!("rope_write_kv_{}", suffix(qkv.dtype())?);
+    let name = kernel(instances!("rope_write_kv"), qkv.dtype())?;
     launch!(
         dev, name, cfg, &qkvp, &bias_ptr, &fp, &tp, &args[0], &args[1], &qp, &dims[0], &dims[1],
         &dims[2]
@@ -262,33 +275,87 @@ pub fn rope_write_kv(
 }
 
 /// Attention of each row's query `(rows, heads, head_dim)` over its layer-`layer` cache up to
-/// and including the slot just written; returns `(rows, heads * head_dim)`.
+/// and including the slot just written; returns `(rows, heads * head_dim)`. The keys are
+/// split over blocks (about `KEYS_PER_SPLIT` each) whose partial softmaxes a second kernel
+/// merges, so that a long cache is read by many SMs at once.
 pub fn decode_attention(
     q: &Tensor,
     table: &StepTable,
     layer: usize,
     kv_heads: usize,
 ) -> Result<Tensor> {
+    const KEYS_PER_SPLIT: usize = 32;
+    const THREADS: u32 = 128; // ATT_WARPS warps in decode.cu
     let dev = cuda_device(q)?;
     let (rows, heads, head_dim) = q.dims3()?;
     if head_dim > 256 || rows != table.rows {
         bail!("decode_attention: q of shape {:?}", q.dims());
     }
+    let splits = table.max_len.div_ceil(KEYS_PER_SPLIT).clamp(1, 256);
+    let part = alloc(&dev, DType::F32, rows * heads * splits * (2 + head_dim))?;
     let out = alloc(&dev, q.dtype(), (rows, heads * head_dim))?;
-    let (qp, tp, op) = (ptr(q)?, table.address(), ptr(&out)?);
+    let (qp, tp, pp, op) = (ptr(q)?, table.address(), ptr(&part)?, ptr(&out)?);
     let args = [rows as i32, layer as i32];
-    let dims = [heads as i32, kv_heads as i32, head_dim as i32];
+    let dims = [
+        heads as i32,
+        kv_heads as i32,
+        head_dim as i32,
+        splits as i32,
+    ];
     let scale = (head_dim as f32).powf(-0.5);
     let cfg = LaunchConfig {
-        grid_dim: (rows as u32, heads as u32, 1),
-        block_dim: (ATTENTION_THREADS, 1, 1),
+        grid_dim: (rows as u32, heads as u32, splits as u32),
+        block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let name = format!("decode_attention_{}", suffix(q.dtype())?);
+    let name = kernel(instances!("decode_attention_split"), q.dtype())?;
     launch!(
-        dev, name, cfg, &qp, &tp, &args[0], &args[1], &op, &dims[0], &dims[1], &dims[2], &scale
+        dev, name, cfg, &qp, &tp, &args[0], &args[1], &pp, &dims[0], &dims[1], &dims[2], &scale
     );
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, heads as u32, 1),
+        block_dim: (threads_for(head_dim), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = kernel(instances!("decode_attention_combine"), q.dtype())?;
+    launch!(dev, name, cfg, &pp, &op, &dims[0], &dims[2], &dims[3]);
     Ok(out)
+}
+
+/// `x (rows, k) @ w (n, k)^T` for the few rows of a decode step, with the GEMV kernel when
+/// it applies (rows <= 8, contiguous, 16-byte aligned rows), else candle's matmul (cuBLAS).
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    const MAX_ROWS: usize = 8; // GEMV_ROWS in decode.cu
+    const WARPS: usize = 4; // GEMV_WARPS
+    let (rows, k) = x.dims2()?;
+    let (n, k2) = w.dims2()?;
+    let vec = 16 / x.dtype().size_in_bytes();
+    let eligible = rows <= MAX_ROWS
+        && k == k2
+        && k % vec == 0
+        && x.dtype() == w.dtype()
+        && x.is_contiguous()
+        && w.is_contiguous()
+        && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16);
+    if !eligible {
+        return x.matmul(&w.t()?);
+    }
+    let (xp, wp) = (ptr(x)?, ptr(w)?);
+    if xp % 16 != 0 || wp % 16 != 0 {
+        return x.matmul(&w.t()?);
+    }
+    let dev = cuda_device(x)?;
+    let y = alloc(&dev, x.dtype(), (rows, n))?;
+    let yp = ptr(&y)?;
+    let dims = [rows as i32, n as i32, k as i32];
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(WARPS) as u32, 1, 1),
+        block_dim: (32 * WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = kernel(instances!("gemv"), x.dtype())?;
+    launch!(dev, name, cfg, &xp, &wp, &yp, &dims[0], &dims[1], &dims[2]);
+    Ok(y)
 }
 
 /// Times one call of `step` (which enqueues GPU work without waiting for it) two ways:
@@ -311,14 +378,16 @@ pub fn profile_step<E: From<candle_core::Error>>(
         shared_mem_bytes: 0,
     };
     launch!(dev, "spin", cfg, &cycles);
+    // Timing events (cudarc's default flags disable timing).
+    let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
     let start = stream
-        .record_event(None)
+        .record_event(timing)
         .map_err(candle_core::Error::wrap)?;
     let t0 = std::time::Instant::now();
     step()?;
     let host = t0.elapsed().as_secs_f64();
     let end = stream
-        .record_event(None)
+        .record_event(timing)
         .map_err(candle_core::Error::wrap)?;
     end.synchronize().map_err(candle_core::Error::wrap)?;
     let gpu_ms = start.elapsed_ms(&end).map_err(candle_core::Error::wrap)?;

@@ -149,67 +149,150 @@ __device__ void rope_write_kv(const T *qkv, const T *bias, const float *inv_freq
     }
 }
 
-// Attention of one new query per row over its cache (slot + 1 positions), all in f32 with an
-// online softmax. Grid (rows, heads), block of whole warps; each warp takes every warps-th key.
-// q (rows, heads, head_dim); out (rows, heads * head_dim). head_dim <= 256.
+// Attention of one new query per row over its cache (slot + 1 positions), in f32 with an
+// online softmax, split over the keys (flash-decoding): grid (rows, heads, splits), block of
+// ATT_WARPS warps. Block s takes keys [s * chunk, (s + 1) * chunk) of its row, each warp every
+// ATT_WARPS-th of them, and writes its partial max, sum and weighted values to `part`
+// (rows, heads, splits, 2 + head_dim); decode_attention_combine merges the splits.
+// q (rows, heads, head_dim), head_dim <= 256.
+#define ATT_WARPS 4
+#define MAXD 8  // head_dim / 32, rounded up
+
 template <typename T>
-__device__ void decode_attention(const T *q, const int64_t *table, int rows, int layer, T *out,
-                                 int heads, int kv_heads, int head_dim, float scale) {
+__device__ void decode_attention_split(const T *q, const int64_t *table, int rows, int layer,
+                                       float *part, int heads, int kv_heads, int head_dim,
+                                       float scale) {
     Step step{table, rows};
-    constexpr int MAXD = 8;  // head_dim / 32, rounded up
-    __shared__ float s_m[32], s_l[32];
-    __shared__ float s_acc[32][MAXD * 32];
-    int r = blockIdx.x, h = blockIdx.y;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    __shared__ float s_m[ATT_WARPS], s_l[ATT_WARPS];
+    __shared__ float s_acc[ATT_WARPS][MAXD * 32];
+    int r = blockIdx.x, h = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int kvh = h / (heads / kv_heads);
     int64_t len = step.slot(r) + 1, cap = step.cap(r);
+    int64_t chunk = (len + splits - 1) / splits;
+    int64_t begin = split * chunk, end = min(len, begin + chunk);
     const T *kc = step.k<T>(layer, r) + (size_t)kvh * cap * head_dim;
     const T *vc = step.v<T>(layer, r) + (size_t)kvh * cap * head_dim;
     const T *qr = q + ((size_t)r * heads + h) * head_dim;
     float qv[MAXD], acc[MAXD];
+#pragma unroll
     for (int i = 0; i < MAXD; i++) {
         int d = lane + 32 * i;
         qv[i] = d < head_dim ? to_f(qr[d]) : 0.f;
         acc[i] = 0.f;
     }
     float m = -INFINITY, l = 0.f;
-    for (int64_t j = warp; j < len; j += warps) {
+    for (int64_t j = begin + warp; j < end; j += ATT_WARPS) {
         const T *kj = kc + j * head_dim;
-        float dot = 0.f;
+        const T *vj = vc + j * head_dim;
+        float kv[MAXD], vv[MAXD];
+#pragma unroll
         for (int i = 0; i < MAXD; i++) {
             int d = lane + 32 * i;
-            if (d < head_dim) dot += qv[i] * to_f(kj[d]);
+            kv[i] = d < head_dim ? to_f(kj[d]) : 0.f;
+            vv[i] = d < head_dim ? to_f(vj[d]) : 0.f;
         }
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < MAXD; i++) dot += qv[i] * kv[i];
         float s = warp_sum(dot) * scale;
         float m_new = fmaxf(m, s);
         float corr = expf(m - m_new), p = expf(s - m_new);
         l = l * corr + p;
-        const T *vj = vc + j * head_dim;
-        for (int i = 0; i < MAXD; i++) {
-            int d = lane + 32 * i;
-            if (d < head_dim) acc[i] = acc[i] * corr + p * to_f(vj[d]);
-        }
+#pragma unroll
+        for (int i = 0; i < MAXD; i++) acc[i] = acc[i] * corr + p * vv[i];
         m = m_new;
     }
     if (lane == 0) {
         s_m[warp] = m;
         s_l[warp] = l;
     }
+#pragma unroll
     for (int i = 0; i < MAXD; i++) s_acc[warp][lane + 32 * i] = acc[i];
     __syncthreads();
     if (warp == 0) {
         float gm = -INFINITY;
-        for (int w = 0; w < warps; w++) gm = fmaxf(gm, s_m[w]);
+        for (int w = 0; w < ATT_WARPS; w++) gm = fmaxf(gm, s_m[w]);
         float gl = 0.f;
-        for (int w = 0; w < warps; w++)
+        for (int w = 0; w < ATT_WARPS; w++)
             if (s_l[w] > 0.f) gl += s_l[w] * expf(s_m[w] - gm);
+        float *out = part + (((size_t)r * heads + h) * splits + split) * (2 + head_dim);
+        if (lane == 0) {
+            out[0] = gm;
+            out[1] = gl;
+        }
         for (int i = 0; i < MAXD; i++) {
             int d = lane + 32 * i;
             if (d >= head_dim) continue;
             float o = 0.f;
-            for (int w = 0; w < warps; w++)
+            for (int w = 0; w < ATT_WARPS; w++)
                 if (s_l[w] > 0.f) o += s_acc[w][d] * expf(s_m[w] - gm);
-            out[((size_t)r * heads + h) * head_dim + d] = from_f<T>(o / gl);
+            out[2 + d] = o;
+        }
+    }
+}
+
+// Merges the splits of decode_attention_split: grid (rows, heads), block >= head_dim threads.
+// out (rows, heads * head_dim).
+template <typename T>
+__device__ void decode_attention_combine(const float *part, T *out, int heads, int head_dim,
+                                         int splits) {
+    int r = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+    if (d >= head_dim) return;
+    const float *p = part + ((size_t)r * heads + h) * splits * (2 + head_dim);
+    float gm = -INFINITY;
+    for (int s = 0; s < splits; s++)
+        if (p[s * (2 + head_dim) + 1] > 0.f) gm = fmaxf(gm, p[s * (2 + head_dim)]);
+    float gl = 0.f, o = 0.f;
+    for (int s = 0; s < splits; s++) {
+        const float *ps = p + s * (2 + head_dim);
+        if (ps[1] > 0.f) {
+            float w = expf(ps[0] - gm);
+            gl += ps[1] * w;
+            o += ps[2 + d] * w;
+        }
+    }
+    out[((size_t)r * heads + h) * head_dim + d] = from_f<T>(o / gl);
+}
+
+// y (rows, n) = x (rows, k) @ w (n, k)^T for rows <= GEMV_ROWS, accumulated in f32: the
+// single-token matmuls of decode, which read every weight once. One warp per output column,
+// 16-byte loads (k must be a multiple of 16 / sizeof(T), rows 16-byte aligned).
+#define GEMV_ROWS 8
+#define GEMV_WARPS 4
+template <typename T>
+__device__ void gemv(const T *x, const T *w, T *y, int rows, int n, int k) {
+    constexpr int VEC = 16 / sizeof(T);
+    int lane = threadIdx.x & 31;
+    int col = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (col >= n) return;
+    const uint4 *wr = (const uint4 *)(w + (size_t)col * k);
+    int chunks = k / VEC;
+    float acc[GEMV_ROWS];
+#pragma unroll
+    for (int b = 0; b < GEMV_ROWS; b++) acc[b] = 0.f;
+#pragma unroll 4
+    for (int c = lane; c < chunks; c += 32) {
+        uint4 wv = __ldg(wr + c);
+        const T *wt = (const T *)&wv;
+        float wf[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; e++) wf[e] = to_f(wt[e]);
+#pragma unroll
+        for (int b = 0; b < GEMV_ROWS; b++) {
+            if (b < rows) {
+                uint4 xv = __ldg((const uint4 *)(x + (size_t)b * k) + c);
+                const T *xt = (const T *)&xv;
+#pragma unroll
+                for (int e = 0; e < VEC; e++) acc[b] += wf[e] * to_f(xt[e]);
+            }
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < GEMV_ROWS; b++) {
+        if (b < rows) {
+            float v = warp_sum(acc[b]);
+            if (lane == 0) y[(size_t)b * n + col] = from_f<T>(v);
         }
     }
 }
@@ -231,10 +314,19 @@ __device__ void decode_attention(const T *q, const int64_t *table, int rows, int
         rope_write_kv<T>(qkv, bias, inv_freq, table, rows, layer, q_out, heads, kv_heads,      \
                          head_dim);                                                            \
     }                                                                                          \
-    extern "C" __global__ void decode_attention_##S(const T *q, const int64_t *table, int rows, \
-                                                    int layer, T *out, int heads,              \
-                                                    int kv_heads, int head_dim, float scale) { \
-        decode_attention<T>(q, table, rows, layer, out, heads, kv_heads, head_dim, scale);     \
+    extern "C" __global__ void decode_attention_split_##S(                                  \
+        const T *q, const int64_t *table, int rows, int layer, float *part, int heads,         \
+        int kv_heads, int head_dim, float scale) {                                             \
+        decode_attention_split<T>(q, table, rows, layer, part, heads, kv_heads, head_dim,      \
+                                  scale);                                                      \
+    }                                                                                          \
+    extern "C" __global__ void decode_attention_combine_##S(const float *part, T *out,         \
+                                                            int heads, int head_dim,           \
+                                                            int splits) {                      \
+        decode_attention_combine<T>(part, out, heads, head_dim, splits);                       \
+    }                                                                                          \
+    extern "C" __global__ void gemv_##S(const T *x, const T *w, T *y, int rows, int n, int k) { \
+        gemv<T>(x, w, y, rows, n, k);                                                          \
     }
 
 DTYPES(INSTANCES)

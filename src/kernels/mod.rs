@@ -9,7 +9,7 @@ use candle_core::{DType, Result, Tensor, D};
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
-pub use cuda::{decode_attention, profile_step, rope_write_kv, StepTable};
+pub use cuda::{decode_attention, matmul_t, profile_step, rope_write_kv, StepTable};
 
 /// Without CUDA there is no GPU time to separate from host time.
 #[cfg(not(feature = "cuda"))]
@@ -180,6 +180,17 @@ mod tests {
                 max_diff(&plain_c, &plain_g)? <= tol,
                 "{dtype:?} norm without residual"
             );
+            for rows in [1, 3, 8, 9] {
+                let x = Tensor::randn(0f32, 1.0, (rows, 264), &cpu)?;
+                let w = Tensor::randn(0f32, 1.0, (70, 264), &cpu)?;
+                let want = on(&x, &cpu)?.matmul(&on(&w, &cpu)?.t()?)?;
+                let got = matmul_t(&on(&x, &gpu)?, &on(&w, &gpu)?)?;
+                assert_eq!(got.dims(), [rows, 70]);
+                assert!(
+                    max_diff(&want, &got)? <= tol,
+                    "{dtype:?} matmul_t, {rows} rows"
+                );
+            }
             let act_c = silu_mul(&on(&gu, &cpu)?)?;
             let act_g = silu_mul(&on(&gu, &gpu)?)?;
             assert_eq!(act_g.dims(), [3, 200]);

@@ -756,10 +756,22 @@ impl Llama {
         let eps = self.cfg.rms_norm_eps;
         let x = embeds.to_dtype(self.dtype)?;
         let mut x = x.contiguous()?;
-        let mut h = kernels::add_rms_norm(&x, None, &self.blocks[0].norm1.weight, eps)?.1;
+        let first_norm = match self.blocks.first() {
+            Some(block) => &block.norm1.weight,
+            None => &self.norm.weight,
+        };
+        let mut h = kernels::add_rms_norm(&x, None, first_norm, eps)?.1;
+        // Linear layers as single-token matmuls (GEMV); only o_proj and mlp biases remain.
+        let linear = |l: &Linear, x: &Tensor| -> candle_core::Result<Tensor> {
+            let y = kernels::matmul_t(x, l.weight())?;
+            match l.bias() {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            }
+        };
         for (i, block) in self.blocks.iter().enumerate() {
             let attn = &block.attn;
-            let qkv = attn.qkv.forward(&h)?;
+            let qkv = linear(&attn.qkv, &h)?;
             let q = kernels::rope_write_kv(
                 &qkv,
                 attn.qkv_bias.as_ref(),
@@ -770,11 +782,17 @@ impl Llama {
                 kv_heads,
                 hd,
             )?;
-            let o = attn
-                .o
-                .forward(&kernels::decode_attention(&q, &table, i, kv_heads)?)?;
+            let o = linear(
+                &attn.o,
+                &kernels::decode_attention(&q, &table, i, kv_heads)?,
+            )?;
             let (x_mid, h_mid) = kernels::add_rms_norm(&x, Some(&o), &block.norm2.weight, eps)?;
-            let down = block.mlp.forward(&h_mid)?;
+            let mlp = &block.mlp;
+            let mut gate_up = linear(&mlp.gate_up, &h_mid)?;
+            if let Some(b) = &mlp.gate_up_bias {
+                gate_up = gate_up.broadcast_add(b)?;
+            }
+            let down = linear(&mlp.down, &kernels::silu_mul(&gate_up)?)?;
             let next_norm = match self.blocks.get(i + 1) {
                 Some(next) => &next.norm1.weight,
                 None => &self.norm.weight,
@@ -784,7 +802,7 @@ impl Llama {
         for cache in caches.iter_mut() {
             cache.advance(1);
         }
-        Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
+        Ok(linear(&self.lm_head, &h)?.to_dtype(DType::F32)?)
     }
 
     #[cfg(not(feature = "cuda"))]
@@ -870,7 +888,9 @@ mod tests {
                     Ok(m)
                 };
                 let (fused, plain) = (load(true)?, load(false)?);
-                let prompts: [&[u32]; 3] = [&[3, 17, 4], &[42, 9, 11, 23, 5, 8, 1, 60], &[7]];
+                // The long prompt spreads attention over several key splits.
+                let long: Vec<u32> = (0..100).map(|i| (i * 7 + 3) % 64).collect();
+                let prompts: [&[u32]; 3] = [&[3, 17, 4], &long, &[7]];
                 let mut caches = Vec::new();
                 for model in [&fused, &plain] {
                     let mut cs = Vec::new();
