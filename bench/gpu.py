@@ -234,40 +234,54 @@ def decode_bytes(model, text_config):
     return layers + text_config.vocab_size * text_config.hidden_size * 2
 
 
-def profile(binary, d, context, steps, image=None, unfused=False):
+PROFILE_VARIANTS = [
+    ("fused kernels + CUDA graph (default)", {}),
+    ("fused kernels + CUDA graph, GEMV 2 columns a warp", {"MMLLM_GEMV_COLS": "2"}),
+    ("fused kernels, no graph", {"MMLLM_CUDA_GRAPH": "0"}),
+    ("fused kernels, cuBLAS matmuls, no graph", {"MMLLM_CUDA_GRAPH": "0", "MMLLM_DECODE_GEMV": "0"}),
+    ("unfused (candle ops)", {"MMLLM_UNFUSED_DECODE": "1"}),
+]
+
+
+def profile(binary, d, context, steps, image=None, env_extra=None):
     """`mmllm profile-decode`: one JSON line (step wall, host enqueue and GPU busy time)."""
     cmd = [binary, "profile-decode", "--model", d, "--device", "cuda", "--dtype", "bf16",
            "--context", str(context), "--steps", str(steps)]
     if image:
         cmd += ["--image", image]
-    env = dict(os.environ)
-    if unfused:
-        env["MMLLM_UNFUSED_DECODE"] = "1"
+    env = dict(os.environ, **(env_extra or {}))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.stderr.write(out.stderr)
         raise SystemExit(f"mmllm profile-decode failed ({out.returncode})")
-    return json.loads(out.stdout.strip().splitlines()[-1]), ("MMLLM_UNFUSED_DECODE=1 " if unfused else "") + " ".join(cmd)
+    sys.stderr.write(out.stderr)
+    prefix = " ".join(f"{k}={v}" for k, v in (env_extra or {}).items())
+    return json.loads(out.stdout.strip().splitlines()[-1]), (prefix + " " if prefix else "") + " ".join(cmd)
 
 
 def profile_rows(binary, d, context, steps, limit_tps, image=None):
-    """Prints where a decode step's time goes, fused and unfused; returns the fused profile."""
+    """Prints where a decode step's time goes for each decode path; returns the default's."""
     print(f"\n| decode step at context {context} (`mmllm profile-decode`) | step ms | tok/s | "
           f"% of bandwidth limit | host enqueue ms | GPU busy ms |")
     print("|---|---|---|---|---|---|")
     results = []
-    for unfused in (False, True):
-        p, cmd = profile(binary, d, context, steps, image=image, unfused=unfused)
+    for i, (name, env_extra) in enumerate(PROFILE_VARIANTS):
+        p, cmd = profile(binary, d, context, steps, image=image if i == 0 else None,
+                         env_extra=env_extra)
         results.append((p, cmd))
-        name = "unfused (candle ops, MMLLM_UNFUSED_DECODE=1)" if unfused else "fused decode kernels"
         print(f"| {name} | {p['step_ms']:.2f} | {p['tokens_per_s']:.1f} | "
               f"{100 * p['tokens_per_s'] / limit_tps:.0f}% | {p['host_enqueue_ms']:.2f} | "
               f"{p['gpu_busy_ms']:.2f} |")
     fused = results[0][0]
-    parts = f"prefill of {context} text tokens {fused['prefill_ms']:.1f} ms"
+
+    def part(key, what):
+        return (f"{what} {fused[key + '_ms']:.1f} ms (host enqueue {fused[key + '_host_ms']:.1f}, "
+                f"GPU {fused[key + '_gpu_ms']:.1f})")
+
+    parts = part("prefill", f"prefill of {context} text tokens")
     if fused.get("encode_image_ms") is not None:
-        parts = f"image encode (CPU preprocessing + vision tower) {fused['encode_image_ms']:.1f} ms; " + parts
-    print(f"  TTFT parts, fused build, synchronised, best of 3: {parts}")
+        parts = part("encode_image", "image encode (CPU preprocessing + vision tower)") + "; " + parts
+    print(f"  TTFT parts (synchronised, best of 3): {parts}")
     for _, cmd in results:
         print(f"  command: {cmd}")
     return fused

@@ -4,8 +4,9 @@
 //! time to enqueue a step while the GPU is held busy, and the GPU time the queued step takes
 //! when it runs back to back. Host ≈ wall means the step is launch-bound; GPU ≈ wall means
 //! the GPU is the limit. With `--image` it also times encoding that image (preprocessing and
-//! vision tower), and it times the prefill of the context: the parts of TTFT. Every time is
-//! taken after a warm-up run and waits for the GPU. Prints one JSON line on stdout.
+//! vision tower), and it times the prefill of the context: the parts of TTFT, each also split
+//! into host enqueue and GPU time as a step is (host time includes CPU preprocessing). Every
+//! time is taken after a warm-up run. Prints one JSON line on stdout.
 
 use std::path::Path;
 use std::time::Instant;
@@ -54,7 +55,17 @@ pub fn run(
     let m = loaded.model.as_ref();
     let vocab = m.info().vocab_size as u32;
     let ids: Vec<u32> = (0..context as u32).map(|i| 1 + i % (vocab - 1)).collect();
-    let encode_s = match image {
+    let logits_device = m.embed_tokens(&[1])?.device().clone();
+    // (synchronised seconds, host enqueue seconds, GPU seconds) of one run of `f`.
+    let parts = |f: &mut dyn FnMut() -> Result<Tensor>| -> Result<[Option<f64>; 3]> {
+        let synced = timed(f)?;
+        if !logits_device.is_cuda() {
+            return Ok([Some(synced), None, None]);
+        }
+        let (host, gpu) = kernels::profile_step(&logits_device, &mut || f().map(|_| ()))?;
+        Ok([Some(synced), Some(host), Some(gpu)])
+    };
+    let encode = match image {
         Some(path) => {
             let name = path.display().to_string();
             let bytes = std::fs::read(path)
@@ -63,11 +74,11 @@ pub fn run(
             let item = crate::media::MediaItem::Image(crate::media::image::decode_image(
                 &bytes, &name, &limits,
             )?);
-            Some(timed(&mut || Ok(m.encode(&item)?.features))?)
+            parts(&mut || Ok(m.encode(&item)?.features))?
         }
-        None => None,
+        None => [None; 3],
     };
-    let prefill_s = timed(&mut || {
+    let prefill = parts(&mut || {
         let mut cache = m.new_cache(context)?;
         m.forward(&m.embed_tokens(&ids)?, &mut cache)
     })?;
@@ -81,7 +92,6 @@ pub fn run(
         id = kernels::argmax(&m.decode(id, &mut cache)?)?;
     }
     let step_s = start.elapsed().as_secs_f64() / steps as f64;
-    let logits_device = m.embed_tokens(&[id])?.device().clone();
     let (mut host, mut gpu) = (Vec::new(), Vec::new());
     // Without a GPU there is no enqueue/run split: those fields stay null.
     let profiled_steps = if logits_device.is_cuda() { steps } else { 0 };
@@ -97,6 +107,7 @@ pub fn run(
             id = kernels::argmax(&l)?;
         }
     }
+    let ms = |s: Option<f64>| s.map(|s| s * 1e3);
     let median_ms = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).map(|s| s * 1e3)
@@ -108,8 +119,12 @@ pub fn run(
         "fused_decode": fused,
         "context": context,
         "steps": steps,
-        "encode_image_ms": encode_s.map(|s| s * 1e3),
-        "prefill_ms": prefill_s * 1e3,
+        "encode_image_ms": ms(encode[0]),
+        "encode_image_host_ms": ms(encode[1]),
+        "encode_image_gpu_ms": ms(encode[2]),
+        "prefill_ms": ms(prefill[0]),
+        "prefill_host_ms": ms(prefill[1]),
+        "prefill_gpu_ms": ms(prefill[2]),
         "step_ms": step_s * 1e3,
         "tokens_per_s": 1.0 / step_s,
         "host_enqueue_ms": median_ms(&mut host),

@@ -1,9 +1,7 @@
 //! Launching the kernels of `decode.cu` (PTX built by build.rs) on candle's CUDA stream.
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor};
@@ -184,29 +182,28 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
 }
 
 /// The per-step table the attention kernels read (layout in decode.cu): each row's rotary
-/// position, cache slot and capacity, and every layer's key/value cache address, uploaded
-/// in one copy.
+/// position, cache slot and capacity, and every layer's key/value cache address.
 pub struct StepTable {
-    table: CudaSlice<i64>,
+    table: Tensor,
     rows: usize,
-    /// The longest cache after the step (slot + 1), which sizes the attention's key splits.
-    max_len: usize,
+    /// How many blocks split each row's keys in the attention kernel.
+    splits: usize,
 }
 
+/// Keys per attention block when the split count follows the cache length (eager steps).
+const KEYS_PER_SPLIT: usize = 32;
+
 impl StepTable {
-    /// `positions[r]`: rotary position of row `r`'s new token; `slots[r]`, `capacities[r]`:
-    /// its cache length before the step and capacity; `layers[l][r]`: layer `l`'s key and
-    /// value caches `(1, kv_heads, capacity, head_dim)` of row `r`.
-    pub fn upload(
-        device: &Device,
+    /// The table's values. `positions[r]`: rotary position of row `r`'s new token;
+    /// `slots[r]`, `capacities[r]`: its cache length before the step and capacity;
+    /// `layers[l][r]`: layer `l`'s key and value caches `(1, kv_heads, capacity, head_dim)`
+    /// of row `r`.
+    pub fn values(
         positions: &[i64],
         slots: &[usize],
         capacities: &[usize],
         layers: &[Vec<(&Tensor, &Tensor)>],
-    ) -> Result<Self> {
-        let Device::Cuda(dev) = device else {
-            bail!("a step table needs a CUDA device");
-        };
+    ) -> Result<Vec<i64>> {
         let rows = positions.len();
         let mut host = Vec::with_capacity(3 * rows + 2 * rows * layers.len());
         host.extend_from_slice(positions);
@@ -218,15 +215,145 @@ impl StepTable {
                 host.push(ptr(v)? as i64);
             }
         }
+        Ok(host)
+    }
+
+    /// A table uploaded for one step, its keys split about every `KEYS_PER_SPLIT` positions.
+    pub fn upload(
+        device: &Device,
+        positions: &[i64],
+        slots: &[usize],
+        capacities: &[usize],
+        layers: &[Vec<(&Tensor, &Tensor)>],
+    ) -> Result<Self> {
+        let values = Self::values(positions, slots, capacities, layers)?;
+        let max_len = slots.iter().max().map_or(1, |s| s + 1);
         Ok(Self {
-            table: dev.clone_htod(&host)?,
-            rows,
-            max_len: slots.iter().max().map_or(1, |s| s + 1),
+            table: Tensor::new(values.as_slice(), device)?,
+            rows: positions.len(),
+            splits: max_len.div_ceil(KEYS_PER_SPLIT).clamp(1, 256),
         })
     }
 
-    fn address(&self) -> u64 {
-        self.table.device_ptr(self.table.stream()).0
+    /// A table in `table` (int64, filled with [`write`] before each use) with a fixed split
+    /// count: what a captured graph reads, whatever the cache lengths of later steps.
+    pub fn persistent(table: &Tensor, rows: usize, splits: usize) -> Self {
+        Self {
+            table: table.clone(),
+            rows,
+            splits,
+        }
+    }
+
+    fn address(&self) -> Result<u64> {
+        ptr(&self.table)
+    }
+}
+
+/// Copies `values` from the host into the start of the contiguous tensor `dst`, in stream
+/// order (what a captured graph reads is written this way before each launch).
+pub fn write<T: candle_core::WithDType>(dst: &Tensor, values: &[T]) -> Result<()> {
+    if dst.dtype() != T::DTYPE || dst.elem_count() < values.len() {
+        bail!(
+            "write: {} {:?} values into {:?} of {:?}",
+            values.len(),
+            T::DTYPE,
+            dst.dims(),
+            dst.dtype()
+        );
+    }
+    let dev = cuda_device(dst)?;
+    let stream = dev.cuda_stream();
+    // SAFETY: `dst` is a live device tensor at least as long as `values`; a copy from pageable
+    // host memory is staged before the call returns, so `values` may be dropped after it.
+    unsafe {
+        candle_core::cuda_backend::cudarc::driver::result::memcpy_htod_async(
+            ptr(dst)?,
+            values,
+            stream.cu_stream(),
+        )
+    }
+    .map_err(candle_core::Error::wrap)
+}
+
+/// Token embeddings `(rows, hidden)` of the ids in the device tensor `ids` (u32).
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let dev = cuda_device(table)?;
+    let (_, hidden) = table.dims2()?;
+    let rows = ids.elem_count();
+    let out = alloc(&dev, table.dtype(), (rows, hidden))?;
+    let (tp, ip, op) = (ptr(table)?, ptr(ids)?, ptr(&out)?);
+    let dims = [rows as i32, hidden as i32];
+    let cfg = LaunchConfig {
+        grid_dim: ((rows * hidden).div_ceil(256).clamp(1, 65535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = kernel(instances!("embedding"), table.dtype())?;
+    launch!(dev, name, cfg, &tp, &ip, &op, &dims[0], &dims[1]);
+    Ok(out)
+}
+
+/// Writes `src` converted to f32 into the existing f32 tensor `dst` of the same size.
+pub fn copy_to_f32(src: &Tensor, dst: &Tensor) -> Result<()> {
+    let dev = cuda_device(src)?;
+    let n = src.elem_count();
+    if dst.dtype() != DType::F32 || dst.elem_count() != n {
+        bail!(
+            "copy_to_f32: {:?} into {:?} {:?}",
+            src.dims(),
+            dst.dims(),
+            dst.dtype()
+        );
+    }
+    let src = src.contiguous()?;
+    let (sp, dp, n32) = (ptr(&src)?, ptr(dst)?, n as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = kernel(instances!("copy_to_f32"), src.dtype())?;
+    launch!(dev, name, cfg, &sp, &dp, &n32);
+    Ok(())
+}
+
+/// A captured CUDA graph: one launch replays every kernel `body` enqueued.
+pub struct Graph(candle_core::cuda_backend::cudarc::driver::CudaGraph);
+
+// SAFETY: a graph may be used from any thread as long as calls on it are serialised; its
+// owner keeps it behind a mutex.
+unsafe impl Send for Graph {}
+
+impl Graph {
+    /// Captures what `body` enqueues on the device's stream (nothing runs). `body` must not
+    /// copy between host and device or wait on the GPU, and every tensor it allocates must
+    /// be dropped before it returns (the graph then owns that memory).
+    pub fn capture<E: From<candle_core::Error>>(
+        device: &Device,
+        body: &mut dyn FnMut() -> std::result::Result<(), E>,
+    ) -> std::result::Result<Self, E> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let Device::Cuda(dev) = device else {
+            return Err(candle_core::Error::Msg("graph capture needs a CUDA device".into()).into());
+        };
+        let stream = dev.cuda_stream();
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(candle_core::Error::wrap)?;
+        let captured = body();
+        // End the capture whatever happened, so the stream is usable again.
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        captured?;
+        let graph = graph
+            .map_err(candle_core::Error::wrap)?
+            .ok_or_else(|| candle_core::Error::Msg("captured an empty graph".into()))?;
+        graph.upload().map_err(candle_core::Error::wrap)?;
+        Ok(Self(graph))
+    }
+
+    pub fn launch(&self) -> Result<()> {
+        self.0.launch().map_err(candle_core::Error::wrap)
     }
 }
 
@@ -258,7 +385,7 @@ pub fn rope_write_kv(
         Some(b) => ptr(b)?,
         None => 0,
     };
-    let (qkvp, fp, tp, qp) = (ptr(&qkv)?, ptr(inv_freq)?, table.address(), ptr(&q)?);
+    let (qkvp, fp, tp, qp) = (ptr(&qkv)?, ptr(inv_freq)?, table.address()?, ptr(&q)?);
     let args = [rows as i32, layer as i32];
     let dims = [heads as i32, kv_heads as i32, head_dim as i32];
     let cfg = LaunchConfig {
@@ -284,17 +411,16 @@ pub fn decode_attention(
     layer: usize,
     kv_heads: usize,
 ) -> Result<Tensor> {
-    const KEYS_PER_SPLIT: usize = 32;
     const THREADS: u32 = 128; // ATT_WARPS warps in decode.cu
     let dev = cuda_device(q)?;
     let (rows, heads, head_dim) = q.dims3()?;
     if head_dim > 256 || rows != table.rows {
         bail!("decode_attention: q of shape {:?}", q.dims());
     }
-    let splits = table.max_len.div_ceil(KEYS_PER_SPLIT).clamp(1, 256);
+    let splits = table.splits;
     let part = alloc(&dev, DType::F32, rows * heads * splits * (2 + head_dim))?;
     let out = alloc(&dev, q.dtype(), (rows, heads * head_dim))?;
-    let (qp, tp, pp, op) = (ptr(q)?, table.address(), ptr(&part)?, ptr(&out)?);
+    let (qp, tp, pp, op) = (ptr(q)?, table.address()?, ptr(&part)?, ptr(&out)?);
     let args = [rows as i32, layer as i32];
     let dims = [
         heads as i32,
@@ -323,14 +449,51 @@ pub fn decode_attention(
 }
 
 /// `x (rows, k) @ w (n, k)^T` for the few rows of a decode step, with the GEMV kernel when
-/// it applies (rows <= 8, contiguous, 16-byte aligned rows), else candle's matmul (cuBLAS).
+/// it applies (rows <= 8, contiguous, 16-byte aligned rows, and not turned off with
+/// `MMLLM_DECODE_GEMV=0`), else candle's matmul (cuBLAS).
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    const MAX_ROWS: usize = 8; // GEMV_ROWS in decode.cu
-    const WARPS: usize = 4; // GEMV_WARPS
+    // Output columns per warp (1 or 2; `MMLLM_GEMV_COLS`), for comparing on a card.
+    static COLS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cols = *COLS.get_or_init(|| match std::env::var("MMLLM_GEMV_COLS").as_deref() {
+        Ok("2") => 2,
+        _ => 1,
+    });
+    matmul_t_cols(x, w, cols)
+}
+
+/// [`matmul_t`] with `cols` (1 or 2) output columns per warp of the GEMV kernel.
+pub(super) fn matmul_t_cols(x: &Tensor, w: &Tensor, cols: usize) -> Result<Tensor> {
+    const GEMV: [[[&str; 3]; 8]; 2] = [
+        [
+            instances!("gemv1"),
+            instances!("gemv2"),
+            instances!("gemv3"),
+            instances!("gemv4"),
+            instances!("gemv5"),
+            instances!("gemv6"),
+            instances!("gemv7"),
+            instances!("gemv8"),
+        ],
+        [
+            instances!("gemv1c2"),
+            instances!("gemv2c2"),
+            instances!("gemv3c2"),
+            instances!("gemv4c2"),
+            instances!("gemv5c2"),
+            instances!("gemv6c2"),
+            instances!("gemv7c2"),
+            instances!("gemv8c2"),
+        ],
+    ];
+    const WARPS: usize = 4; // GEMV_WARPS in decode.cu
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let enabled = *ENABLED.get_or_init(|| std::env::var("MMLLM_DECODE_GEMV").as_deref() != Ok("0"));
     let (rows, k) = x.dims2()?;
     let (n, k2) = w.dims2()?;
     let vec = 16 / x.dtype().size_in_bytes();
-    let eligible = rows <= MAX_ROWS
+    let eligible = enabled
+        && (1..=2).contains(&cols)
+        && (1..=GEMV[0].len()).contains(&rows)
         && k == k2
         && k % vec == 0
         && x.dtype() == w.dtype()
@@ -347,14 +510,14 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dev = cuda_device(x)?;
     let y = alloc(&dev, x.dtype(), (rows, n))?;
     let yp = ptr(&y)?;
-    let dims = [rows as i32, n as i32, k as i32];
+    let dims = [n as i32, k as i32];
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(WARPS) as u32, 1, 1),
+        grid_dim: (n.div_ceil(WARPS * cols) as u32, 1, 1),
         block_dim: (32 * WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let name = kernel(instances!("gemv"), x.dtype())?;
-    launch!(dev, name, cfg, &xp, &wp, &yp, &dims[0], &dims[1], &dims[2]);
+    let name = kernel(GEMV[cols - 1][rows - 1], x.dtype())?;
+    launch!(dev, name, cfg, &xp, &wp, &yp, &dims[0], &dims[1]);
     Ok(y)
 }
 

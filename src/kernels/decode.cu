@@ -255,49 +255,102 @@ __device__ void decode_attention_combine(const float *part, T *out, int heads, i
     out[((size_t)r * heads + h) * head_dim + d] = from_f<T>(o / gl);
 }
 
-// y (rows, n) = x (rows, k) @ w (n, k)^T for rows <= GEMV_ROWS, accumulated in f32: the
-// single-token matmuls of decode, which read every weight once. One warp per output column,
-// 16-byte loads (k must be a multiple of 16 / sizeof(T), rows 16-byte aligned).
-#define GEMV_ROWS 8
+// y (rows, n) = x (rows, k) @ w (n, k)^T for ROWS <= 8 rows, accumulated in f32: the
+// single-token matmuls of decode, which read every weight once. One warp per COLS output
+// columns;
+// each lane keeps GEMV_UNROLL independent 16-byte weight loads in flight (the weights stream
+// through once, so the loads skip L1; the few x rows stay cached). k must be a multiple of
+// 16 / sizeof(T) and rows 16-byte aligned.
 #define GEMV_WARPS 4
+#define GEMV_UNROLL 4
+
 template <typename T>
-__device__ void gemv(const T *x, const T *w, T *y, int rows, int n, int k) {
+__device__ __forceinline__ void dot_vec(const uint4 &wv, const uint4 &xv, float &acc) {
+    const T *wt = (const T *)&wv;
+    const T *xt = (const T *)&xv;
+#pragma unroll
+    for (int e = 0; e < (int)(16 / sizeof(T)); e++) acc += to_f(wt[e]) * to_f(xt[e]);
+}
+
+template <typename T, int ROWS, int COLS>
+__device__ void gemv(const T *x, const T *w, T *y, int n, int k) {
     constexpr int VEC = 16 / sizeof(T);
     int lane = threadIdx.x & 31;
-    int col = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (col >= n) return;
-    const uint4 *wr = (const uint4 *)(w + (size_t)col * k);
+    int col0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * COLS;
+    if (col0 >= n) return;
+    const uint4 *wr[COLS];
+#pragma unroll
+    for (int cc = 0; cc < COLS; cc++) wr[cc] = (const uint4 *)(w + (size_t)min(col0 + cc, n - 1) * k);
+    const uint4 *xr = (const uint4 *)x;
     int chunks = k / VEC;
-    float acc[GEMV_ROWS];
+    float acc[COLS][ROWS];
 #pragma unroll
-    for (int b = 0; b < GEMV_ROWS; b++) acc[b] = 0.f;
-#pragma unroll 4
-    for (int c = lane; c < chunks; c += 32) {
-        uint4 wv = __ldg(wr + c);
-        const T *wt = (const T *)&wv;
-        float wf[VEC];
+    for (int cc = 0; cc < COLS; cc++)
 #pragma unroll
-        for (int e = 0; e < VEC; e++) wf[e] = to_f(wt[e]);
+        for (int b = 0; b < ROWS; b++) acc[cc][b] = 0.f;
+    int c = lane;
+    for (; c + 32 * (GEMV_UNROLL - 1) < chunks; c += 32 * GEMV_UNROLL) {
+        uint4 wv[COLS][GEMV_UNROLL];
 #pragma unroll
-        for (int b = 0; b < GEMV_ROWS; b++) {
-            if (b < rows) {
-                uint4 xv = __ldg((const uint4 *)(x + (size_t)b * k) + c);
-                const T *xt = (const T *)&xv;
+        for (int cc = 0; cc < COLS; cc++)
 #pragma unroll
-                for (int e = 0; e < VEC; e++) acc[b] += wf[e] * to_f(xt[e]);
+            for (int u = 0; u < GEMV_UNROLL; u++) wv[cc][u] = __ldcs(wr[cc] + c + 32 * u);
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+#pragma unroll
+            for (int b = 0; b < ROWS; b++) {
+                uint4 xv = __ldg(xr + (size_t)b * chunks + c + 32 * u);
+#pragma unroll
+                for (int cc = 0; cc < COLS; cc++) dot_vec<T>(wv[cc][u], xv, acc[cc][b]);
             }
         }
     }
+    for (; c < chunks; c += 32) {
+        uint4 wv[COLS];
 #pragma unroll
-    for (int b = 0; b < GEMV_ROWS; b++) {
-        if (b < rows) {
-            float v = warp_sum(acc[b]);
-            if (lane == 0) y[(size_t)b * n + col] = from_f<T>(v);
+        for (int cc = 0; cc < COLS; cc++) wv[cc] = __ldcs(wr[cc] + c);
+#pragma unroll
+        for (int b = 0; b < ROWS; b++) {
+            uint4 xv = __ldg(xr + (size_t)b * chunks + c);
+#pragma unroll
+            for (int cc = 0; cc < COLS; cc++) dot_vec<T>(wv[cc], xv, acc[cc][b]);
+        }
+    }
+#pragma unroll
+    for (int cc = 0; cc < COLS; cc++) {
+#pragma unroll
+        for (int b = 0; b < ROWS; b++) {
+            float v = warp_sum(acc[cc][b]);
+            if (lane == 0 && col0 + cc < n) y[(size_t)b * n + col0 + cc] = from_f<T>(v);
         }
     }
 }
 
+// out (rows, hidden) = table[ids[r]]: the token embeddings of a decode step whose ids sit on
+// the device (a captured CUDA graph reads them from a buffer filled before each launch).
+template <typename T>
+__device__ void embedding(const T *table, const uint32_t *ids, T *out, int rows, int hidden) {
+    size_t total = (size_t)rows * hidden;
+    for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < total;
+         k += (size_t)gridDim.x * blockDim.x)
+        out[k] = table[(size_t)ids[k / hidden] * hidden + k % hidden];
+}
+
+// out = float(x), elementwise, into an existing buffer.
+template <typename T> __device__ void copy_to_f32(const T *x, float *out, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        out[i] = to_f(x[i]);
+}
+
 #define DTYPES(X) X(float, f32) X(__half, f16) X(__nv_bfloat16, bf16)
+
+#define GEMV_INSTANCE(T, S, R)                                                                 \
+    extern "C" __global__ void gemv##R##_##S(const T *x, const T *w, T *y, int n, int k) {     \
+        gemv<T, R, 1>(x, w, y, n, k);                                                          \
+    }                                                                                          \
+    extern "C" __global__ void gemv##R##c2_##S(const T *x, const T *w, T *y, int n, int k) {   \
+        gemv<T, R, 2>(x, w, y, n, k);                                                          \
+    }
 
 #define INSTANCES(T, S)                                                                        \
     extern "C" __global__ void add_rms_norm_##S(const T *x, const T *residual, const T *weight, \
@@ -325,9 +378,16 @@ __device__ void gemv(const T *x, const T *w, T *y, int rows, int n, int k) {
                                                             int splits) {                      \
         decode_attention_combine<T>(part, out, heads, head_dim, splits);                       \
     }                                                                                          \
-    extern "C" __global__ void gemv_##S(const T *x, const T *w, T *y, int rows, int n, int k) { \
-        gemv<T>(x, w, y, rows, n, k);                                                          \
-    }
+    extern "C" __global__ void embedding_##S(const T *table, const uint32_t *ids, T *out,      \
+                                             int rows, int hidden) {                           \
+        embedding<T>(table, ids, out, rows, hidden);                                           \
+    }                                                                                          \
+    extern "C" __global__ void copy_to_f32_##S(const T *x, float *out, int n) {                \
+        copy_to_f32<T>(x, out, n);                                                             \
+    }                                                                                          \
+    GEMV_INSTANCE(T, S, 1) GEMV_INSTANCE(T, S, 2) GEMV_INSTANCE(T, S, 3)                      \
+    GEMV_INSTANCE(T, S, 4) GEMV_INSTANCE(T, S, 5) GEMV_INSTANCE(T, S, 6)                       \
+    GEMV_INSTANCE(T, S, 7) GEMV_INSTANCE(T, S, 8)
 
 DTYPES(INSTANCES)
 

@@ -9,7 +9,10 @@ use candle_core::{DType, Result, Tensor, D};
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
-pub use cuda::{decode_attention, matmul_t, profile_step, rope_write_kv, StepTable};
+pub use cuda::{
+    copy_to_f32, decode_attention, embedding, matmul_t, profile_step, rope_write_kv, write, Graph,
+    StepTable,
+};
 
 /// Without CUDA there is no GPU time to separate from host time.
 #[cfg(not(feature = "cuda"))]
@@ -182,14 +185,18 @@ mod tests {
             );
             for rows in [1, 3, 8, 9] {
                 let x = Tensor::randn(0f32, 1.0, (rows, 264), &cpu)?;
-                let w = Tensor::randn(0f32, 1.0, (70, 264), &cpu)?;
+                // An odd column count exercises the last warp's tail with two columns a warp.
+                let w = Tensor::randn(0f32, 1.0, (71, 264), &cpu)?;
                 let want = on(&x, &cpu)?.matmul(&on(&w, &cpu)?.t()?)?;
-                let got = matmul_t(&on(&x, &gpu)?, &on(&w, &gpu)?)?;
-                assert_eq!(got.dims(), [rows, 70]);
-                assert!(
-                    max_diff(&want, &got)? <= tol,
-                    "{dtype:?} matmul_t, {rows} rows"
-                );
+                for cols in [1, 2] {
+                    let got = cuda::matmul_t_cols(&on(&x, &gpu)?, &on(&w, &gpu)?, cols)?;
+                    assert_eq!(got.dims(), [rows, 71]);
+                    let diff = max_diff(&want, &got)?;
+                    assert!(
+                        diff <= tol,
+                        "{dtype:?} matmul_t, {rows} rows, {cols} cols: {diff}"
+                    );
+                }
             }
             let act_c = silu_mul(&on(&gu, &cpu)?)?;
             let act_g = silu_mul(&on(&gu, &gpu)?)?;

@@ -496,8 +496,30 @@ pub struct Llama {
     /// Decode steps run as fused kernels (CUDA; `MMLLM_UNFUSED_DECODE=1` turns it off, so
     /// that both paths can be timed and compared on one machine).
     fused_decode: bool,
+    /// Single-sequence decode replays a captured CUDA graph (fused path without biases on
+    /// `o_proj` or the MLP; `MMLLM_CUDA_GRAPH=0` turns it off).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    graph_enabled: bool,
+    #[cfg(feature = "cuda")]
+    graph: std::sync::Mutex<Option<DecodeGraph>>,
+    #[cfg(feature = "cuda")]
+    graph_failed: std::sync::atomic::AtomicBool,
     device: Device,
     dtype: DType,
+}
+
+/// Key splits of the attention kernel in a captured decode step (fixed at capture; each
+/// block then takes 1/32 of whatever the cache length is).
+#[cfg(feature = "cuda")]
+const GRAPH_KEY_SPLITS: usize = 32;
+
+/// A captured single-sequence decode step and the device buffers it reads and writes.
+#[cfg(feature = "cuda")]
+struct DecodeGraph {
+    graph: kernels::Graph,
+    ids: Tensor,
+    table: Tensor,
+    logits: Tensor,
 }
 
 impl Llama {
@@ -538,6 +560,9 @@ impl Llama {
             None => vec![0; inv_freqs.len()],
         };
         let device = vb.device().clone();
+        let fused_decode = cfg!(feature = "cuda")
+            && device.is_cuda()
+            && std::env::var_os("MMLLM_UNFUSED_DECODE").is_none_or(|v| v.is_empty());
         Ok(Self {
             cfg: cfg.clone(),
             norm: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("norm"))?,
@@ -547,9 +572,15 @@ impl Llama {
             inv_freqs_dev: Tensor::new(inv_freqs.as_slice(), &device)?,
             inv_freqs,
             row_of,
-            fused_decode: cfg!(feature = "cuda")
-                && device.is_cuda()
-                && std::env::var_os("MMLLM_UNFUSED_DECODE").is_none_or(|v| v.is_empty()),
+            fused_decode,
+            graph_enabled: fused_decode
+                && !cfg.attention_bias
+                && !cfg.mlp_bias
+                && std::env::var("MMLLM_CUDA_GRAPH").as_deref() != Ok("0"),
+            #[cfg(feature = "cuda")]
+            graph: std::sync::Mutex::new(None),
+            #[cfg(feature = "cuda")]
+            graph_failed: std::sync::atomic::AtomicBool::new(false),
             device,
             dtype: vb.dtype(),
         })
@@ -683,6 +714,12 @@ impl Llama {
     /// model is this decoder: one new token per sequence, logits `(vocab,)` per sequence.
     pub fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
         crate::models::check_batch(ids, caches)?;
+        #[cfg(feature = "cuda")]
+        if let ([id], [cache]) = (ids, &mut *caches) {
+            if self.graph_usable() {
+                return Ok(vec![self.decode_graph(*id, cache)?]);
+            }
+        }
         let logits = self.forward_decode_batch(&self.embed_tokens(ids)?, caches)?;
         Ok((0..ids.len())
             .map(|i| logits.get(i))
@@ -728,22 +765,19 @@ impl Llama {
         Ok(logits.to_dtype(DType::F32)?)
     }
 
-    /// The decode step as fused kernels (see `crate::kernels`): per layer one norm (fused with
-    /// the residual add), the q/k/v matmul, one kernel for bias + rotary + cache write, one
-    /// attention kernel, `o_proj`, the gate/up matmul, one SwiGLU kernel and `down_proj`.
+    /// The decode step as fused kernels (see `crate::kernels`), enqueued without waiting:
+    /// per layer one norm (fused with the residual add), the q/k/v GEMV, one kernel for
+    /// bias + rotary + cache write, the attention kernels (split over keys, then merged),
+    /// `o_proj`, the gate/up GEMV, one SwiGLU kernel and `down_proj`. Returns `(B, vocab)`
+    /// f32 logits and advances each cache by one.
     #[cfg(feature = "cuda")]
     fn decode_fused(&self, embeds: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        let (heads, kv_heads, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.kv_heads(),
-            self.cfg.head_dim(),
-        );
-        let positions: Vec<i64> = caches.iter().map(|c| Self::next_position(c)).collect();
-        let slots: Vec<usize> = caches.iter().map(|c| c.len()).collect();
-        let capacities: Vec<usize> = caches.iter().map(|c| c.capacity()).collect();
         if let Some(c) = caches.iter().find(|c| c.len() >= c.capacity()) {
             return Err(anyhow::anyhow!("KV cache full: capacity {}", c.capacity()).into());
         }
+        let positions: Vec<i64> = caches.iter().map(|c| Self::next_position(c)).collect();
+        let slots: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let capacities: Vec<usize> = caches.iter().map(|c| c.capacity()).collect();
         let layers = (0..self.blocks.len())
             .map(|l| caches.iter_mut().map(|c| c.layer(l)).collect())
             .collect::<candle_core::Result<Vec<Vec<_>>>>()?;
@@ -753,56 +787,156 @@ impl Llama {
             .collect();
         let table =
             kernels::StepTable::upload(&self.device, &positions, &slots, &capacities, &layer_refs)?;
+        let h = self.fused_layers(embeds.to_dtype(self.dtype)?.contiguous()?, &table)?;
+        for cache in caches.iter_mut() {
+            cache.advance(1);
+        }
+        Ok(self.linear(&self.lm_head, &h)?.to_dtype(DType::F32)?)
+    }
+
+    /// The step table's values for `caches` (allocating their layers on first use); refuses
+    /// a full cache.
+    #[cfg(feature = "cuda")]
+    fn step_table_values(&self, caches: &mut [&mut KvCache]) -> Result<Vec<i64>> {
+        if let Some(c) = caches.iter().find(|c| c.len() >= c.capacity()) {
+            return Err(anyhow::anyhow!("KV cache full: capacity {}", c.capacity()).into());
+        }
+        let positions: Vec<i64> = caches.iter().map(|c| Self::next_position(c)).collect();
+        let slots: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let capacities: Vec<usize> = caches.iter().map(|c| c.capacity()).collect();
+        let layers = (0..self.blocks.len())
+            .map(|l| caches.iter_mut().map(|c| c.layer(l)).collect())
+            .collect::<candle_core::Result<Vec<Vec<_>>>>()?;
+        let layer_refs: Vec<Vec<(&Tensor, &Tensor)>> = layers
+            .iter()
+            .map(|l| l.iter().map(|(k, v)| (k, v)).collect())
+            .collect();
+        Ok(kernels::StepTable::values(
+            &positions,
+            &slots,
+            &capacities,
+            &layer_refs,
+        )?)
+    }
+
+    /// A linear layer on the few rows of a decode step (GEMV), plus its bias if any.
+    #[cfg(feature = "cuda")]
+    fn linear(&self, l: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = kernels::matmul_t(x, l.weight())?;
+        match l.bias() {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// The decoder layers of a fused decode step over input embeddings `x` `(B, hidden)`;
+    /// returns the final norm's output `(B, hidden)`.
+    #[cfg(feature = "cuda")]
+    fn fused_layers(
+        &self,
+        mut x: Tensor,
+        table: &kernels::StepTable,
+    ) -> candle_core::Result<Tensor> {
+        let (heads, kv_heads, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.kv_heads(),
+            self.cfg.head_dim(),
+        );
         let eps = self.cfg.rms_norm_eps;
-        let x = embeds.to_dtype(self.dtype)?;
-        let mut x = x.contiguous()?;
         let first_norm = match self.blocks.first() {
             Some(block) => &block.norm1.weight,
             None => &self.norm.weight,
         };
         let mut h = kernels::add_rms_norm(&x, None, first_norm, eps)?.1;
-        // Linear layers as single-token matmuls (GEMV); only o_proj and mlp biases remain.
-        let linear = |l: &Linear, x: &Tensor| -> candle_core::Result<Tensor> {
-            let y = kernels::matmul_t(x, l.weight())?;
-            match l.bias() {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            }
-        };
         for (i, block) in self.blocks.iter().enumerate() {
             let attn = &block.attn;
-            let qkv = linear(&attn.qkv, &h)?;
+            let qkv = self.linear(&attn.qkv, &h)?;
             let q = kernels::rope_write_kv(
                 &qkv,
                 attn.qkv_bias.as_ref(),
                 &self.inv_freqs_dev,
-                &table,
+                table,
                 i,
                 heads,
                 kv_heads,
                 hd,
             )?;
-            let o = linear(
-                &attn.o,
-                &kernels::decode_attention(&q, &table, i, kv_heads)?,
-            )?;
+            let o = self.linear(&attn.o, &kernels::decode_attention(&q, table, i, kv_heads)?)?;
             let (x_mid, h_mid) = kernels::add_rms_norm(&x, Some(&o), &block.norm2.weight, eps)?;
             let mlp = &block.mlp;
-            let mut gate_up = linear(&mlp.gate_up, &h_mid)?;
+            let mut gate_up = self.linear(&mlp.gate_up, &h_mid)?;
             if let Some(b) = &mlp.gate_up_bias {
                 gate_up = gate_up.broadcast_add(b)?;
             }
-            let down = linear(&mlp.down, &kernels::silu_mul(&gate_up)?)?;
+            let down = self.linear(&mlp.down, &kernels::silu_mul(&gate_up)?)?;
             let next_norm = match self.blocks.get(i + 1) {
                 Some(next) => &next.norm1.weight,
                 None => &self.norm.weight,
             };
             (x, h) = kernels::add_rms_norm(&x_mid, Some(&down), next_norm, eps)?;
         }
-        for cache in caches.iter_mut() {
-            cache.advance(1);
-        }
-        Ok(linear(&self.lm_head, &h)?.to_dtype(DType::F32)?)
+        Ok(h)
+    }
+
+    /// One token of one sequence: through a captured CUDA graph of the fused step when it
+    /// can (one launch instead of a few hundred), else as [`Llama::decode_batch`] would.
+    /// The graph is captured on the first call, after that call's step ran eagerly.
+    pub fn decode(&self, id: u32, cache: &mut KvCache) -> Result<Tensor> {
+        Ok(self.decode_batch(&[id], &mut [cache])?.remove(0))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn graph_usable(&self) -> bool {
+        self.graph_enabled && !self.graph_failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn decode_graph(&self, id: u32, cache: &mut KvCache) -> Result<Tensor> {
+        let values = self.step_table_values(&mut [&mut *cache])?;
+        let mut slot = self
+            .graph
+            .lock()
+            .map_err(|_| anyhow::anyhow!("decode graph lock poisoned"))?;
+        let Some(g) = slot.as_ref() else {
+            let logits = self.decode_fused(&self.embed_tokens(&[id])?, &mut [cache])?;
+            match self.capture_graph() {
+                Ok(g) => *slot = Some(g),
+                Err(e) => {
+                    eprintln!("mmllm: CUDA graph capture failed ({e}); decoding without it");
+                    self.graph_failed
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            return Ok(logits.get(0)?);
+        };
+        kernels::write(&g.ids, &[id])?;
+        kernels::write(&g.table, &values)?;
+        g.graph.launch()?;
+        cache.advance(1);
+        // A copy: the graph's output buffer is overwritten by the next step.
+        Ok(g.logits.get(0)?.copy()?)
+    }
+
+    /// Captures the fused decode step of one sequence, reading the token id and step table
+    /// from device buffers that each launch refills.
+    #[cfg(feature = "cuda")]
+    fn capture_graph(&self) -> Result<DecodeGraph> {
+        let dev = &self.device;
+        let ids = Tensor::zeros(1, DType::U32, dev)?;
+        let table = Tensor::zeros(3 + 2 * self.blocks.len(), DType::I64, dev)?;
+        let logits = Tensor::zeros((1, self.cfg.vocab_size), DType::F32, dev)?;
+        let step = kernels::StepTable::persistent(&table, 1, GRAPH_KEY_SPLITS);
+        let graph = kernels::Graph::capture(dev, &mut || -> candle_core::Result<()> {
+            let x = kernels::embedding(self.embed.embeddings(), &ids)?;
+            let h = self.fused_layers(x, &step)?;
+            kernels::copy_to_f32(&self.linear(&self.lm_head, &h)?, &logits)
+        })?;
+        Ok(DecodeGraph {
+            graph,
+            ids,
+            table,
+            logits,
+        })
     }
 
     #[cfg(not(feature = "cuda"))]
@@ -1055,6 +1189,72 @@ mod tests {
                 let diff = rel_diff(want, &logits.get(i)?)?;
                 assert!(diff < 1e-5, "kv_heads {kv_heads}, sequence {i}: {diff}");
             }
+        }
+        Ok(())
+    }
+
+    /// Single-sequence decode through the captured CUDA graph must equal the eager fused
+    /// step, over several steps and for a second sequence (another cache, capacity and
+    /// length) replaying the same graph; with q/k/v biases and M-RoPE positions.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_graph_decode_equals_eager_fused_decode() -> Result<()> {
+        let device = Device::new_cuda(0)?;
+        let dir = tempfile::tempdir().map_err(candle_core::Error::wrap)?;
+        let mut cfg = cfg(
+            r#"{"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96,
+                "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "rms_norm_eps": 1e-5, "tie_word_embeddings": true}"#,
+        );
+        cfg.qkv_bias = true;
+        cfg.mrope_section = Some(vec![2, 3, 3]);
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        Llama::load(&cfg, vb.pp("model"), vb.pp("lm_head"), true)?;
+        let file = dir.path().join("w.safetensors");
+        map.save(&file)?;
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 3e-2)] {
+            let load = |graph: bool| -> Result<Llama> {
+                // SAFETY: the file is written above and not modified while mapped.
+                let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&file], dtype, &device)? };
+                let mut m = Llama::load(&cfg, vb.pp("model"), vb.pp("lm_head"), true)?;
+                m.graph_enabled = graph;
+                Ok(m)
+            };
+            let (graphed, eager) = (load(true)?, load(false)?);
+            assert!(graphed.fused_decode && eager.fused_decode);
+            let long: Vec<u32> = (0..70).map(|i| (i * 5 + 1) % 64).collect();
+            for prompt in [&[3u32, 17, 4][..], &long] {
+                let mut caches = [
+                    graphed.new_cache(prompt.len() + 8),
+                    eager.new_cache(prompt.len() + 6),
+                ];
+                for (model, c) in [&graphed, &eager].into_iter().zip(caches.iter_mut()) {
+                    model.forward_embeds(&model.embed_tokens(prompt)?, c)?;
+                    c.rope_delta = -3;
+                }
+                let mut id = 9u32;
+                for step in 0..6 {
+                    let [cg, ce] = &mut caches;
+                    let got = graphed.decode(id, cg)?;
+                    let want = eager.decode(id, ce)?;
+                    assert_eq!(cg.len(), ce.len());
+                    let diff = rel_diff(&want, &got)?;
+                    assert!(
+                        diff < tol,
+                        "{dtype:?} prompt {} step {step}: {diff}",
+                        prompt.len()
+                    );
+                    id = crate::kernels::argmax(&want)?;
+                }
+            }
+            assert!(
+                graphed.graph.lock().map(|g| g.is_some()).unwrap_or(false),
+                "no graph captured"
+            );
+            assert!(!graphed
+                .graph_failed
+                .load(std::sync::atomic::Ordering::Relaxed));
         }
         Ok(())
     }

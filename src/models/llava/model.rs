@@ -477,6 +477,10 @@ impl Model for LlavaModel {
         self.lm.forward_embeds(embeds, cache)
     }
 
+    fn decode(&self, id: u32, cache: &mut KvCache) -> Result<Tensor> {
+        self.lm.decode(id, cache)
+    }
+
     fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
         self.lm.decode_batch(ids, caches)
     }

@@ -496,7 +496,7 @@ impl Model for Qwen2VlModel {
     }
 
     fn decode(&self, id: u32, cache: &mut KvCache) -> Result<Tensor> {
-        self.text.forward_embeds(&self.embed_tokens(&[id])?, cache)
+        self.text.decode(id, cache)
     }
 
     fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
