@@ -177,6 +177,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('--dtype', '--dtype', [CompletionResultType]::ParameterName, 'dtype')
             [CompletionResult]::new('--context', '--context', [CompletionResultType]::ParameterName, 'Prompt length (token ids 1..) prefilled before the timed steps')
             [CompletionResult]::new('--steps', '--steps', [CompletionResultType]::ParameterName, 'Decode steps timed (after 8 untimed ones)')
+            [CompletionResult]::new('--image', '--image', [CompletionResultType]::ParameterName, 'Also time encoding this image (preprocessing and vision tower)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break

@@ -569,7 +569,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__profile__subcmd__decode)
-            opts="-h --model --device --dtype --context --steps --help"
+            opts="-h --model --device --dtype --context --steps --image --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -592,6 +592,10 @@ _mmllm() {
                     return 0
                     ;;
                 --steps)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -166,6 +166,7 @@ f16\t''
 f32\t''"
 complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l context -d 'Prompt length (token ids 1..) prefilled before the timed steps' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l steps -d 'Decode steps timed (after 8 untimed ones)' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l image -d 'Also time encoding this image (preprocessing and vision tower)' -r -F
 complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand generate-docs" -l out-dir -d 'Directory under which `man/` and `completions/` are written' -r -F
 complete -c mmllm -n "__fish_mmllm_using_subcommand generate-docs" -s h -l help -d 'Print help'
