@@ -218,20 +218,13 @@ impl StepTable {
         Ok(host)
     }
 
-    /// A table uploaded for one step, its keys split about every `KEYS_PER_SPLIT` positions.
-    pub fn upload(
-        device: &Device,
-        positions: &[i64],
-        slots: &[usize],
-        capacities: &[usize],
-        layers: &[Vec<(&Tensor, &Tensor)>],
-    ) -> Result<Self> {
-        let values = Self::values(positions, slots, capacities, layers)?;
-        let max_len = slots.iter().max().map_or(1, |s| s + 1);
+    /// A table of [`StepTable::values`] for `rows` rows uploaded for one step, whose longest
+    /// cache holds `longest` positions after it: keys split about every `KEYS_PER_SPLIT`.
+    pub fn upload(device: &Device, values: &[i64], rows: usize, longest: usize) -> Result<Self> {
         Ok(Self {
-            table: Tensor::new(values.as_slice(), device)?,
-            rows: positions.len(),
-            splits: max_len.div_ceil(KEYS_PER_SPLIT).clamp(1, 256),
+            table: Tensor::new(values, device)?,
+            rows,
+            splits: longest.div_ceil(KEYS_PER_SPLIT).clamp(1, 256),
         })
     }
 

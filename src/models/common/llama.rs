@@ -772,21 +772,9 @@ impl Llama {
     /// f32 logits and advances each cache by one.
     #[cfg(feature = "cuda")]
     fn decode_fused(&self, embeds: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        if let Some(c) = caches.iter().find(|c| c.len() >= c.capacity()) {
-            return Err(anyhow::anyhow!("KV cache full: capacity {}", c.capacity()).into());
-        }
-        let positions: Vec<i64> = caches.iter().map(|c| Self::next_position(c)).collect();
-        let slots: Vec<usize> = caches.iter().map(|c| c.len()).collect();
-        let capacities: Vec<usize> = caches.iter().map(|c| c.capacity()).collect();
-        let layers = (0..self.blocks.len())
-            .map(|l| caches.iter_mut().map(|c| c.layer(l)).collect())
-            .collect::<candle_core::Result<Vec<Vec<_>>>>()?;
-        let layer_refs: Vec<Vec<(&Tensor, &Tensor)>> = layers
-            .iter()
-            .map(|l| l.iter().map(|(k, v)| (k, v)).collect())
-            .collect();
-        let table =
-            kernels::StepTable::upload(&self.device, &positions, &slots, &capacities, &layer_refs)?;
+        let values = self.step_table_values(caches)?;
+        let longest = caches.iter().map(|c| c.len() + 1).max().unwrap_or(1);
+        let table = kernels::StepTable::upload(&self.device, &values, caches.len(), longest)?;
         let h = self.fused_layers(embeds.to_dtype(self.dtype)?.contiguous()?, &table)?;
         for cache in caches.iter_mut() {
             cache.advance(1);
@@ -945,6 +933,45 @@ impl Llama {
     }
 }
 
+/// The [`Model`](crate::models::Model) methods of a family whose language model is the
+/// [`Llama`] decoder held in field `$lm`: token embeddings, caches, forward and decode.
+macro_rules! delegate_to_llama {
+    ($lm:ident) => {
+        fn embed_tokens(&self, ids: &[u32]) -> $crate::error::Result<candle_core::Tensor> {
+            self.$lm.embed_tokens(ids)
+        }
+
+        fn new_cache(&self, capacity: usize) -> $crate::error::Result<$crate::engine::kv::KvCache> {
+            Ok(self.$lm.new_cache(capacity))
+        }
+
+        fn forward(
+            &self,
+            embeds: &candle_core::Tensor,
+            cache: &mut $crate::engine::kv::KvCache,
+        ) -> $crate::error::Result<candle_core::Tensor> {
+            self.$lm.forward_embeds(embeds, cache)
+        }
+
+        fn decode(
+            &self,
+            id: u32,
+            cache: &mut $crate::engine::kv::KvCache,
+        ) -> $crate::error::Result<candle_core::Tensor> {
+            self.$lm.decode(id, cache)
+        }
+
+        fn decode_batch(
+            &self,
+            ids: &[u32],
+            caches: &mut [&mut $crate::engine::kv::KvCache],
+        ) -> $crate::error::Result<Vec<candle_core::Tensor>> {
+            self.$lm.decode_batch(ids, caches)
+        }
+    };
+}
+pub(crate) use delegate_to_llama;
+
 /// `(t, start + t)` additive mask: query `i` (at position `start + i`) sees keys `0..=start + i`.
 fn causal_mask(
     start: usize,
@@ -989,6 +1016,26 @@ mod tests {
         Ok(diff / scale)
     }
 
+    /// Random weights for `cfg` saved in `dir`, so that the models a test compares load the
+    /// same ones.
+    #[cfg(feature = "cuda")]
+    fn save_random(cfg: &LlamaConfig, dir: &std::path::Path) -> Result<std::path::PathBuf> {
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        Llama::load(cfg, vb.pp("model"), vb.pp("lm_head"), true)?;
+        let file = dir.join("w.safetensors");
+        map.save(&file)?;
+        Ok(file)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn load_saved(cfg: &LlamaConfig, file: &std::path::Path, dtype: DType) -> Result<Llama> {
+        let device = Device::new_cuda(0)?;
+        // SAFETY: the file was written by `save_random` and is not modified while mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[file], dtype, &device)? };
+        Llama::load(cfg, vb.pp("model"), vb.pp("lm_head"), true)
+    }
+
     /// The fused CUDA decode step (kernels for norm + residual, bias + rotary + cache write,
     /// attention, SwiGLU) must equal the unfused path on the same GPU: over several steps,
     /// batched sequences of different lengths, grouped-query attention, q/k/v biases and
@@ -996,7 +1043,6 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn fused_cuda_decode_equals_unfused() -> Result<()> {
-        let device = Device::new_cuda(0)?;
         let dir = tempfile::tempdir().map_err(candle_core::Error::wrap)?;
         for (kv_heads, qkv_bias, mrope) in [(4, false, false), (2, true, true)] {
             let mut cfg = cfg(&format!(
@@ -1007,17 +1053,10 @@ mod tests {
             ));
             cfg.qkv_bias = qkv_bias;
             cfg.mrope_section = mrope.then(|| vec![2, 3, 3]);
-            let map = candle_nn::VarMap::new();
-            let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-            Llama::load(&cfg, vb.pp("model"), vb.pp("lm_head"), true)?;
-            let file = dir.path().join("w.safetensors");
-            map.save(&file)?;
+            let file = save_random(&cfg, dir.path())?;
             for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 3e-2)] {
                 let load = |fused: bool| -> Result<Llama> {
-                    // SAFETY: the file is written above and not modified while mapped.
-                    let vb =
-                        unsafe { VarBuilder::from_mmaped_safetensors(&[&file], dtype, &device)? };
-                    let mut m = Llama::load(&cfg, vb.pp("model"), vb.pp("lm_head"), true)?;
+                    let mut m = load_saved(&cfg, &file, dtype)?;
                     m.fused_decode = fused;
                     Ok(m)
                 };
@@ -1199,7 +1238,6 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn cuda_graph_decode_equals_eager_fused_decode() -> Result<()> {
-        let device = Device::new_cuda(0)?;
         let dir = tempfile::tempdir().map_err(candle_core::Error::wrap)?;
         let mut cfg = cfg(
             r#"{"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96,
@@ -1208,16 +1246,10 @@ mod tests {
         );
         cfg.qkv_bias = true;
         cfg.mrope_section = Some(vec![2, 3, 3]);
-        let map = candle_nn::VarMap::new();
-        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-        Llama::load(&cfg, vb.pp("model"), vb.pp("lm_head"), true)?;
-        let file = dir.path().join("w.safetensors");
-        map.save(&file)?;
+        let file = save_random(&cfg, dir.path())?;
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 3e-2)] {
             let load = |graph: bool| -> Result<Llama> {
-                // SAFETY: the file is written above and not modified while mapped.
-                let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&file], dtype, &device)? };
-                let mut m = Llama::load(&cfg, vb.pp("model"), vb.pp("lm_head"), true)?;
+                let mut m = load_saved(&cfg, &file, dtype)?;
                 m.graph_enabled = graph;
                 Ok(m)
             };

@@ -8,7 +8,6 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear_b, Linear, VarBuilder};
 
 use super::config::{Config, GenerationConfig, SelectStrategy};
-use crate::engine::kv::KvCache;
 use crate::error::{Error, Result};
 use crate::media::{Embeds, MediaItem, Modality};
 use crate::models::common::clip_processor::ClipProcessorConfig;
@@ -465,25 +464,7 @@ impl Model for LlavaModel {
             .collect()
     }
 
-    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
-        self.lm.embed_tokens(ids)
-    }
-
-    fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        Ok(self.lm.new_cache(capacity))
-    }
-
-    fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.lm.forward_embeds(embeds, cache)
-    }
-
-    fn decode(&self, id: u32, cache: &mut KvCache) -> Result<Tensor> {
-        self.lm.decode(id, cache)
-    }
-
-    fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
-        self.lm.decode_batch(ids, caches)
-    }
+    crate::models::common::llama::delegate_to_llama!(lm);
 }
 
 #[cfg(test)]

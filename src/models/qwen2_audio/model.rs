@@ -10,7 +10,6 @@ use candle_nn::VarBuilder;
 use super::config::{mel_config, Qwen2AudioConfig};
 use super::encoder::AudioEncoder;
 use super::output_lengths;
-use crate::engine::kv::KvCache;
 use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem};
 use crate::models::common::files::{read_json, weight_files};
@@ -177,25 +176,7 @@ impl Model for Qwen2AudioModel {
         }
     }
 
-    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
-        self.lm.embed_tokens(ids)
-    }
-
-    fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        Ok(self.lm.new_cache(capacity))
-    }
-
-    fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.lm.forward_embeds(embeds, cache)
-    }
-
-    fn decode(&self, id: u32, cache: &mut KvCache) -> Result<Tensor> {
-        self.lm.decode(id, cache)
-    }
-
-    fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
-        self.lm.decode_batch(ids, caches)
-    }
+    crate::models::common::llama::delegate_to_llama!(lm);
 }
 
 /// Loads a Qwen2-Audio directory (the family table's `load` wraps this in a `Box<dyn Model>`).

@@ -454,25 +454,8 @@ impl Model for Qwen2VlModel {
         Ok(self.encode_with_grid(item)?.0)
     }
 
-    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
-        self.text.embed_tokens(ids)
-    }
-
-    fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        let t = &self.cfg.text;
-        Ok(KvCache::new(
-            t.num_hidden_layers,
-            t.num_key_value_heads,
-            t.head_dim,
-            capacity,
-            self.dtype,
-            &self.device,
-        ))
-    }
-
-    fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.text.forward_embeds(embeds, cache)
-    }
+    // Decode positions continue at the cache length plus the prompt's `rope_delta`.
+    crate::models::common::llama::delegate_to_llama!(text);
 
     fn prefill(
         &self,
@@ -493,15 +476,6 @@ impl Model for Qwen2VlModel {
             })
             .collect::<Result<Vec<_>>>()?;
         self.prefill_with_grids(prompt, items, &grids, cache)
-    }
-
-    fn decode(&self, id: u32, cache: &mut KvCache) -> Result<Tensor> {
-        self.text.decode(id, cache)
-    }
-
-    fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
-        // Each sequence continues at its own text position (cache length + its rope_delta).
-        self.text.decode_batch(ids, caches)
     }
 }
 

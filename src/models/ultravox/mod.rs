@@ -21,7 +21,6 @@ use serde_json::Value;
 
 pub use config::{chunk_plan, Chunk, UltravoxConfig};
 
-use crate::engine::kv::KvCache;
 use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem, Modality};
 use crate::models::common::files::{read_json, weight_files};
@@ -314,23 +313,5 @@ impl Model for UltravoxModel {
         }
     }
 
-    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
-        self.lm.embed_tokens(ids)
-    }
-
-    fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        Ok(self.lm.new_cache(capacity))
-    }
-
-    fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.lm.forward_embeds(embeds, cache)
-    }
-
-    fn decode(&self, id: u32, cache: &mut KvCache) -> Result<Tensor> {
-        self.lm.decode(id, cache)
-    }
-
-    fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
-        self.lm.decode_batch(ids, caches)
-    }
+    crate::models::common::llama::delegate_to_llama!(lm);
 }
