@@ -4,14 +4,15 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Keys and values of one attention layer: `(batch, kv_heads, capacity, head_dim)`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct LayerCache {
     k: Tensor,
     v: Tensor,
 }
 
-/// Per-sequence cache over all layers.
-#[derive(Debug, Clone)]
+/// Per-sequence cache over all layers. Not `Clone`: it is written in place, so a copy that
+/// shared its tensors would change with the original; [`KvCache::try_clone`] copies them.
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
     kv_heads: usize,
@@ -38,7 +39,7 @@ impl KvCache {
         device: &Device,
     ) -> Self {
         Self {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
             kv_heads,
             head_dim,
             capacity,
@@ -48,6 +49,36 @@ impl KvCache {
             rope_delta: 0,
             cross: Vec::new(),
         }
+    }
+
+    /// An independent copy (keys and values copied on the device).
+    pub fn try_clone(&self) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|l| {
+                        Ok(LayerCache {
+                            k: l.k.copy()?,
+                            v: l.v.copy()?,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            capacity: self.capacity,
+            len: self.len,
+            dtype: self.dtype,
+            device: self.device.clone(),
+            rope_delta: self.rope_delta,
+            // Written once by prefill and only read after: sharing them is safe.
+            cross: self.cross.clone(),
+        })
     }
 
     /// Number of positions already cached (the position of the next token).
@@ -106,5 +137,31 @@ impl KvCache {
     /// Marks `new` positions as written by the forward that just ran.
     pub fn advance(&mut self, new: usize) {
         self.len += new;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A clone must not see what the original writes afterwards (the caches are written in
+    /// place, so sharing tensors would leak one sequence's keys into the other).
+    #[test]
+    fn try_clone_is_independent_of_the_original() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::new(1, 2, 4, 3, DType::F32, &dev);
+        let first = Tensor::ones((1, 2, 1, 4), DType::F32, &dev)?;
+        cache.append(0, &first, &first)?;
+        cache.advance(1);
+        let mut copy = cache.try_clone()?;
+        let twos = (Tensor::ones((1, 2, 1, 4), DType::F32, &dev)? * 2.0)?;
+        cache.append(0, &twos, &twos)?;
+        let zeros = Tensor::zeros((1, 2, 1, 4), DType::F32, &dev)?;
+        let (k, _) = copy.append(0, &zeros, &zeros)?;
+        let k: Vec<f32> = k.flatten_all()?.to_vec1()?;
+        // Head 0: position 0 holds ones, position 1 the clone's own zeros, not the original's twos.
+        assert_eq!(&k[..8], &[1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(copy.len(), 1);
+        Ok(())
     }
 }

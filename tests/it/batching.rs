@@ -229,7 +229,7 @@ fn decode_batch_equals_decode_on_fixtures() {
         }
         let deltas: Vec<i64> = caches.iter().map(|c| c.rope_delta).collect();
         let ids = [5u32, 17, 9];
-        let mut single = caches.clone();
+        let mut single: Vec<_> = caches.iter().map(|c| c.try_clone().unwrap()).collect();
         let want: Vec<Vec<f32>> = ids
             .iter()
             .zip(single.iter_mut())
@@ -362,7 +362,7 @@ fn bench(model: &str) {
         })
         .collect();
     let (secs, tokens) = best(&|| {
-        let mut caches = prefilled.clone();
+        let mut caches: Vec<_> = prefilled.iter().map(|c| c.try_clone().unwrap()).collect();
         for c in caches.iter_mut() {
             for _ in 0..24 {
                 m.decode(5, c).unwrap();
@@ -372,7 +372,7 @@ fn bench(model: &str) {
     });
     report("decode only, 1 by 1", secs, tokens);
     let (secs, tokens) = best(&|| {
-        let mut caches = prefilled.clone();
+        let mut caches: Vec<_> = prefilled.iter().map(|c| c.try_clone().unwrap()).collect();
         let mut refs: Vec<_> = caches.iter_mut().collect();
         for _ in 0..24 {
             m.decode_batch(&[5; 8], &mut refs).unwrap();

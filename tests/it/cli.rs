@@ -335,7 +335,7 @@ fn corrupt_audio_is_an_input_error() {
 fn interrupt_exits_130() {
     let m = config_only_model();
     // The prompt comes from stdin, which stays open: the process waits until interrupted.
-    let child = mmllm()
+    let mut child = mmllm()
         .args(["image", "--model", &model_arg(m.path()), "-p", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -363,7 +363,11 @@ fn interrupt_exits_130() {
         .status()
         .unwrap();
     assert!(sent.success());
+    // Keep stdin open until the child is gone: `wait_with_output` would close it, and an empty
+    // prompt read before the signal handler's thread runs would end the process with 2.
+    let stdin = child.stdin.take();
     let out = child.wait_with_output().unwrap();
+    drop(stdin);
     assert_eq!(out.status.code(), Some(130));
     assert!(out.stdout.is_empty());
 }

@@ -1216,7 +1216,7 @@ mod tests {
                 let mut cache = model.new_cache(prompt.len() + 2);
                 let embeds = model.embed_tokens(prompt)?.unsqueeze(0)?;
                 model.forward_embeds(&embeds, &mut cache)?;
-                batched.push(cache.clone());
+                batched.push(cache.try_clone()?);
                 let step = model.embed_tokens(&[id])?.unsqueeze(0)?;
                 alone.push(model.forward_embeds(&step, &mut cache)?);
             }
