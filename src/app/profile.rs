@@ -54,7 +54,7 @@ pub fn run(
     let loaded = pipeline::load(&resolved, device, dtype)?;
     let m = loaded.model.as_ref();
     let vocab = m.info().vocab_size as u32;
-    let ids: Vec<u32> = (0..context as u32).map(|i| 1 + i % (vocab - 1)).collect();
+    let ids: Vec<u32> = (0..context as u32).map(|i| i % vocab.max(1)).collect();
     let logits_device = m.embed_tokens(&[1])?.device().clone();
     // (synchronised seconds, host enqueue seconds, GPU seconds) of one run of `f`.
     let parts = |f: &mut dyn FnMut() -> Result<Tensor>| -> Result<[Option<f64>; 3]> {

@@ -6,3 +6,4 @@ pub mod files;
 pub mod llama;
 pub mod mel;
 pub mod resize;
+pub mod whisper_encoder;

@@ -4,12 +4,11 @@
 //! frames, RMSNorm, linear, SwiGLU, RMSNorm, linear).
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use super::config::{AudioConfig, UltravoxConfig};
-use crate::error::{Error, Result};
-
-const LN_EPS: f64 = 1e-5;
+use crate::error::Result;
+use crate::models::common::whisper_encoder::{EncoderShape, ScaleAt, WhisperEncoder};
 /// `RMSNorm(eps=1e-6)` in ultravox_model.py.
 const PROJ_RMS_EPS: f64 = 1e-6;
 
@@ -21,66 +20,24 @@ fn linear(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> candle_core:
     }
 }
 
-struct EncoderLayer {
-    attn_norm: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    mlp_norm: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-}
-
 /// Whisper's encoder over a variable number of frames.
 pub struct AudioEncoder {
-    conv1: Conv1d,
-    conv2: Conv1d,
-    positions: Tensor,
-    layers: Vec<EncoderLayer>,
-    norm: LayerNorm,
-    heads: usize,
-    n_mels: usize,
-    max_frames: usize,
+    tower: WhisperEncoder,
 }
 
 impl AudioEncoder {
     /// Loads from `vb` at the prefix holding `conv1`, `layers`, `layer_norm` (`audio_tower`).
     pub fn load(c: &AudioConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let d = c.d_model;
-        let conv = |stride| Conv1dConfig {
-            padding: 1,
-            stride,
-            ..Default::default()
-        };
-        let ln = |vb: VarBuilder| candle_nn::layer_norm(d, LN_EPS, vb);
-        let layers = (0..c.encoder_layers)
-            .map(|i| {
-                let vb = vb.pp("layers").pp(i);
-                let a = vb.pp("self_attn");
-                Ok(EncoderLayer {
-                    attn_norm: ln(vb.pp("self_attn_layer_norm"))?,
-                    q: linear(d, d, true, a.pp("q_proj"))?,
-                    k: linear(d, d, false, a.pp("k_proj"))?,
-                    v: linear(d, d, true, a.pp("v_proj"))?,
-                    out: linear(d, d, true, a.pp("out_proj"))?,
-                    mlp_norm: ln(vb.pp("final_layer_norm"))?,
-                    fc1: linear(d, c.encoder_ffn_dim, true, vb.pp("fc1"))?,
-                    fc2: linear(c.encoder_ffn_dim, d, true, vb.pp("fc2"))?,
-                })
-            })
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Self {
-            conv1: candle_nn::conv1d(c.num_mel_bins, d, 3, conv(1), vb.pp("conv1"))?,
-            conv2: candle_nn::conv1d(d, d, 3, conv(2), vb.pp("conv2"))?,
-            positions: vb
-                .pp("embed_positions")
-                .get((c.max_source_positions, d), "weight")?,
-            layers,
-            norm: ln(vb.pp("layer_norm"))?,
+        let shape = EncoderShape {
+            d_model: c.d_model,
+            layers: c.encoder_layers,
             heads: c.encoder_attention_heads,
+            ffn: c.encoder_ffn_dim,
             n_mels: c.num_mel_bins,
-            max_frames: 2 * c.max_source_positions,
+            max_source_positions: c.max_source_positions,
+        };
+        Ok(Self {
+            tower: WhisperEncoder::load(&shape, ScaleAt::Scores, vb)?,
         })
     }
 
@@ -88,18 +45,8 @@ impl AudioEncoder {
     /// `(1, ceil(frames / 2), d_model)`. Keys past `(valid_frames - 1) / 2 + 1` are masked
     /// with `finfo(dtype).min`, as Ultravox's extended attention mask does.
     pub fn forward(&self, features: &Tensor, valid_frames: usize) -> Result<Tensor> {
-        let (b, n_mels, frames) = features.dims3()?;
-        if b != 1 || n_mels != self.n_mels || frames == 0 || frames > self.max_frames {
-            return Err(Error::input(
-                "input_features",
-                format!("shape {:?}", features.dims()),
-                format!("(1, {}, 1..={})", self.n_mels, self.max_frames),
-            ));
-        }
-        let x = self.conv1.forward(features)?.gelu_erf()?;
-        let x = self.conv2.forward(&x)?.gelu_erf()?.transpose(1, 2)?;
+        let x = self.tower.embed(features)?;
         let n = x.dim(1)?;
-        let mut x = x.broadcast_add(&self.positions.narrow(0, 0, n)?)?;
         let valid = (valid_frames.max(1) - 1) / 2 + 1;
         let mask = if valid < n {
             let min = match x.dtype() {
@@ -113,42 +60,8 @@ impl AudioEncoder {
         } else {
             None
         };
-        for layer in &self.layers {
-            let h = layer.attn_norm.forward(&x)?;
-            x = (&x + self.attend(layer, &h, mask.as_ref())?)?;
-            let h = layer
-                .fc1
-                .forward(&layer.mlp_norm.forward(&x)?)?
-                .gelu_erf()?;
-            x = (&x + layer.fc2.forward(&h)?)?;
-        }
-        Ok(self.norm.forward(&x)?)
-    }
-
-    fn attend(
-        &self,
-        layer: &EncoderLayer,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        let hd = d / self.heads;
-        let split = |t: Tensor| {
-            t.reshape((b, n, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(layer.q.forward(x)?)?;
-        let k = split(layer.k.forward(x)?)?;
-        let v = split(layer.v.forward(x)?)?;
-        let mut w = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        if let Some(mask) = mask {
-            w = w.broadcast_add(&mask.to_dtype(w.dtype())?)?;
-        }
-        let dtype = w.dtype();
-        let w = candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-        let y = w.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
-        layer.out.forward(&y)
+        let x = self.tower.layers(&x, mask.as_ref())?;
+        self.tower.norm(&x)
     }
 }
 

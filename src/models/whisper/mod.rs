@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem, Modality};
 use crate::models::common::files::{read_json, weight_files};
 use crate::models::common::mel::{LogMel, MelConfig, MelExtractor, Padding};
+use crate::models::common::whisper_encoder::{EncoderShape, ScaleAt, WhisperEncoder};
 use crate::models::registry::{Family, LoadContext};
 use crate::models::{EncodedItem, Expansion, FamilyDefaults, Model, ModelInfo, Spliced};
 
@@ -45,7 +46,7 @@ pub struct WhisperModel {
     generation: GenerationConfig,
     info: ModelInfo,
     mel: MelExtractor,
-    encoder: model::Encoder,
+    encoder: WhisperEncoder,
     decoder: model::Decoder,
     dtype: DType,
     /// `(vocab,)` f32: -inf at `suppress_tokens`, 0 elsewhere (None when there are none).
@@ -144,7 +145,15 @@ impl WhisperModel {
         }
         // SAFETY: the files are memory-mapped read-only and not modified while loaded.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device)? };
-        let encoder = model::Encoder::load(&config, vb.pp("model").pp("encoder"))?;
+        let shape = EncoderShape {
+            d_model: config.d_model,
+            layers: config.encoder_layers,
+            heads: config.encoder_attention_heads,
+            ffn: config.encoder_ffn_dim,
+            n_mels: config.num_mel_bins,
+            max_source_positions: config.max_source_positions,
+        };
+        let encoder = WhisperEncoder::load(&shape, ScaleAt::Scores, vb.pp("model").pp("encoder"))?;
         let proj_out = if !config.tie_word_embeddings && vb.contains_tensor("proj_out.weight") {
             Some(vb.pp("proj_out"))
         } else {
@@ -211,8 +220,19 @@ impl WhisperModel {
     /// Encoder output `(max_source_positions, d_model)` for `input_features`
     /// `(1, n_mels, 2 * max_source_positions)`.
     pub fn encode_features(&self, input_features: &Tensor) -> Result<Tensor> {
-        let x = input_features.to_dtype(self.dtype)?;
-        Ok(self.encoder.forward(&x)?.squeeze(0)?)
+        // Whisper always takes the full 30 s window.
+        let dims = input_features.dims();
+        let frames = self.encoder.max_frames();
+        if dims != [1, self.config.num_mel_bins, frames] {
+            return Err(Error::input(
+                "input_features",
+                format!("shape {dims:?}"),
+                format!("(1, {}, {frames})", self.config.num_mel_bins),
+            ));
+        }
+        let x = self.encoder.embed(&input_features.to_dtype(self.dtype)?)?;
+        let x = self.encoder.layers(&x, None)?;
+        Ok(self.encoder.norm(&x)?.squeeze(0)?)
     }
 
     /// Fills `cache.cross` with every decoder layer's cross-attention keys and values.

@@ -1,8 +1,8 @@
-//! Whisper's encoder (two convolutions + pre-LN transformer) and decoder (self-attention on
-//! the engine's [`KvCache`], cross-attention on the encoder output kept in `KvCache::cross`).
+//! Whisper's decoder: self-attention on the engine's [`KvCache`], cross-attention on the
+//! encoder output kept in `KvCache::cross` (the encoder is `common::whisper_encoder`).
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv1d, Conv1dConfig, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::config::WhisperConfig;
 use crate::engine::kv::KvCache;
@@ -112,78 +112,6 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.fc1.forward(&self.norm.forward(x)?)?.gelu_erf()?;
         x + self.fc2.forward(&h)?
-    }
-}
-
-#[derive(Debug, Clone)]
-struct EncoderLayer {
-    attn: Attention,
-    attn_norm: LayerNorm,
-    mlp: Mlp,
-}
-
-#[derive(Debug, Clone)]
-pub(super) struct Encoder {
-    conv1: Conv1d,
-    conv2: Conv1d,
-    positions: Tensor,
-    layers: Vec<EncoderLayer>,
-    norm: LayerNorm,
-    n_mels: usize,
-    frames: usize,
-}
-
-impl Encoder {
-    pub(super) fn load(c: &WhisperConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let d = c.d_model;
-        let conv = |stride| Conv1dConfig {
-            padding: 1,
-            stride,
-            ..Default::default()
-        };
-        let layers = (0..c.encoder_layers)
-            .map(|i| {
-                let vb = vb.pp("layers").pp(i);
-                Ok(EncoderLayer {
-                    attn: Attention::load(d, c.encoder_attention_heads, vb.pp("self_attn"))?,
-                    attn_norm: layer_norm(d, vb.pp("self_attn_layer_norm"))?,
-                    mlp: Mlp::load(d, c.encoder_ffn_dim, &vb)?,
-                })
-            })
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Self {
-            conv1: candle_nn::conv1d(c.num_mel_bins, d, 3, conv(1), vb.pp("conv1"))?,
-            conv2: candle_nn::conv1d(d, d, 3, conv(2), vb.pp("conv2"))?,
-            positions: vb
-                .pp("embed_positions")
-                .get((c.max_source_positions, d), "weight")?,
-            layers,
-            norm: layer_norm(d, vb.pp("layer_norm"))?,
-            n_mels: c.num_mel_bins,
-            frames: 2 * c.max_source_positions,
-        })
-    }
-
-    /// `(1, n_mels, 2 * max_source_positions)` log-mel features -> `(1, positions, d_model)`.
-    pub(super) fn forward(&self, features: &Tensor) -> Result<Tensor> {
-        let dims = features.dims();
-        if dims != [1, self.n_mels, self.frames] {
-            return Err(Error::input(
-                "input_features",
-                format!("shape {dims:?}"),
-                format!("(1, {}, {})", self.n_mels, self.frames),
-            ));
-        }
-        let x = self.conv1.forward(features)?.gelu_erf()?;
-        let x = self.conv2.forward(&x)?.gelu_erf()?.transpose(1, 2)?;
-        let mut x = x.broadcast_add(&self.positions)?;
-        for layer in &self.layers {
-            let h = layer.attn_norm.forward(&x)?;
-            let (k, v) = layer.attn.project_kv(&h)?;
-            x = (&x + layer.attn.forward_with(&h, &k, &v, None)?)?;
-            x = layer.mlp.forward(&x)?;
-        }
-        Ok(self.norm.forward(&x)?)
     }
 }
 

@@ -1,0 +1,180 @@
+//! Whisper's audio encoder, as Whisper, Qwen2-Audio and Ultravox run it: two GELU
+//! convolutions (the second with stride 2), learned positions, pre-LN transformer layers and a
+//! final layer norm. The families differ only around it (which frames they keep, masked keys,
+//! pooling), so they call its three stages themselves.
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder};
+
+use crate::error::{Error, Result};
+
+const LN_EPS: f64 = 1e-5;
+
+/// The encoder's sizes (`audio_config` / Whisper `config.json` keys).
+#[derive(Debug, Clone, Copy)]
+pub struct EncoderShape {
+    pub d_model: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub ffn: usize,
+    pub n_mels: usize,
+    pub max_source_positions: usize,
+}
+
+/// Where the attention scale is applied: transformers' Qwen2-Audio encoder scales the queries
+/// before the product, Whisper's (and Ultravox's) the scores after it. Kept apart so that each
+/// family rounds as its reference does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleAt {
+    Queries,
+    Scores,
+}
+
+struct Layer {
+    attn_norm: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    mlp_norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+pub struct WhisperEncoder {
+    conv1: Conv1d,
+    conv2: Conv1d,
+    /// `(max_source_positions, d_model)`.
+    positions: Tensor,
+    layers: Vec<Layer>,
+    norm: LayerNorm,
+    heads: usize,
+    scale_at: ScaleAt,
+    n_mels: usize,
+}
+
+impl WhisperEncoder {
+    /// Loads from `vb` at the prefix holding `conv1`, `layers`, `layer_norm`.
+    pub fn load(s: &EncoderShape, scale_at: ScaleAt, vb: VarBuilder) -> candle_core::Result<Self> {
+        let d = s.d_model;
+        let ln = |vb: VarBuilder| candle_nn::layer_norm(d, LN_EPS, vb);
+        let conv = |stride| Conv1dConfig {
+            padding: 1,
+            stride,
+            ..Default::default()
+        };
+        let layers = (0..s.layers)
+            .map(|i| {
+                let vb = vb.pp("layers").pp(i);
+                let a = vb.pp("self_attn");
+                Ok(Layer {
+                    attn_norm: ln(vb.pp("self_attn_layer_norm"))?,
+                    q: candle_nn::linear(d, d, a.pp("q_proj"))?,
+                    k: candle_nn::linear_no_bias(d, d, a.pp("k_proj"))?,
+                    v: candle_nn::linear(d, d, a.pp("v_proj"))?,
+                    out: candle_nn::linear(d, d, a.pp("out_proj"))?,
+                    mlp_norm: ln(vb.pp("final_layer_norm"))?,
+                    fc1: candle_nn::linear(d, s.ffn, vb.pp("fc1"))?,
+                    fc2: candle_nn::linear(s.ffn, d, vb.pp("fc2"))?,
+                })
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            conv1: candle_nn::conv1d(s.n_mels, d, 3, conv(1), vb.pp("conv1"))?,
+            conv2: candle_nn::conv1d(d, d, 3, conv(2), vb.pp("conv2"))?,
+            positions: vb
+                .pp("embed_positions")
+                .get((s.max_source_positions, d), "weight")?,
+            layers,
+            norm: ln(vb.pp("layer_norm"))?,
+            heads: s.heads,
+            scale_at,
+            n_mels: s.n_mels,
+        })
+    }
+
+    /// Most mel frames the positions cover (`2 * max_source_positions`).
+    pub fn max_frames(&self) -> usize {
+        2 * self.positions.dims()[0]
+    }
+
+    /// The convolutions plus positions: `(1, n_mels, frames)` -> `(1, ceil(frames / 2), d)`.
+    pub fn embed(&self, features: &Tensor) -> Result<Tensor> {
+        let (b, n_mels, frames) = features.dims3()?;
+        if b != 1 || n_mels != self.n_mels || frames == 0 || frames > self.max_frames() {
+            return Err(Error::input(
+                "input_features",
+                format!("shape {:?}", features.dims()),
+                format!("(1, {}, 1..={})", self.n_mels, self.max_frames()),
+            ));
+        }
+        let x = self.conv1.forward(features)?.gelu_erf()?;
+        let x = self.conv2.forward(&x)?.gelu_erf()?.transpose(1, 2)?;
+        let n = x.dim(1)?;
+        Ok(x.broadcast_add(&self.positions.narrow(0, 0, n)?)?)
+    }
+
+    /// The transformer layers over `x` `(1, n, d)`; `mask` is added to every head's scores
+    /// (`(1, 1, 1, n)`, 0 for keys kept and a large negative number for the others).
+    pub fn layers(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let mask = mask.map(|m| m.to_dtype(x.dtype())).transpose()?;
+        let mut x = x.clone();
+        for layer in &self.layers {
+            let h = layer.attn_norm.forward(&x)?;
+            x = (&x + self.attend(layer, &h, mask.as_ref())?)?;
+            let h = layer
+                .fc1
+                .forward(&layer.mlp_norm.forward(&x)?)?
+                .gelu_erf()?;
+            x = (&x + layer.fc2.forward(&h)?)?;
+        }
+        Ok(x)
+    }
+
+    /// The final layer norm.
+    pub fn norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.norm.forward(x)?)
+    }
+
+    /// Bidirectional attention of one layer, softmax in f32.
+    fn attend(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let hd = d / self.heads;
+        // Each reference's own expression for the scale (they can differ in the last bit).
+        let scale = match self.scale_at {
+            ScaleAt::Queries => (hd as f64).powf(-0.5),
+            ScaleAt::Scores => 1.0 / (hd as f64).sqrt(),
+        };
+        let split = |t: Tensor| {
+            t.reshape((b, n, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = layer.q.forward(x)?;
+        let q = match self.scale_at {
+            ScaleAt::Queries => (q * scale)?,
+            ScaleAt::Scores => q,
+        };
+        let (q, k, v) = (
+            split(q)?,
+            split(layer.k.forward(x)?)?,
+            split(layer.v.forward(x)?)?,
+        );
+        let mut w = q.matmul(&k.t()?)?;
+        if self.scale_at == ScaleAt::Scores {
+            w = (w * scale)?;
+        }
+        if let Some(mask) = mask {
+            w = w.broadcast_add(mask)?;
+        }
+        let dtype = w.dtype();
+        let w = candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+        let y = w.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        layer.out.forward(&y)
+    }
+}
