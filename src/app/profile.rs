@@ -112,8 +112,7 @@ pub fn run(
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).map(|s| s * 1e3)
     };
-    let fused = logits_device.is_cuda()
-        && std::env::var_os("MMLLM_UNFUSED_DECODE").is_none_or(|v| v.is_empty());
+    let fused = logits_device.is_cuda() && kernels::fused_decode_requested();
     let line = serde_json::json!({
         "model": model,
         "fused_decode": fused,

@@ -101,6 +101,15 @@ fn threads_for(n: usize) -> u32 {
     (n.div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
+/// Launch shape of the elementwise kernels, whose threads stride over `n` elements.
+fn elementwise(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 pub fn add_rms_norm(
     x: &Tensor,
     residual: Option<&Tensor>,
@@ -155,14 +164,16 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     let out = alloc(&dev, gate_up.dtype(), dims)?;
     let (gp, op) = (ptr(&gate_up)?, ptr(&out)?);
     let (rows32, inter32) = (rows as i32, inter as i32);
-    let blocks = (rows * inter).div_ceil(256).clamp(1, 65535) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let name = kernel(instances!("silu_mul"), gate_up.dtype())?;
-    launch!(dev, name, cfg, &gp, &op, &rows32, &inter32);
+    launch!(
+        dev,
+        name,
+        elementwise(rows * inter),
+        &gp,
+        &op,
+        &rows32,
+        &inter32
+    );
     Ok(out)
 }
 
@@ -277,13 +288,17 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let out = alloc(&dev, table.dtype(), (rows, hidden))?;
     let (tp, ip, op) = (ptr(table)?, ptr(ids)?, ptr(&out)?);
     let dims = [rows as i32, hidden as i32];
-    let cfg = LaunchConfig {
-        grid_dim: ((rows * hidden).div_ceil(256).clamp(1, 65535) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let name = kernel(instances!("embedding"), table.dtype())?;
-    launch!(dev, name, cfg, &tp, &ip, &op, &dims[0], &dims[1]);
+    launch!(
+        dev,
+        name,
+        elementwise(rows * hidden),
+        &tp,
+        &ip,
+        &op,
+        &dims[0],
+        &dims[1]
+    );
     Ok(out)
 }
 
@@ -301,13 +316,8 @@ pub fn copy_to_f32(src: &Tensor, dst: &Tensor) -> Result<()> {
     }
     let src = src.contiguous()?;
     let (sp, dp, n32) = (ptr(&src)?, ptr(dst)?, n as i32);
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 65535) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let name = kernel(instances!("copy_to_f32"), src.dtype())?;
-    launch!(dev, name, cfg, &sp, &dp, &n32);
+    launch!(dev, name, elementwise(n), &sp, &dp, &n32);
     Ok(())
 }
 

@@ -26,6 +26,12 @@ pub fn profile_step<E: From<candle_core::Error>>(
     .into())
 }
 
+/// Whether the fused decode kernels are wanted: on unless `MMLLM_UNFUSED_DECODE` is set to
+/// something (for timing and comparing the plain candle path on the same card).
+pub fn fused_decode_requested() -> bool {
+    std::env::var_os("MMLLM_UNFUSED_DECODE").is_none_or(|v| v.is_empty())
+}
+
 /// `(x + residual, rms_norm(x + residual) * weight)` over the last dimension; without a
 /// residual the first output is `x` itself. HF's order: the sum is rounded to the dtype, the
 /// norm is taken in f32 and rounded before the weight multiplies it.

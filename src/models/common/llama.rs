@@ -496,8 +496,8 @@ pub struct Llama {
     /// Decode steps run as fused kernels (CUDA; `MMLLM_UNFUSED_DECODE=1` turns it off, so
     /// that both paths can be timed and compared on one machine).
     fused_decode: bool,
-    /// Single-sequence decode replays a captured CUDA graph (fused path without biases on
-    /// `o_proj` or the MLP; `MMLLM_CUDA_GRAPH=0` turns it off).
+    /// With `fused_decode`, single-sequence decode replays a captured CUDA graph (unless
+    /// `o_proj` or the MLP has biases, or `MMLLM_CUDA_GRAPH=0`).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     graph_enabled: bool,
     #[cfg(feature = "cuda")]
@@ -560,9 +560,8 @@ impl Llama {
             None => vec![0; inv_freqs.len()],
         };
         let device = vb.device().clone();
-        let fused_decode = cfg!(feature = "cuda")
-            && device.is_cuda()
-            && std::env::var_os("MMLLM_UNFUSED_DECODE").is_none_or(|v| v.is_empty());
+        let fused_decode =
+            cfg!(feature = "cuda") && device.is_cuda() && kernels::fused_decode_requested();
         Ok(Self {
             cfg: cfg.clone(),
             norm: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("norm"))?,
@@ -573,8 +572,7 @@ impl Llama {
             inv_freqs,
             row_of,
             fused_decode,
-            graph_enabled: fused_decode
-                && !cfg.attention_bias
+            graph_enabled: !cfg.attention_bias
                 && !cfg.mlp_bias
                 && std::env::var("MMLLM_CUDA_GRAPH").as_deref() != Ok("0"),
             #[cfg(feature = "cuda")]
@@ -875,12 +873,13 @@ impl Llama {
 
     #[cfg(feature = "cuda")]
     fn graph_usable(&self) -> bool {
-        self.graph_enabled && !self.graph_failed.load(std::sync::atomic::Ordering::Relaxed)
+        self.fused_decode
+            && self.graph_enabled
+            && !self.graph_failed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     #[cfg(feature = "cuda")]
     fn decode_graph(&self, id: u32, cache: &mut KvCache) -> Result<Tensor> {
-        let values = self.step_table_values(&mut [&mut *cache])?;
         let mut slot = self
             .graph
             .lock()
@@ -897,6 +896,7 @@ impl Llama {
             }
             return Ok(logits.get(0)?);
         };
+        let values = self.step_table_values(&mut [&mut *cache])?;
         kernels::write(&g.ids, &[id])?;
         kernels::write(&g.table, &values)?;
         g.graph.launch()?;
@@ -1161,20 +1161,26 @@ mod tests {
         assert!(m[1].iter().all(|&v| v == 0.0));
     }
 
+    /// A two-layer model on the CPU with freshly initialised random weights.
+    fn random_model(kv_heads: usize) -> Result<Llama> {
+        let cfg = cfg(&format!(
+            r#"{{"vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
+                "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": {kv_heads}, "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": true}}"#
+        ));
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        // The model keeps its tensors after the VarMap is dropped.
+        Llama::load(&cfg, vb.pp("model"), vb.pp("lm_head"), true)
+    }
+
     /// Decoding through the cache must equal recomputing the whole sequence, with and without
     /// grouped-query attention (without it the cached keys reach the matmul as strided views).
     #[test]
     fn cached_decode_equals_full_prefill() -> Result<()> {
         for kv_heads in [4, 2] {
-            let cfg = cfg(&format!(
-                r#"{{"vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
-                    "num_hidden_layers": 2, "num_attention_heads": 4,
-                    "num_key_value_heads": {kv_heads}, "rms_norm_eps": 1e-5,
-                    "tie_word_embeddings": true}}"#
-            ));
-            let map = candle_nn::VarMap::new();
-            let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-            let model = Llama::load(&cfg, vb.pp("model"), vb.pp("lm_head"), true)?;
+            let model = random_model(kv_heads)?;
             let ids = [3u32, 17, 4, 42, 9, 11, 23];
             let embeds = model.embed_tokens(&ids)?.unsqueeze(0)?;
 
@@ -1199,15 +1205,7 @@ mod tests {
     #[test]
     fn decode_batch_equals_per_sequence_decode() -> Result<()> {
         for kv_heads in [4, 2] {
-            let cfg = cfg(&format!(
-                r#"{{"vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
-                    "num_hidden_layers": 2, "num_attention_heads": 4,
-                    "num_key_value_heads": {kv_heads}, "rms_norm_eps": 1e-5,
-                    "tie_word_embeddings": true}}"#
-            ));
-            let map = candle_nn::VarMap::new();
-            let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-            let model = Llama::load(&cfg, vb.pp("model"), vb.pp("lm_head"), true)?;
+            let model = random_model(kv_heads)?;
             let prompts: [&[u32]; 3] = [&[3, 17, 4], &[42, 9, 11, 23, 5, 8, 1], &[7]];
             let next = [12u32, 30, 2];
             let mut alone = Vec::new();
