@@ -17,7 +17,9 @@ use crate::hub::{self, HubOptions, ModelDir};
 use crate::media::{self, MediaItem, Modality};
 use crate::models::registry::{self, Family, LoadContext};
 use crate::models::{EncodedItem, FamilyDefaults, Model};
-use crate::prompt::template::{ChatTemplate, ContentPart, Message, TemplateFiles, TextMessage};
+use crate::prompt::template::{
+    self, ChatTemplate, ContentPart, Message, TemplateFiles, TextMessage,
+};
 use crate::prompt::{self, Expansion, Spliced};
 use crate::sink;
 
@@ -429,10 +431,7 @@ fn tokenize_and_splice(
         .tokenizer_config
         .as_ref()
         .and_then(|c| c.get("bos_token"))
-        .and_then(|v| {
-            v.as_str()
-                .or_else(|| v.get("content").and_then(|c| c.as_str()))
-        });
+        .and_then(template::token_text);
     let starts_with_bos = bos.is_some_and(|b| !b.is_empty() && text.starts_with(b));
     let encoding = tokenizer
         .encode(text, plan.raw || !starts_with_bos)
@@ -501,10 +500,7 @@ fn eos_ids(
     }
     Ok(tok_config
         .and_then(|c| c.get("eos_token"))
-        .and_then(|v| {
-            v.as_str()
-                .or_else(|| v.get("content").and_then(|c| c.as_str()))
-        })
+        .and_then(template::token_text)
         .and_then(|t| tokenizer.token_to_id(t))
         .into_iter()
         .collect())

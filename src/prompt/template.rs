@@ -192,18 +192,20 @@ impl ChatTemplate {
 }
 
 /// `bos_token`, `eos_token`, … from tokenizer_config.json (strings or AddedToken dicts).
+/// The text of a special token as tokenizer_config.json writes it: a string, or an
+/// AddedToken object `{"content": …}`.
+pub fn token_text(v: &serde_json::Value) -> Option<&str> {
+    v.as_str()
+        .or_else(|| v.get("content").and_then(|c| c.as_str()))
+}
+
 fn special_tokens_of(config: &serde_json::Value) -> Vec<(String, String)> {
     let Some(obj) = config.as_object() else {
         return Vec::new();
     };
     obj.iter()
         .filter(|(k, _)| k.ends_with("_token"))
-        .filter_map(|(k, v)| {
-            let text = v
-                .as_str()
-                .or_else(|| v.get("content").and_then(|c| c.as_str()))?;
-            Some((k.clone(), text.to_string()))
-        })
+        .filter_map(|(k, v)| Some((k.clone(), token_text(v)?.to_string())))
         .collect()
 }
 

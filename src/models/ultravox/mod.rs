@@ -81,10 +81,7 @@ fn audio_slot_token(dir: &Path) -> Result<u32> {
     let cfg = read_json(&cfg_path)?;
     let eos = cfg
         .get("eos_token")
-        .and_then(|v| {
-            v.as_str()
-                .or_else(|| v.get("content").and_then(Value::as_str))
-        })
+        .and_then(crate::prompt::template::token_text)
         .ok_or_else(|| {
             Error::input(
                 cfg_path.display().to_string(),
