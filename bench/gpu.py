@@ -86,6 +86,25 @@ def tiny_parity(binary):
     return rows, ok
 
 
+def random_bf16(model_class, config):
+    """`model_class(config)` with random weights (seed 0), built in bf16 on the GPU."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = model_class(config)
+        torch.set_default_dtype(torch.float32)
+    # transformers 5 prefers a config's own dtype to the default one (the tiny Qwen2-VL
+    # fixture's says float32: its checkpoint and HF's run were f32 before 2026-11-27 run 9).
+    return model.to(torch.bfloat16)
+
+
+def copy_tokenizer_files(src, dst, skip):
+    """The fixture's files (tokenizer, templates, processor settings) except those in `skip`."""
+    for f in os.listdir(src):
+        if f not in skip and os.path.isfile(os.path.join(src, f)):
+            shutil.copy(os.path.join(src, f), dst)
+
+
 def make_llava7b(out_dir):
     """Random LLaVA-1.5-7B-shaped checkpoint in bf16 with the tiny fixture's tokenizer files."""
     tok = json.load(open(os.path.join(TINY, "config.json")))
@@ -100,16 +119,9 @@ def make_llava7b(out_dir):
         vision_config=vision, text_config=text, image_token_index=tok["image_token_index"],
         vision_feature_layer=-2, vision_feature_select_strategy="default",
         projector_hidden_act="gelu")
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.bfloat16)
-        model = transformers.LlavaForConditionalGeneration(config)
-        torch.set_default_dtype(torch.float32)
+    model = random_bf16(transformers.LlavaForConditionalGeneration, config)
     model.save_pretrained(out_dir, safe_serialization=True)
-    for f in os.listdir(TINY):
-        if f not in ("config.json", "model.safetensors", "generation_config.json") and \
-                os.path.isfile(os.path.join(TINY, f)):
-            shutil.copy(os.path.join(TINY, f), out_dir)
+    copy_tokenizer_files(TINY, out_dir, ("config.json", "model.safetensors", "generation_config.json"))
     return model
 
 
@@ -124,19 +136,10 @@ def make_qwen2vl_2b(out_dir):
     t.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
     v.depth, v.embed_dim, v.num_heads, v.hidden_size, v.mlp_ratio = 32, 1280, 16, 1536, 4
     cfg.tie_word_embeddings = True
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.bfloat16)
-        model = transformers.Qwen2VLForConditionalGeneration(cfg)
-        torch.set_default_dtype(torch.float32)
-    # The tiny fixture's config says float32, which transformers 5 prefers to the default
-    # dtype: without this the checkpoint and HF's run were f32 (before 2026-11-27 run 7).
-    model = model.to(torch.bfloat16)
+    model = random_bf16(transformers.Qwen2VLForConditionalGeneration, cfg)
     model.save_pretrained(out_dir, safe_serialization=True)
-    for f in os.listdir(QWEN_TINY):
-        if f not in ("config.json", "model.safetensors", "generation_config.json", "processor_config.json") \
-                and os.path.isfile(os.path.join(QWEN_TINY, f)):
-            shutil.copy(os.path.join(QWEN_TINY, f), out_dir)
+    copy_tokenizer_files(QWEN_TINY, out_dir, ("config.json", "model.safetensors",
+                                              "generation_config.json", "processor_config.json"))
     # The real model's pixel bounds (the tiny fixture's are tiny).
     proc = json.load(open(os.path.join(QWEN_TINY, "processor_config.json")))
     for key in ("image_processor", "video_processor"):
@@ -146,13 +149,33 @@ def make_qwen2vl_2b(out_dir):
     return model
 
 
+def generate_seconds(model, inputs, n):
+    """Wall seconds of one greedy HF `generate` of exactly `n` new tokens."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def hf_timings(model, inputs, inputs16, new_tokens):
+    """TTFT (best of 3 after a warm-up), batch-1 decode tok/s after the first token, and
+    output tok/s of the 16 prompts of `inputs16` in one padded batch."""
+    model.eval()
+    generate_seconds(model, inputs, 2)  # warm-up
+    ttft = min(generate_seconds(model, inputs, 1) for _ in range(3))
+    total = generate_seconds(model, inputs, new_tokens)
+    batch_tps = 16 * new_tokens / generate_seconds(model, inputs16, new_tokens)
+    return ttft, (new_tokens - 1) / (total - ttft), batch_tps
+
+
 def hf_speed(model, model_dir, image, new_tokens):
     """HF generate on the same card: TTFT, batch-1 decode tok/s, prompt length, and output
     tok/s over 16 identical prompts in one padded batch (PIL image processor, as mmllm)."""
     processor = transformers.AutoProcessor.from_pretrained(model_dir, use_fast=False)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    model.eval()
 
     def prompts(n):
         processor.tokenizer.padding_side = "left"
@@ -162,20 +185,8 @@ def hf_speed(model, model_dir, image, new_tokens):
         return b
 
     inputs = prompts(1)
-
-    def timed(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    timed(2)  # warm-up
-    ttft = min(timed(1) for _ in range(3))
-    total = timed(new_tokens)
-    batch_tps = hf_concurrent(model, prompts(16), 16, new_tokens)
-    return ttft, (new_tokens - 1) / (total - ttft), inputs["input_ids"].shape[1], batch_tps
+    ttft, tps, batch_tps = hf_timings(model, inputs, prompts(16), new_tokens)
+    return ttft, tps, inputs["input_ids"].shape[1], batch_tps
 
 
 def run_batch(binary, model, image, new_tokens, jobs, max_seqs):
@@ -196,16 +207,6 @@ def run_batch(binary, model, image, new_tokens, jobs, max_seqs):
     lines = [json.loads(l) for l in out.stdout.strip().splitlines()]
     shutil.rmtree(d, ignore_errors=True)
     return lines, wall, " ".join(cmd) + f"  (manifest: {jobs} identical jobs, model {model})"
-
-
-def hf_concurrent(model, inputs, n, new_tokens):
-    """HF generate over `inputs`, n prompts in one padded batch: output tokens per second."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    torch.cuda.synchronize()
-    return n * new_tokens / (time.perf_counter() - t0)
 
 
 def copy_bandwidth():
@@ -336,11 +337,7 @@ def make_llama1b(out_dir):
         num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
         rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
         rope_parameters=tiny["text_config"]["rope_parameters"])
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.bfloat16)
-        model = transformers.LlamaForCausalLM(text)
-        torch.set_default_dtype(torch.float32)
+    model = random_bf16(transformers.LlamaForCausalLM, text)
     from safetensors.torch import load_file, save_file
     tensors = {k: v.to(torch.bfloat16) for k, v in
                load_file(os.path.join(ULTRAVOX_TINY, "model.safetensors")).items()
@@ -358,10 +355,7 @@ def make_llama1b(out_dir):
     cfg["text_config"]["vocab_size"] = 128256
     cfg["vocab_size"] = 128256
     json.dump(cfg, open(os.path.join(out_dir, "config.json"), "w"), indent=2)
-    for f in os.listdir(ULTRAVOX_TINY):
-        if f not in ("config.json", "model.safetensors") and \
-                os.path.isfile(os.path.join(ULTRAVOX_TINY, f)):
-            shutil.copy(os.path.join(ULTRAVOX_TINY, f), out_dir)
+    copy_tokenizer_files(ULTRAVOX_TINY, out_dir, ("config.json", "model.safetensors"))
     return model
 
 
@@ -373,22 +367,11 @@ def llama_rows(binary, d, model, new_tokens, bandwidth, summary):
     limit_tps = bandwidth / lm_bytes
     torch.manual_seed(1)
     ids = torch.randint(10, 128000, (1, context), device="cuda")
-    model.eval()
 
-    def timed(n, batch=1):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(input_ids=ids.repeat(batch, 1), attention_mask=torch.ones_like(ids).repeat(batch, 1),
-                           max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
+    def prompts(n):
+        return {"input_ids": ids.repeat(n, 1), "attention_mask": torch.ones_like(ids).repeat(n, 1)}
 
-    timed(2)
-    ttft = min(timed(1) for _ in range(3))
-    total = timed(new_tokens)
-    hf_tps = (new_tokens - 1) / (total - ttft)
-    hf_batch = 16 * new_tokens / timed(new_tokens, 16)
+    ttft, hf_tps, hf_batch = hf_timings(model, prompts(1), prompts(16), new_tokens)
     del model
     torch.cuda.empty_cache()
     print(f"\n| Llama-3.2-1B shape, bf16, {context} prompt tokens | TTFT ms | decode tok/s (batch 1) | output tok/s, 16 prompts |")
