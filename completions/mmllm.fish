@@ -41,12 +41,12 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l limit-mm-per-promp
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -s m -l model -d 'Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -s o -l output -d 'Output format: text streams tokens to stdout; jsonl prints one JSON object per prompt' -r -f -a "text\t''
 jsonl\t''"
-complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l max-tokens -d 'Maximum number of tokens to generate' -r
-complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l temperature -d 'Sampling temperature; 0 is greedy decoding' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l max-tokens -d 'Maximum number of tokens to generate [default: 256]' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l temperature -d 'Sampling temperature; 0 is greedy decoding [default: 0]' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l top-p -d 'Nucleus sampling: keep the smallest set of tokens whose probability reaches P' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l top-k -d 'Keep only the K most likely tokens when sampling' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l repetition-penalty -d 'Penalise tokens already in the prompt or output (1.0 = off), as Hugging Face does' -r
-complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l seed -d 'Random seed for sampling' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l seed -d 'Random seed for sampling [default: 0]' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l stop -d 'Stop generating when this text appears (repeatable); it is not printed' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l logprobs -d 'Also report the N most likely tokens and their log-probabilities at each step (jsonl)' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l device -d 'Device: auto, cpu, cuda or cuda:N' -r
@@ -55,8 +55,8 @@ bf16\t''
 f16\t''
 f32\t''"
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l id -d 'Id reported in jsonl output' -r
-complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l min-pixels -d 'Minimum pixels per image after resizing (dynamic-resolution models)' -r
-complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l max-pixels -d 'Maximum pixels per image after resizing (dynamic-resolution models)' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l min-pixels -d 'Minimum pixels per image or video frame after resizing (models that resize by pixel budget, e.g. Qwen2-VL; default: the model\'s processor config)' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l max-pixels -d 'Maximum pixels per image or video frame after resizing (models that resize by pixel budget, e.g. Qwen2-VL; default: the model\'s processor config)' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l raw -d 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item'
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l ignore-eos -d 'Keep generating past the end-of-sequence token (for benchmarks)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l dry-run -d 'Decode the inputs and print the validated plan as JSON without loading weights'
@@ -68,12 +68,12 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l limit-mm-per-promp
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -s m -l model -d 'Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -s o -l output -d 'Output format: text streams tokens to stdout; jsonl prints one JSON object per prompt' -r -f -a "text\t''
 jsonl\t''"
-complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l max-tokens -d 'Maximum number of tokens to generate' -r
-complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l temperature -d 'Sampling temperature; 0 is greedy decoding' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l max-tokens -d 'Maximum number of tokens to generate [default: 256]' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l temperature -d 'Sampling temperature; 0 is greedy decoding [default: 0]' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l top-p -d 'Nucleus sampling: keep the smallest set of tokens whose probability reaches P' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l top-k -d 'Keep only the K most likely tokens when sampling' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l repetition-penalty -d 'Penalise tokens already in the prompt or output (1.0 = off), as Hugging Face does' -r
-complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l seed -d 'Random seed for sampling' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l seed -d 'Random seed for sampling [default: 0]' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l stop -d 'Stop generating when this text appears (repeatable); it is not printed' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l logprobs -d 'Also report the N most likely tokens and their log-probabilities at each step (jsonl)' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l device -d 'Device: auto, cpu, cuda or cuda:N' -r
@@ -82,8 +82,8 @@ bf16\t''
 f16\t''
 f32\t''"
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l id -d 'Id reported in jsonl output' -r
-complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l min-pixels -d 'Minimum pixels per image after resizing (dynamic-resolution models)' -r
-complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l max-pixels -d 'Maximum pixels per image after resizing (dynamic-resolution models)' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l min-pixels -d 'Minimum pixels per image or video frame after resizing (models that resize by pixel budget, e.g. Qwen2-VL; default: the model\'s processor config)' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l max-pixels -d 'Maximum pixels per image or video frame after resizing (models that resize by pixel budget, e.g. Qwen2-VL; default: the model\'s processor config)' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l num-frames -d 'Sample N frames uniformly over the whole video' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l fps -d 'Sample frames at F frames per second' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l raw -d 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item'
@@ -98,12 +98,12 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l limit-mm-per-promp
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -s m -l model -d 'Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -s o -l output -d 'Output format: text streams tokens to stdout; jsonl prints one JSON object per prompt' -r -f -a "text\t''
 jsonl\t''"
-complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l max-tokens -d 'Maximum number of tokens to generate' -r
-complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l temperature -d 'Sampling temperature; 0 is greedy decoding' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l max-tokens -d 'Maximum number of tokens to generate [default: 256]' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l temperature -d 'Sampling temperature; 0 is greedy decoding [default: 0]' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l top-p -d 'Nucleus sampling: keep the smallest set of tokens whose probability reaches P' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l top-k -d 'Keep only the K most likely tokens when sampling' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l repetition-penalty -d 'Penalise tokens already in the prompt or output (1.0 = off), as Hugging Face does' -r
-complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l seed -d 'Random seed for sampling' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l seed -d 'Random seed for sampling [default: 0]' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l stop -d 'Stop generating when this text appears (repeatable); it is not printed' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l logprobs -d 'Also report the N most likely tokens and their log-probabilities at each step (jsonl)' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l device -d 'Device: auto, cpu, cuda or cuda:N' -r
@@ -124,12 +124,12 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l limit-mm-per-prom
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -s m -l model -d 'Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -s o -l output -d 'Output format: text streams tokens to stdout; jsonl prints one JSON object per prompt' -r -f -a "text\t''
 jsonl\t''"
-complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l max-tokens -d 'Maximum number of tokens to generate' -r
-complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l temperature -d 'Sampling temperature; 0 is greedy decoding' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l max-tokens -d 'Maximum number of tokens to generate [default: 256]' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l temperature -d 'Sampling temperature; 0 is greedy decoding [default: 0]' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l top-p -d 'Nucleus sampling: keep the smallest set of tokens whose probability reaches P' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l top-k -d 'Keep only the K most likely tokens when sampling' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l repetition-penalty -d 'Penalise tokens already in the prompt or output (1.0 = off), as Hugging Face does' -r
-complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l seed -d 'Random seed for sampling' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l seed -d 'Random seed for sampling [default: 0]' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l stop -d 'Stop generating when this text appears (repeatable); it is not printed' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l logprobs -d 'Also report the N most likely tokens and their log-probabilities at each step (jsonl)' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l device -d 'Device: auto, cpu, cuda or cuda:N' -r

@@ -5,49 +5,33 @@
 use std::io::Write;
 
 use mmllm::app::pipeline;
-use mmllm::cli::plan::{DeviceChoice, GenSettings, InputKind, MediaArg, Plan};
-use mmllm::cli::{DTypeArg, OutputFormat};
+use mmllm::app::plan::{Plan, RunOptions};
+use mmllm::cli::OutputFormat;
+use mmllm::engine::device::{DTypeChoice, DeviceChoice};
 use mmllm::engine::generate::{generate, Event};
-use mmllm::engine::sampler::SamplingParams;
-use mmllm::media::source::Source;
-use mmllm::media::video::FrameSampling;
-use mmllm::media::Modality;
+use mmllm::manifest::Settings;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [model, image, prompt] = args.as_slice() else {
         return Err("usage: library MODEL IMAGE PROMPT".into());
     };
-    let plan = Plan {
-        model: model.clone(),
+    // The settings a manifest job (or the command line) would give; unset ones take defaults.
+    let settings = Settings {
+        model: Some(model.clone()),
+        prompt: Some(prompt.clone()),
+        images: Some(vec![image.clone()]),
+        max_tokens: Some(32),
+        ..Settings::default()
+    };
+    let run = RunOptions {
         id: "example".into(),
-        prompt: prompt.clone(),
-        system: None,
-        raw: false,
-        chat_template: None,
-        media: vec![MediaArg {
-            source: Source::parse(image)?,
-            kind: InputKind::Media(Modality::Image),
-        }],
-        extra_tensors: Vec::new(),
-        limits: Default::default(),
-        frames: FrameSampling::Default,
-        as_images: false,
-        sample_rate: None,
-        min_pixels: None,
-        max_pixels: None,
-        gen: GenSettings {
-            sampling: SamplingParams::default(),
-            max_tokens: 32,
-            stop: Vec::new(),
-            logprobs: None,
-            ignore_eos: false,
-        },
         output: OutputFormat::Text,
         device: DeviceChoice::Cpu,
-        dtype: DTypeArg::F32,
+        dtype: DTypeChoice::F32,
         dry_run: false,
     };
+    let plan = Plan::from_settings(&settings, run, None)?;
     let resolved = pipeline::resolve(&plan.model)?;
     let media = pipeline::prepare_media(&plan, &resolved, &mut std::io::empty())?;
     let loaded = pipeline::load(&resolved, plan.device, plan.dtype)?;

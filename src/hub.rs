@@ -13,27 +13,6 @@ use anyhow::{anyhow, Context};
 
 use crate::error::{Error, Result};
 
-/// Short names for the models the project supports, with their Hugging Face repo ids.
-const ALIASES: &[(&str, &str)] = &[
-    ("llava", "llava-hf/llava-1.5-7b-hf"),
-    ("phi3v", "microsoft/Phi-3.5-vision-instruct"),
-    ("qwen2-vl", "Qwen/Qwen2-VL-2B-Instruct"),
-    ("minicpm-v", "openbmb/MiniCPM-V-2_6"),
-    (
-        "llava-onevision",
-        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
-    ),
-    ("ultravox", "fixie-ai/ultravox-v0_5-llama-3_2-1b"),
-    ("qwen2.5-vl", "Qwen/Qwen2.5-VL-3B-Instruct"),
-    ("qwen2-audio", "Qwen/Qwen2-Audio-7B-Instruct"),
-    ("whisper", "openai/whisper-tiny.en"),
-];
-
-/// The alias table: `(alias, repo id)`.
-pub fn aliases() -> &'static [(&'static str, &'static str)] {
-    ALIASES
-}
-
 /// What a model directory must hold, for error messages.
 const EXPECTED_MODEL_DIR: &str = "a model directory holding config.json, model.safetensors \
      (or model.safetensors.index.json and its shards), tokenizer.json and the processor config \
@@ -181,18 +160,18 @@ impl std::fmt::Debug for Remote {
 /// commit (unless offline, which is then an error). An alias wins over a same-named directory
 /// in the working directory (write `./llava` for the directory); `org/name` that exists as a
 /// directory is that directory, as in transformers.
-pub fn resolve(model: &str, opts: &HubOptions) -> Result<ModelDir> {
+pub fn resolve(model: &str, aliases: &[(&str, &str)], opts: &HubOptions) -> Result<ModelDir> {
     if model.is_empty() {
         return Err(Error::input(
             "--model",
             "empty model name",
-            expected_model(),
+            expected_model(aliases),
         ));
     }
     let explicit_path = looks_like_path(model);
     // A malformed `@revision` is reported below, after an existing directory had its chance.
     if let (false, Ok((name, revision))) = (explicit_path, split_revision(model)) {
-        if let Some((_, repo)) = ALIASES
+        if let Some((_, repo)) = aliases
             .iter()
             .find(|(alias, _)| alias.eq_ignore_ascii_case(name))
         {
@@ -217,12 +196,12 @@ pub fn resolve(model: &str, opts: &HubOptions) -> Result<ModelDir> {
     Err(Error::input(
         model,
         "not a known alias, a Hugging Face repo id or an existing directory",
-        expected_model(),
+        expected_model(aliases),
     ))
 }
 
-fn expected_model() -> String {
-    let names: Vec<&str> = ALIASES.iter().map(|(a, _)| *a).collect();
+fn expected_model(aliases: &[(&str, &str)]) -> String {
+    let names: Vec<&str> = aliases.iter().map(|(a, _)| *a).collect();
     format!(
         "an alias ({}), a Hugging Face repo id such as org/name[@revision], or a directory \
          holding config.json",

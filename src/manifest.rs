@@ -12,38 +12,75 @@ use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 use crate::error::{Error, Result};
 
-/// Settings a job may set, each also allowed under `defaults`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Settings {
-    pub model: Option<String>,
-    pub prompt: Option<String>,
-    pub system: Option<String>,
-    pub raw: Option<bool>,
-    pub images: Option<Vec<String>>,
-    pub videos: Option<Vec<String>>,
-    pub audios: Option<Vec<String>>,
-    pub embeds: Option<Vec<String>>,
+/// Declares [`Settings`] once: each key with its type and the reader that checks it. The struct,
+/// the list of keys, the key-to-field match and the merge over `defaults` all come from here, so
+/// a new setting is one line (and the code that uses it).
+macro_rules! settings {
+    ($($(#[$doc:meta])* $key:ident: $ty:ty = $read:ident,)*) => {
+        /// Settings a job may set, each also allowed under `defaults`. The command line fills
+        /// the same struct from its flags, so both go through one validation.
+        #[derive(Debug, Clone, Default, PartialEq)]
+        pub struct Settings {
+            $($(#[$doc])* pub $key: Option<$ty>,)*
+        }
+
+        /// Every key of [`Settings`], in declaration order.
+        pub const KEYS: &[&str] = &[$(stringify!($key)),*];
+
+        impl Settings {
+            /// Reads `key` from `f` into its field; false for an unknown key.
+            fn read(&mut self, key: &str, f: &mut Field) -> bool {
+                match key {
+                    $(stringify!($key) => self.$key = f.$read(),)*
+                    _ => return false,
+                }
+                true
+            }
+
+            /// These settings, each falling back to `defaults` where unset.
+            pub fn or(&self, defaults: &Settings) -> Settings {
+                Settings {
+                    $($key: self.$key.clone().or_else(|| defaults.$key.clone()),)*
+                }
+            }
+        }
+    };
+}
+
+settings! {
+    model: String = string,
+    prompt: String = string,
+    system: String = string,
+    raw: bool = boolean,
+    images: Vec<String> = strings,
+    videos: Vec<String> = strings,
+    audios: Vec<String> = strings,
+    embeds: Vec<String> = strings,
     /// Modality the `embeds` stand for (`image` unless set).
-    pub modality: Option<String>,
-    pub max_tokens: Option<u64>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<u64>,
-    pub repetition_penalty: Option<f64>,
-    pub seed: Option<u64>,
-    pub stop: Option<Vec<String>>,
-    pub logprobs: Option<u64>,
+    modality: String = string,
+    /// `image_grid_thw` tensor file for `embeds` (Qwen2-VL), when not in the embeds file.
+    image_grid_thw: String = string,
+    /// `image_sizes` tensor file for `embeds` (MiniCPM-V), when not in the embeds file.
+    image_sizes: String = string,
+    max_tokens: u64 = uint,
+    temperature: f64 = float,
+    top_p: f64 = float,
+    top_k: u64 = uint,
+    repetition_penalty: f64 = float,
+    seed: u64 = uint,
+    stop: Vec<String> = strings,
+    logprobs: u64 = uint,
     /// Keep generating past EOS (benchmarks).
-    pub ignore_eos: Option<bool>,
-    pub num_frames: Option<u64>,
-    pub fps: Option<f64>,
-    pub as_images: Option<bool>,
-    pub sample_rate: Option<u64>,
-    pub min_pixels: Option<u64>,
-    pub max_pixels: Option<u64>,
+    ignore_eos: bool = boolean,
+    num_frames: u64 = uint,
+    fps: f64 = float,
+    as_images: bool = boolean,
+    sample_rate: u64 = uint,
+    min_pixels: u64 = uint,
+    max_pixels: u64 = uint,
     /// `image=2,video=1` or a mapping `{image: 2}`, normalised to the string form.
-    pub limit_mm_per_prompt: Option<String>,
-    pub chat_template: Option<String>,
+    limit_mm_per_prompt: String = limits,
+    chat_template: String = string,
 }
 
 /// One job with the defaults applied and media paths resolved against the manifest's folder.
@@ -60,35 +97,6 @@ impl Job {
         self.settings.model.as_deref().unwrap_or_default()
     }
 }
-
-const KEYS: &[&str] = &[
-    "model",
-    "prompt",
-    "system",
-    "raw",
-    "images",
-    "videos",
-    "audios",
-    "embeds",
-    "modality",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "repetition_penalty",
-    "seed",
-    "stop",
-    "logprobs",
-    "ignore_eos",
-    "num_frames",
-    "fps",
-    "as_images",
-    "sample_rate",
-    "min_pixels",
-    "max_pixels",
-    "limit_mm_per_prompt",
-    "chat_template",
-];
 
 /// Reads and validates the manifest at `path` (YAML, or JSONL when it ends in `.jsonl`).
 pub fn load(path: &Path) -> Result<Vec<Job>> {
@@ -475,45 +483,18 @@ fn settings(
             what,
             problems: &mut *problems,
         };
-        match k.as_str() {
-            "id" if what != "defaults" => id = f.id(),
-            "model" => s.model = f.string(),
-            "prompt" => s.prompt = f.string(),
-            "system" => s.system = f.string(),
-            "raw" => s.raw = f.boolean(),
-            "images" => s.images = f.strings(),
-            "videos" => s.videos = f.strings(),
-            "audios" => s.audios = f.strings(),
-            "embeds" => s.embeds = f.strings(),
-            "modality" => s.modality = f.string(),
-            "max_tokens" => s.max_tokens = f.uint(),
-            "temperature" => s.temperature = f.float(),
-            "top_p" => s.top_p = f.float(),
-            "top_k" => s.top_k = f.uint(),
-            "repetition_penalty" => s.repetition_penalty = f.float(),
-            "seed" => s.seed = f.uint(),
-            "stop" => s.stop = f.strings(),
-            "logprobs" => s.logprobs = f.uint(),
-            "ignore_eos" => s.ignore_eos = f.boolean(),
-            "num_frames" => s.num_frames = f.uint(),
-            "fps" => s.fps = f.float(),
-            "as_images" => s.as_images = f.boolean(),
-            "sample_rate" => s.sample_rate = f.uint(),
-            "min_pixels" => s.min_pixels = f.uint(),
-            "max_pixels" => s.max_pixels = f.uint(),
-            "limit_mm_per_prompt" => s.limit_mm_per_prompt = f.limits(),
-            "chat_template" => s.chat_template = f.string(),
-            _ => {
-                let allowed = if what == "defaults" {
-                    KEYS.join(", ")
-                } else {
-                    format!("id, {}", KEYS.join(", "))
-                };
-                problems.add(
-                    key.at,
-                    format!("{what}: unknown key `{k}` (expected one of {allowed})"),
-                );
-            }
+        if k == "id" && what != "defaults" {
+            id = f.id();
+        } else if !s.read(&k, &mut f) {
+            let allowed = if what == "defaults" {
+                KEYS.join(", ")
+            } else {
+                format!("id, {}", KEYS.join(", "))
+            };
+            problems.add(
+                key.at,
+                format!("{what}: unknown key `{k}` (expected one of {allowed})"),
+            );
         }
     }
     (s, id)
@@ -688,37 +669,7 @@ fn parse_bool(s: &str) -> Option<bool> {
 
 /// The job's settings over the defaults; relative local media paths resolved against `base`.
 fn merge(defaults: &Settings, job: &Settings, base: &Path) -> Settings {
-    macro_rules! pick {
-        ($($f:ident),*) => { Settings { $($f: job.$f.clone().or_else(|| defaults.$f.clone()),)* } };
-    }
-    let mut s = pick!(
-        model,
-        prompt,
-        system,
-        raw,
-        images,
-        videos,
-        audios,
-        embeds,
-        modality,
-        max_tokens,
-        temperature,
-        top_p,
-        top_k,
-        repetition_penalty,
-        seed,
-        stop,
-        logprobs,
-        ignore_eos,
-        num_frames,
-        fps,
-        as_images,
-        sample_rate,
-        min_pixels,
-        max_pixels,
-        limit_mm_per_prompt,
-        chat_template
-    );
+    let mut s = job.or(defaults);
     for list in [&mut s.images, &mut s.videos, &mut s.audios, &mut s.embeds]
         .into_iter()
         .flatten()
@@ -727,8 +678,15 @@ fn merge(defaults: &Settings, job: &Settings, base: &Path) -> Settings {
             *item = resolve(item, base);
         }
     }
-    if let Some(t) = &mut s.chat_template {
-        *t = resolve(t, base);
+    for file in [
+        &mut s.chat_template,
+        &mut s.image_grid_thw,
+        &mut s.image_sizes,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        *file = resolve(file, base);
     }
     // A model that is a folder beside the manifest (`./m`, `../m`, or a folder holding
     // config.json) resolves like media; aliases and repo ids stay as they are.

@@ -5,32 +5,30 @@
 //! finished results of an earlier run (repairing a line cut by a kill) and runs the rest.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::fs::OpenOptions;
-use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Instant;
 
-use serde_json::json;
-
 use super::pipeline::{self, Resolved};
-use crate::cli::plan::{parse_device, MediaInput, Plan};
+use super::plan::{MediaInput, Plan};
 use crate::cli::BatchArgs;
+use crate::engine::device::DeviceChoice;
 use crate::engine::generate::Request;
 use crate::engine::scheduler::{self, SchedulerConfig};
 use crate::error::{Error, Result};
 use crate::manifest::{self, Job};
+use crate::sink::batch::{error_line, Output, Progress};
 use crate::sink::JsonResult;
 
 /// Runs the manifest; exit status 1 (as a runtime error) when any job failed.
 pub fn run(args: &BatchArgs) -> Result<()> {
     let started = Instant::now();
     let jobs = manifest::load(&args.manifest)?;
-    let device = parse_device(&args.device)?;
+    let device = DeviceChoice::parse(&args.device)?;
     let name = args.manifest.display().to_string();
     let mut plans = Vec::with_capacity(jobs.len());
     let mut problems = Vec::new();
     for job in &jobs {
-        match Plan::from_job(job, device, args.dtype) {
+        match Plan::from_job(job, device, args.dtype.into()) {
             Ok(plan) => plans.push(plan),
             Err(e) => problems.push(format!("  {name}:{}: job {:?}: {e}", job.line, job.id)),
         }
@@ -96,7 +94,8 @@ pub fn run(args: &BatchArgs) -> Result<()> {
         }
     }
 
-    let out = Output::open(args, &todo)?;
+    let order = (!args.unordered).then(|| todo.clone());
+    let out = Output::open(args.output.as_deref(), args.resume, order)?;
     let mut tally = Tally {
         out,
         progress: Progress::new(todo.len()),
@@ -275,26 +274,13 @@ impl Tally {
             }
             Err(e) => {
                 self.failed += 1;
-                error_line(job, &e)
+                error_line(&job.id, job.model(), &e)
             }
         };
         self.out.finished(i, line)?;
         self.progress.tick(self.tokens, self.started);
         Ok(())
     }
-}
-
-fn error_line(job: &Job, e: &Error) -> String {
-    let kind = match e {
-        Error::Usage(_) | Error::Input { .. } => "input",
-        Error::Runtime(_) => "runtime",
-    };
-    let message = match e {
-        Error::Runtime(err) => format!("{err:#}"),
-        other => other.to_string(),
-    };
-    json!({"id": job.id, "model": job.model(), "error": {"kind": kind, "message": message}})
-        .to_string()
 }
 
 /// Reads an earlier output for `--resume`: cuts a last line left unfinished by a kill, drops
@@ -333,101 +319,4 @@ fn repair_and_read(path: &Path) -> Result<HashSet<String>> {
         std::fs::rename(&tmp, path)?;
     }
     Ok(ids)
-}
-
-/// Where result lines go, in manifest order unless `--unordered`.
-struct Output {
-    writer: Box<dyn Write>,
-    /// Job indices in the order their lines must appear; `None` for completion order.
-    order: Option<Vec<usize>>,
-    next: usize,
-    pending: BTreeMap<usize, String>,
-}
-
-impl Output {
-    fn open(args: &BatchArgs, todo: &[usize]) -> Result<Self> {
-        let writer: Box<dyn Write> = match &args.output {
-            Some(path) => Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(args.resume)
-                    .write(true)
-                    .truncate(!args.resume)
-                    .open(path)
-                    .map_err(|e| {
-                        Error::input(
-                            path.display().to_string(),
-                            format!("cannot open for writing: {e}"),
-                            "a writable path",
-                        )
-                    })?,
-            ),
-            None => Box::new(std::io::stdout()),
-        };
-        Ok(Self {
-            writer,
-            order: (!args.unordered).then(|| todo.to_vec()),
-            next: 0,
-            pending: BTreeMap::new(),
-        })
-    }
-
-    /// Job `index` finished with `line`: write it, and any buffered lines now due.
-    fn finished(&mut self, index: usize, line: String) -> Result<()> {
-        let Some(order) = &self.order else {
-            return write_line(&mut self.writer, &line);
-        };
-        self.pending.insert(index, line);
-        while let Some(&due) = order.get(self.next) {
-            let Some(line) = self.pending.remove(&due) else {
-                break;
-            };
-            write_line(&mut self.writer, &line)?;
-            self.next += 1;
-        }
-        Ok(())
-    }
-}
-
-/// One whole line per write, flushed, so a kill leaves at most one unfinished line.
-fn write_line(w: &mut dyn Write, line: &str) -> Result<()> {
-    let mut bytes = Vec::with_capacity(line.len() + 1);
-    bytes.extend_from_slice(line.as_bytes());
-    bytes.push(b'\n');
-    w.write_all(&bytes)?;
-    w.flush()?;
-    Ok(())
-}
-
-/// Jobs done / total, tokens/s and ETA on stderr, only on a terminal.
-struct Progress(Option<indicatif::ProgressBar>);
-
-impl Progress {
-    fn new(total: usize) -> Self {
-        if !std::io::stderr().is_terminal() || total == 0 {
-            return Self(None);
-        }
-        let bar = indicatif::ProgressBar::new(total as u64);
-        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        if let Ok(style) =
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} jobs {msg} eta {eta}")
-        {
-            bar.set_style(style);
-        }
-        Self(Some(bar))
-    }
-
-    fn tick(&self, tokens: usize, started: Instant) {
-        if let Some(bar) = &self.0 {
-            let rate = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!("{rate:.1} tok/s"));
-            bar.inc(1);
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = &self.0 {
-            bar.finish_and_clear();
-        }
-    }
 }

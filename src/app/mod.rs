@@ -1,7 +1,10 @@
-//! Commands: `oneshot` runs image/video/audio/embeds prompts, `batch` runs manifests; both go
-//! through `pipeline`. Only `main` imports this module.
+//! Orchestration, nothing more: `plan` validates a request's settings (from the command line
+//! or a manifest job), `pipeline` resolves, decodes, loads and builds engine requests,
+//! `oneshot` runs image/video/audio/embeds prompts and `batch` runs manifests, both through
+//! `pipeline`. Only `main` imports this module.
 
 pub mod batch;
 pub mod oneshot;
 pub mod pipeline;
+pub mod plan;
 pub mod profile;

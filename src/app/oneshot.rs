@@ -6,7 +6,7 @@ use std::io::Write;
 use serde_json::json;
 
 use super::pipeline::{self, Resolved};
-use crate::cli::plan::{MediaInput, Plan};
+use super::plan::{MediaInput, Plan};
 use crate::cli::{Command, OutputFormat};
 use crate::engine::generate::{generate, Event};
 use crate::error::{Error, Result};

@@ -6,21 +6,19 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 
-use crate::cli::plan::{DeviceChoice, InputKind, MediaInput, Plan};
-use crate::cli::DTypeArg;
+use super::plan::{InputKind, MediaInput, Plan};
+use crate::engine::device::{self, DTypeChoice, DeviceChoice};
 use crate::engine::generate::Request;
 use crate::error::{Error, Result};
 use crate::hub::{self, HubOptions, ModelDir};
 use crate::media::{self, MediaItem, Modality};
-use crate::models::registry::{self, Family, LoadContext};
-use crate::models::{EncodedItem, FamilyDefaults, Model};
-use crate::prompt::template::{
-    self, ChatTemplate, ContentPart, Message, TemplateFiles, TextMessage,
-};
-use crate::prompt::{self, Expansion, Spliced};
+use crate::models::registry;
+use crate::models::{EncodedItem, Family, FamilyDefaults, LoadContext, Model, ProcessorKwargs};
+use crate::prompt::build::{AssetFiles, PromptAssets, PromptInput, PromptItem};
+use crate::prompt::template::TemplateFiles;
+use crate::prompt::Spliced;
 use crate::sink;
 
 /// A model resolved to its directory and family, with its cheap defaults: enough to
@@ -35,7 +33,7 @@ pub struct Resolved {
 
 /// Resolves `--model` (alias, repo id or directory) and reads its `config.json`.
 pub fn resolve(model: &str) -> Result<Resolved> {
-    let dir = hub::resolve(model, &HubOptions::from_env()?)?;
+    let dir = hub::resolve(model, &registry::aliases(), &HubOptions::from_env()?)?;
     let config = dir.config()?;
     let family = registry::family_for(&config, model)?;
     let defaults = (family.defaults)(&config)?;
@@ -65,32 +63,41 @@ pub fn prepare_media(
     Ok(media)
 }
 
-/// A model with its weights and tokenizer loaded.
+/// A model with its weights, tokenizer and prompting facts loaded.
 pub struct Loaded {
     pub model: Box<dyn Model>,
     pub tokenizer: Arc<Tokenizer>,
-    pub tokenizer_config: Option<serde_json::Value>,
-    pub eos: Vec<u32>,
+    /// Chat template, BOS/EOS and placeholders, read once here.
+    pub prompt: PromptAssets,
     pub load_s: f64,
 }
 
-/// Loads the tokenizer and the weights (downloading missing files first).
-pub fn load(resolved: &Resolved, device: DeviceChoice, dtype: DTypeArg) -> Result<Loaded> {
+/// Loads the tokenizer, the prompting files and the weights (downloading missing files first).
+pub fn load(resolved: &Resolved, device: DeviceChoice, dtype: DTypeChoice) -> Result<Loaded> {
     let start = Instant::now();
     let dir = &resolved.dir;
     let extra_dirs = resolve_extra_models(resolved)?;
     let tokenizer = Arc::new(load_tokenizer(dir)?);
-    let tokenizer_config = tokenizer_config(dir)?;
-    let eos = eos_ids(dir, &tokenizer, tokenizer_config.as_ref())?;
-    let (device, dtype) = device_and_dtype(device, dtype)?;
+    let files = AssetFiles {
+        templates: TemplateFiles {
+            override_file: None,
+            jinja: read_optional(dir, "chat_template.jinja")?,
+            json: read_optional(dir, "chat_template.json")?,
+            tokenizer_config: read_optional_json(dir, "tokenizer_config.json")?,
+        },
+        generation_config: read_optional_json(dir, "generation_config.json")?,
+        config: resolved.config.clone(),
+    };
+    let prompt = PromptAssets::new(files, resolved.defaults.prompt.clone(), &tokenizer)?;
+    let (device, dtype) = device::select(device, dtype)?;
     // Resolving the weight files downloads any that are missing before the loader maps them.
     dir.weight_files()?;
     let spinner = sink::spinner("loading model");
     let model = (resolved.family.load)(&LoadContext {
-        dir: &dir.root,
-        extra_dirs: &extra_dirs,
-        config: &resolved.config,
-        device: &device,
+        dir: dir.root.clone(),
+        extra_dirs,
+        config: resolved.config.clone(),
+        device,
         dtype,
     })?;
     if let Some(s) = spinner {
@@ -99,8 +106,7 @@ pub fn load(resolved: &Resolved, device: DeviceChoice, dtype: DTypeArg) -> Resul
     Ok(Loaded {
         model,
         tokenizer,
-        tokenizer_config,
-        eos,
+        prompt,
         load_s: start.elapsed().as_secs_f64(),
     })
 }
@@ -122,7 +128,7 @@ fn resolve_extra_models(resolved: &Resolved) -> Result<Vec<std::path::PathBuf>> 
                     resolved.dir.display()
                 )
             };
-            let extra = hub::resolve(&extra.reference, &opts)
+            let extra = hub::resolve(&extra.reference, &registry::aliases(), &opts)
                 .and_then(|d| {
                     d.config()?;
                     d.weight_files()?;
@@ -154,7 +160,7 @@ pub fn request(
     media: &[MediaInput],
 ) -> Result<Request> {
     let started = Instant::now();
-    let items = encode_media(loaded, media)?;
+    let items = encode_media(loaded, media, &plan.kwargs)?;
     request_with_items(plan, resolved, loaded, media, items, started)
 }
 
@@ -166,14 +172,18 @@ pub fn requests_batched(
     batch: &[(&Plan, &[MediaInput])],
 ) -> Vec<Result<Request>> {
     let started = Instant::now();
-    let all: Vec<&MediaInput> = batch.iter().flat_map(|(_, m)| m.iter()).collect();
-    let items: Vec<&MediaItem> = all.iter().map(|m| &m.item).collect();
+    let all: Vec<(&MediaInput, &ProcessorKwargs)> = batch
+        .iter()
+        .flat_map(|(plan, media)| media.iter().map(|m| (m, &plan.kwargs)))
+        .collect();
+    let items: Vec<(&MediaItem, &ProcessorKwargs)> =
+        all.iter().map(|(m, kwargs)| (&m.item, *kwargs)).collect();
     let mut encoded = loaded
         .model
         .encode_batch(&items)
         .into_iter()
         .zip(&all)
-        .map(|(r, m)| r.map_err(|e| renamed(e, m)));
+        .map(|(r, (m, _))| r.map_err(|e| renamed(e, m)));
     batch
         .iter()
         .map(|(plan, media)| {
@@ -199,8 +209,25 @@ fn request_with_items(
             spans: Vec::new(),
         },
         None => {
-            let text = render_prompt(plan, &resolved.dir, &resolved.defaults, media)?;
-            tokenize_and_splice(plan, &text, &resolved.defaults, loaded, media, &items)?
+            let input = PromptInput {
+                model: &resolved.name,
+                text: &plan.prompt,
+                system: plan.system.as_deref(),
+                raw: plan.raw,
+                chat_template: plan.chat_template.as_ref(),
+            };
+            let prompt_items: Vec<PromptItem> = media
+                .iter()
+                .zip(&items)
+                .map(|(m, e)| PromptItem {
+                    input: &m.input,
+                    modality: m.item.modality(),
+                    expansion: &e.expansion,
+                })
+                .collect();
+            loaded
+                .prompt
+                .build(&loaded.tokenizer, &input, &prompt_items)?
         }
     };
     Ok(Request {
@@ -212,7 +239,7 @@ fn request_with_items(
         eos: if plan.gen.ignore_eos {
             Vec::new()
         } else {
-            loaded.eos.clone()
+            loaded.prompt.eos().to_vec()
         },
         logprobs: plan.gen.logprobs,
         started,
@@ -220,10 +247,19 @@ fn request_with_items(
 }
 
 /// Encodes every media item; a model's input errors are renamed after the item.
-fn encode_media(loaded: &Loaded, media: &[MediaInput]) -> Result<Vec<EncodedItem>> {
+fn encode_media(
+    loaded: &Loaded,
+    media: &[MediaInput],
+    kwargs: &ProcessorKwargs,
+) -> Result<Vec<EncodedItem>> {
     media
         .iter()
-        .map(|m| loaded.model.encode(&m.item).map_err(|e| renamed(e, m)))
+        .map(|m| {
+            loaded
+                .model
+                .encode_with(&m.item, kwargs)
+                .map_err(|e| renamed(e, m))
+        })
         .collect()
 }
 
@@ -314,221 +350,11 @@ fn read_optional(dir: &ModelDir, name: &str) -> Result<Option<String>> {
     }
 }
 
-fn tokenizer_config(dir: &ModelDir) -> Result<Option<serde_json::Value>> {
-    read_optional(dir, "tokenizer_config.json")?
+fn read_optional_json(dir: &ModelDir, name: &str) -> Result<Option<serde_json::Value>> {
+    read_optional(dir, name)?
         .map(|text| {
-            serde_json::from_str(&text).map_err(|e| {
-                Error::input(
-                    "tokenizer_config.json",
-                    format!("not valid JSON: {e}"),
-                    "a JSON object",
-                )
-            })
+            serde_json::from_str(&text)
+                .map_err(|e| Error::input(name, format!("not valid JSON: {e}"), "a JSON object"))
         })
         .transpose()
-}
-
-/// The prompt text: verbatim with `--raw`, else the chat template applied to a user turn
-/// holding one content part per media item (in order) and the text.
-fn render_prompt(
-    plan: &Plan,
-    dir: &ModelDir,
-    defaults: &FamilyDefaults,
-    media: &[MediaInput],
-) -> Result<String> {
-    if plan.raw {
-        return Ok(plan.prompt.clone());
-    }
-    let files = TemplateFiles {
-        override_file: plan.chat_template.clone(),
-        jinja: read_optional(dir, "chat_template.jinja")?,
-        json: read_optional(dir, "chat_template.json")?,
-        tokenizer_config: tokenizer_config(dir)?,
-    };
-    let template =
-        ChatTemplate::select(&files, defaults.fallback_chat_template)?.ok_or_else(|| {
-            Error::input(
-            &plan.model,
-            "the model ships no chat template",
-            "a chat template: pass --chat-template FILE, or --raw with the model's placeholders",
-        )
-        })?;
-    if defaults.string_content {
-        return render_string_content(plan, &template, defaults, media);
-    }
-    let mut messages = Vec::new();
-    if let Some(system) = &plan.system {
-        messages.push(Message {
-            role: "system".into(),
-            content: vec![ContentPart::Text {
-                text: system.clone(),
-            }],
-        });
-    }
-    let mut content: Vec<ContentPart> = media
-        .iter()
-        .map(|m| ContentPart::media(m.item.modality()))
-        .collect();
-    content.push(ContentPart::Text {
-        text: plan.prompt.clone(),
-    });
-    messages.push(Message {
-        role: "user".into(),
-        content,
-    });
-    let text = template.render(&messages, true)?;
-    Ok(text)
-}
-
-/// The user turn for a template that takes string content: one placeholder per media item,
-/// each on its own line, then the text, as vLLM's `_get_full_multimodal_text_prompt` joins
-/// them (`"\n".join(placeholders + [text])`).
-fn render_string_content(
-    plan: &Plan,
-    template: &ChatTemplate,
-    defaults: &FamilyDefaults,
-    media: &[MediaInput],
-) -> Result<String> {
-    let mut messages = Vec::new();
-    if let Some(system) = &plan.system {
-        messages.push(TextMessage {
-            role: "system".into(),
-            content: system.clone(),
-        });
-    }
-    let mut lines = Vec::with_capacity(media.len() + 1);
-    for m in media {
-        let modality = m.item.modality();
-        let placeholder = defaults.placeholders.get(&modality).ok_or_else(|| {
-            Error::input(
-                &m.input,
-                format!("this model has no placeholder for {modality} items"),
-                "media of a modality the model accepts",
-            )
-        })?;
-        lines.push(placeholder.as_str());
-    }
-    lines.push(&plan.prompt);
-    messages.push(TextMessage {
-        role: "user".into(),
-        content: lines.join("\n"),
-    });
-    template.render_text(&messages, true)
-}
-
-/// Tokenizes the rendered prompt as Hugging Face processors do (special tokens added unless
-/// the text already starts with the BOS token) and expands each placeholder to its item.
-fn tokenize_and_splice(
-    plan: &Plan,
-    text: &str,
-    defaults: &FamilyDefaults,
-    loaded: &Loaded,
-    media: &[MediaInput],
-    items: &[EncodedItem],
-) -> Result<Spliced> {
-    let tokenizer = &loaded.tokenizer;
-    let bos = loaded
-        .tokenizer_config
-        .as_ref()
-        .and_then(|c| c.get("bos_token"))
-        .and_then(template::token_text);
-    let starts_with_bos = bos.is_some_and(|b| !b.is_empty() && text.starts_with(b));
-    let encoding = tokenizer
-        .encode(text, plan.raw || !starts_with_bos)
-        .map_err(|e| Error::Runtime(anyhow::anyhow!("tokenizing the prompt: {e}")))?;
-    let mut placeholders = Vec::new();
-    for (m, p) in &defaults.placeholders {
-        let id = tokenizer.token_to_id(p).ok_or_else(|| {
-            Error::Runtime(anyhow::anyhow!(
-                "the tokenizer has no {p} token for {m} items"
-            ))
-        })?;
-        placeholders.push((*m, id));
-    }
-    let expansions: Vec<(Modality, Expansion)> = media
-        .iter()
-        .zip(items)
-        .map(|(m, e)| (m.item.modality(), e.expansion.clone()))
-        .collect();
-    let what = if plan.raw {
-        "--raw prompt"
-    } else {
-        "rendered prompt"
-    };
-    prompt::splice(encoding.get_ids(), &placeholders, &expansions, what)
-}
-
-/// EOS ids: generation_config.json, else config.json (top level or text_config), else the
-/// tokenizer's `eos_token`.
-fn eos_ids(
-    dir: &ModelDir,
-    tokenizer: &Tokenizer,
-    tok_config: Option<&serde_json::Value>,
-) -> Result<Vec<u32>> {
-    fn ids(v: Option<&serde_json::Value>) -> Option<Vec<u32>> {
-        let v = v?;
-        if let Some(n) = v.as_u64() {
-            return Some(vec![n as u32]);
-        }
-        let list: Vec<u32> = v
-            .as_array()?
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|n| n as u32)
-            .collect();
-        (!list.is_empty()).then_some(list)
-    }
-    if let Some(text) = read_optional(dir, "generation_config.json")? {
-        let gen: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-            Error::input(
-                "generation_config.json",
-                format!("not valid JSON: {e}"),
-                "a JSON object",
-            )
-        })?;
-        if let Some(list) = ids(gen.get("eos_token_id")) {
-            return Ok(list);
-        }
-    }
-    let config = dir.config()?;
-    if let Some(list) = ids(config.get("eos_token_id")).or_else(|| {
-        ids(config
-            .get("text_config")
-            .and_then(|t| t.get("eos_token_id")))
-    }) {
-        return Ok(list);
-    }
-    Ok(tok_config
-        .and_then(|c| c.get("eos_token"))
-        .and_then(template::token_text)
-        .and_then(|t| tokenizer.token_to_id(t))
-        .into_iter()
-        .collect())
-}
-
-/// `--device`/`--dtype` to candle's; `auto` is CUDA when built with it and present.
-pub fn device_and_dtype(device: DeviceChoice, dtype: DTypeArg) -> Result<(Device, DType)> {
-    let device = match device {
-        DeviceChoice::Cpu => Device::Cpu,
-        DeviceChoice::Cuda(n) => Device::new_cuda(n).map_err(|e| {
-            Error::usage(format!(
-                "--device cuda:{n}: not available ({e}) (expected a CUDA device and a binary built with --features cuda)"
-            ))
-        })?,
-        DeviceChoice::Auto => Device::cuda_if_available(0).unwrap_or(Device::Cpu),
-    };
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = &device {
-        // SAFETY: candle runs everything on this device's one stream, where frees and copies
-        // are stream-ordered, so the per-tensor events cudarc records for multi-stream use
-        // (a few microseconds of host time per kernel argument) guard nothing here.
-        unsafe { d.disable_event_tracking() };
-    }
-    let dtype = match dtype {
-        DTypeArg::Auto if device.is_cuda() => DType::BF16,
-        DTypeArg::Auto | DTypeArg::F32 => DType::F32,
-        DTypeArg::Bf16 => DType::BF16,
-        DTypeArg::F16 => DType::F16,
-    };
-    Ok((device, dtype))
 }

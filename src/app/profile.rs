@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
-use crate::cli::plan::parse_device;
 use crate::cli::DTypeArg;
+use crate::engine::device::DeviceChoice;
 use crate::error::{Error, Result};
 use crate::kernels;
 
@@ -49,9 +49,9 @@ pub fn run(
             "--context and --steps: expected positive numbers".to_string(),
         ));
     }
-    let device = parse_device(device)?;
+    let device = DeviceChoice::parse(device)?;
     let resolved = pipeline::resolve(model)?;
-    let loaded = pipeline::load(&resolved, device, dtype)?;
+    let loaded = pipeline::load(&resolved, device, dtype.into())?;
     let m = loaded.model.as_ref();
     let vocab = m.info().vocab_size as u32;
     let ids: Vec<u32> = (0..context as u32).map(|i| i % vocab.max(1)).collect();

@@ -1,12 +1,14 @@
 //! The one clap definition of the command line. It feeds `--help`, the man pages and the
-//! shell completions. `plan` turns parsed arguments into a validated [`plan::Plan`].
-//! Nothing else in the crate imports this module except `app` and `main`.
-
-pub mod plan;
+//! shell completions, and turns a prompting command's flags into the one settings struct a
+//! manifest job also fills (`manifest::Settings`); `app::plan` validates both alike.
+//! Nothing imports this module except `app` and `main`.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::engine::device::DTypeChoice;
+use crate::manifest::Settings;
 
 /// Prompt multimodal language models: images, video, audio and precomputed embeddings in,
 /// generated text out.
@@ -113,13 +115,13 @@ pub struct GenArgs {
     #[arg(short, long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
 
-    /// Maximum number of tokens to generate.
-    #[arg(long, default_value_t = 256)]
-    pub max_tokens: usize,
+    /// Maximum number of tokens to generate [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<u64>,
 
-    /// Sampling temperature; 0 is greedy decoding.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
+    /// Sampling temperature; 0 is greedy decoding [default: 0].
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f64>,
 
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
     #[arg(long, value_name = "P")]
@@ -127,15 +129,15 @@ pub struct GenArgs {
 
     /// Keep only the K most likely tokens when sampling.
     #[arg(long, value_name = "K")]
-    pub top_k: Option<usize>,
+    pub top_k: Option<u64>,
 
     /// Penalise tokens already in the prompt or output (1.0 = off), as Hugging Face does.
     #[arg(long)]
-    pub repetition_penalty: Option<f32>,
+    pub repetition_penalty: Option<f64>,
 
-    /// Random seed for sampling.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Random seed for sampling [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
 
     /// Stop generating when this text appears (repeatable); it is not printed.
     #[arg(long, value_name = "TEXT")]
@@ -143,7 +145,7 @@ pub struct GenArgs {
 
     /// Also report the N most likely tokens and their log-probabilities at each step (jsonl).
     #[arg(long, value_name = "N")]
-    pub logprobs: Option<usize>,
+    pub logprobs: Option<u64>,
 
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -166,21 +168,6 @@ pub struct GenArgs {
     pub dry_run: bool,
 }
 
-impl GenArgs {
-    /// The flags' defaults for `model`, as if nothing else were given (batch jobs start here).
-    pub fn default_for(model: &str) -> GenArgs {
-        // Parsing a minimal command line keeps these defaults identical to the flags'.
-        #[derive(Parser)]
-        struct Only {
-            #[command(flatten)]
-            gen: GenArgs,
-        }
-        let mut gen = Only::parse_from(["mmllm", "--model", "m"]).gen;
-        gen.model = model.to_string();
-        gen
-    }
-}
-
 #[derive(Debug, Args, Clone)]
 pub struct ImageArgs {
     #[command(flatten)]
@@ -191,14 +178,17 @@ pub struct ImageArgs {
     pub vision: VisionArgs,
 }
 
-/// Resolution bounds for models with dynamic resolution (Qwen2-VL family).
+/// Resolution bounds for models that resize by pixel budget (Qwen2-VL, Qwen2.5-VL), as their
+/// Hugging Face processors' `min_pixels` / `max_pixels`; refused for other models.
 #[derive(Debug, Args, Clone, Default)]
 pub struct VisionArgs {
-    /// Minimum pixels per image after resizing (dynamic-resolution models).
-    #[arg(long)]
+    /// Minimum pixels per image or video frame after resizing (models that resize by pixel
+    /// budget, e.g. Qwen2-VL; default: the model's processor config).
+    #[arg(long, value_name = "N")]
     pub min_pixels: Option<u64>,
-    /// Maximum pixels per image after resizing (dynamic-resolution models).
-    #[arg(long)]
+    /// Maximum pixels per image or video frame after resizing (models that resize by pixel
+    /// budget, e.g. Qwen2-VL; default: the model's processor config).
+    #[arg(long, value_name = "N")]
     pub max_pixels: Option<u64>,
 }
 
@@ -221,7 +211,7 @@ pub struct VideoArgs {
 pub struct FrameArgs {
     /// Sample N frames uniformly over the whole video.
     #[arg(long, value_name = "N", conflicts_with = "fps")]
-    pub num_frames: Option<usize>,
+    pub num_frames: Option<u64>,
     /// Sample frames at F frames per second.
     #[arg(long, value_name = "F")]
     pub fps: Option<f64>,
@@ -235,7 +225,7 @@ pub struct AudioArgs {
     pub gen: GenArgs,
     /// Sample rate of .npy inputs (raw float arrays carry none).
     #[arg(long, value_name = "HZ")]
-    pub sample_rate: Option<u32>,
+    pub sample_rate: Option<u64>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -301,6 +291,114 @@ pub enum ModalityArg {
     Image,
     Video,
     Audio,
+}
+
+impl From<DTypeArg> for DTypeChoice {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::Auto => DTypeChoice::Auto,
+            DTypeArg::Bf16 => DTypeChoice::Bf16,
+            DTypeArg::F16 => DTypeChoice::F16,
+            DTypeArg::F32 => DTypeChoice::F32,
+        }
+    }
+}
+
+impl Command {
+    /// A prompting command's flags as the settings a manifest job would give, with the
+    /// positional media under their modality's key; `None` for other commands.
+    pub fn settings(&self) -> Option<(Settings, &GenArgs)> {
+        let (prompt, gen) = match self {
+            Command::Image(a) => (&a.prompt, &a.gen),
+            Command::Video(a) => (&a.prompt, &a.gen),
+            Command::Audio(a) => (&a.prompt, &a.gen),
+            Command::Embeds(a) => (&a.prompt, &a.gen),
+            _ => return None,
+        };
+        let (media, text) = split_positionals(prompt);
+        let mut s = Settings {
+            model: Some(gen.model.clone()),
+            prompt: text,
+            system: prompt.system.clone(),
+            raw: Some(prompt.raw),
+            chat_template: prompt
+                .chat_template
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            limit_mm_per_prompt: prompt.limit_mm_per_prompt.clone(),
+            max_tokens: gen.max_tokens,
+            temperature: gen.temperature,
+            top_p: gen.top_p,
+            top_k: gen.top_k,
+            repetition_penalty: gen.repetition_penalty,
+            seed: gen.seed,
+            stop: Some(gen.stop.clone()),
+            logprobs: gen.logprobs,
+            ignore_eos: Some(gen.ignore_eos),
+            ..Settings::default()
+        };
+        let vision = |s: &mut Settings, v: &VisionArgs| {
+            s.min_pixels = v.min_pixels;
+            s.max_pixels = v.max_pixels;
+        };
+        match self {
+            Command::Image(a) => {
+                s.images = Some(media);
+                vision(&mut s, &a.vision);
+            }
+            Command::Video(a) => {
+                s.videos = Some(media);
+                vision(&mut s, &a.vision);
+                s.num_frames = a.sampling.num_frames;
+                s.fps = a.sampling.fps;
+                s.as_images = Some(a.as_images);
+            }
+            Command::Audio(a) => {
+                s.audios = Some(media);
+                s.sample_rate = a.sample_rate;
+            }
+            Command::Embeds(a) => {
+                s.embeds = Some(media);
+                s.modality = Some(a.modality.name().to_string());
+                s.image_grid_thw = a.image_grid_thw.clone();
+                s.image_sizes = a.image_sizes.clone();
+            }
+            _ => {}
+        }
+        Some((s, gen))
+    }
+}
+
+impl ModalityArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            ModalityArg::Image => "image",
+            ModalityArg::Video => "video",
+            ModalityArg::Audio => "audio",
+        }
+    }
+}
+
+/// Media arguments and the prompt: with `-p` every positional is media; otherwise the last one
+/// is the prompt, unless it names media (an existing path or a URL), in which case the prompt
+/// is empty (`mmllm audio --model whisper speech.wav`). No positional and no `-p`: no prompt.
+fn split_positionals(args: &PromptArgs) -> (Vec<String>, Option<String>) {
+    if let Some(p) = &args.prompt {
+        return (args.inputs.clone(), Some(p.clone()));
+    }
+    let mut media = args.inputs.clone();
+    let Some(last) = media.pop() else {
+        return (media, None);
+    };
+    let names_media = ["http://", "https://", "data:"]
+        .iter()
+        .any(|p| last.starts_with(p))
+        || (last != "-" && std::path::Path::new(&last).exists());
+    if names_media {
+        media.push(last);
+        return (media, Some(String::new()));
+    }
+    (media, Some(last))
 }
 
 /// Writes `man/*.1` (one page per subcommand) and `completions/*` under `out_dir`.

@@ -9,10 +9,10 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use super::detok::Detokenizer;
-use super::kv::KvCache;
 use super::sampler::{log_softmax, top_logprobs, Sampler, SamplingParams};
 use super::stop::StopMatcher;
 use crate::error::{Error, Result};
+use crate::models::kv::KvCache;
 use crate::models::{EncodedItem, Model};
 use crate::prompt::Spliced;
 

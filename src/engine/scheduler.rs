@@ -12,8 +12,8 @@ use std::sync::Arc;
 use tokenizers::Tokenizer;
 
 use super::generate::{Completion, Request, Sequence};
-use super::kv::KvCache;
 use crate::error::{Error, Result};
+use crate::models::kv::KvCache;
 use crate::models::Model;
 
 /// Limits on what runs at once.

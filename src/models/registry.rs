@@ -1,35 +1,8 @@
-//! The one table of model families. A family is chosen from `config.json` (`model_type`, then
+//! The one table of model families: the only module that knows them all. A family is chosen from `config.json` (`model_type`, then
 //! `architectures`), never from the alias the user typed.
 
-use std::path::{Path, PathBuf};
-
-use candle_core::{DType, Device};
-
-use super::{FamilyDefaults, Model};
+use super::Family;
 use crate::error::{Error, Result};
-
-/// What a loader receives: a model directory whose files are all present.
-pub struct LoadContext<'a> {
-    pub dir: &'a Path,
-    /// The directories of [`FamilyDefaults::extra_models`], in that order, each with its
-    /// `config.json` and weights present.
-    pub extra_dirs: &'a [PathBuf],
-    pub config: &'a serde_json::Value,
-    pub device: &'a Device,
-    pub dtype: DType,
-}
-
-/// One model family.
-pub struct Family {
-    pub name: &'static str,
-    /// `model_type` values this family claims.
-    pub model_types: &'static [&'static str],
-    /// `architectures` entries this family claims.
-    pub architectures: &'static [&'static str],
-    /// Cheap facts from `config.json` alone (limits, placeholders, template fallback).
-    pub defaults: fn(&serde_json::Value) -> Result<FamilyDefaults>,
-    pub load: fn(&LoadContext) -> Result<Box<dyn Model>>,
-}
 
 /// Every family mmllm runs.
 pub static FAMILIES: &[Family] = &[
@@ -39,6 +12,14 @@ pub static FAMILIES: &[Family] = &[
     super::whisper::FAMILY,
     super::ultravox::FAMILY,
 ];
+
+/// Every `--model` alias with its repo id, from the family table.
+pub fn aliases() -> Vec<(&'static str, &'static str)> {
+    FAMILIES
+        .iter()
+        .flat_map(|f| f.aliases.iter().copied())
+        .collect()
+}
 
 /// The family for a parsed `config.json`; `model` names the model in errors.
 pub fn family_for(config: &serde_json::Value, model: &str) -> Result<&'static Family> {

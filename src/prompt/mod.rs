@@ -1,12 +1,30 @@
-//! Prompts: chat templates (`template`) and placeholder splicing. The template renders the
+//! Prompts: chat templates (`template`), placeholder splicing, and `build`, which turns a
+//! request into spliced token ids with what the model directory says (read once at load). The template renders the
 //! model's own placeholder for each media item; after tokenizing, each placeholder token is
 //! checked against the items and replaced by that item's [`Expansion`]. Imports only `media`
 //! and `error`.
 
+pub mod build;
 pub mod template;
+
+use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 use crate::media::Modality;
+
+/// How a family's prompts are written.
+#[derive(Debug, Clone, Default)]
+pub struct PromptStyle {
+    /// The placeholder the chat template (or a `--raw` prompt) writes for each item of a
+    /// modality.
+    pub placeholders: BTreeMap<Modality, String>,
+    /// Chat template used when the model directory ships none.
+    pub fallback_chat_template: Option<&'static str>,
+    /// Whether the chat template takes each message's content as one string (Llama 3's
+    /// `message['content'] | trim`) rather than a list of typed parts: the user turn is then
+    /// one placeholder line per media item followed by the text, as vLLM writes it.
+    pub string_content: bool,
+}
 
 /// How one media item appears in the token stream: `before`, then `slots` copies of
 /// `slot_token` (whose embeddings are replaced by the item's features), then `after`.

@@ -1,5 +1,8 @@
-//! Consumers of engine events and results: streamed text and JSONL on stdout, progress on
-//! stderr (only on a terminal). Knows nothing of models or the command line.
+//! Consumers of engine events and results: streamed text and JSONL on stdout, batch output
+//! (`batch`), progress on stderr (only on a terminal). Knows nothing of models or the
+//! command line.
+
+pub mod batch;
 
 use std::io::{IsTerminal, Write};
 
@@ -93,10 +96,21 @@ fn round3(x: f64) -> f64 {
 }
 
 /// Writes `value` as one JSON line and flushes, so a line is never left half written by us.
-pub fn write_json_line<W: Write, T: Serialize>(out: &mut W, value: &T) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    out.write_all(&line)?;
+pub fn write_json_line<W: Write + ?Sized, T: Serialize>(
+    out: &mut W,
+    value: &T,
+) -> std::io::Result<()> {
+    let line = serde_json::to_string(value).map_err(std::io::Error::other)?;
+    write_line(out, &line)
+}
+
+/// Writes `line` and a newline in one write, then flushes: every result line goes out whole,
+/// so a kill leaves at most one unfinished line.
+pub fn write_line<W: Write + ?Sized>(out: &mut W, line: &str) -> std::io::Result<()> {
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line.as_bytes());
+    bytes.push(b'\n');
+    out.write_all(&bytes)?;
     out.flush()
 }
 

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use mmllm::app::pipeline::{self, Loaded, Resolved};
-use mmllm::cli::plan::{parse_device, Plan};
-use mmllm::cli::DTypeArg;
+use mmllm::app::plan::Plan;
+use mmllm::engine::device::{DTypeChoice, DeviceChoice};
 use mmllm::engine::generate::{generate, Completion, Request, Sequence};
 use mmllm::engine::scheduler::{self, SchedulerConfig, Stats};
 use mmllm::error::{Error, Result};
@@ -48,13 +48,13 @@ fn setup_with(
         ));
     }
     let parsed = manifest::parse(&yaml, "jobs.yaml", Path::new("."), false).unwrap();
-    let device = parse_device("cpu").unwrap();
+    let device = DeviceChoice::Cpu;
     let plans: Vec<Plan> = parsed
         .iter()
-        .map(|job| Plan::from_job(job, device, DTypeArg::F32).unwrap())
+        .map(|job| Plan::from_job(job, device, DTypeChoice::F32).unwrap())
         .collect();
     let resolved = pipeline::resolve(parsed[0].model()).unwrap();
-    let loaded = pipeline::load(&resolved, device, DTypeArg::F32).unwrap();
+    let loaded = pipeline::load(&resolved, device, DTypeChoice::F32).unwrap();
     let mut no_stdin = std::io::empty();
     let requests = plans
         .iter()
@@ -465,6 +465,7 @@ fn cli_results_do_not_depend_on_max_seqs() {
 #[test]
 fn llava_encode_batch_equals_encoding_each_item() {
     use mmllm::media::MediaItem;
+    use mmllm::models::ProcessorKwargs;
     let (_, loaded, _) = setup(&[("Hi", &[], 1)]);
     let decode = |name: &str| {
         let bytes = std::fs::read(repo().join("tests/data").join(name)).unwrap();
@@ -488,7 +489,8 @@ fn llava_encode_batch_equals_encoding_each_item() {
         decode("llava_photo_2.jpg"),
         decode("llava_photo_1.jpg"),
     ];
-    let refs: Vec<&MediaItem> = items.iter().collect();
+    let kwargs = ProcessorKwargs::default();
+    let refs: Vec<(&MediaItem, &ProcessorKwargs)> = items.iter().map(|i| (i, &kwargs)).collect();
     let batched = loaded.model.encode_batch(&refs);
     assert_eq!(batched.len(), items.len());
     for (i, (item, got)) in items.iter().zip(batched).enumerate() {

@@ -5,10 +5,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mmllm::error::Error;
-use mmllm::hub::{aliases, resolve, HubOptions, ModelDir};
+use mmllm::error::{Error, Result};
+use mmllm::hub::{HubOptions, ModelDir};
+use mmllm::models::registry::aliases;
 
 use crate::util_http::{Reply, Request, Server};
+
+/// `--model` resolution with the family table's aliases, as the app resolves it.
+fn resolve(model: &str, opts: &HubOptions) -> Result<ModelDir> {
+    mmllm::hub::resolve(model, &aliases(), opts)
+}
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use mmllm::engine::kv::KvCache;
 use mmllm::media::{Embeds, MediaItem, Modality, RgbImage, Video};
+use mmllm::models::kv::KvCache;
 use mmllm::models::qwen2_vl::preprocessor::{preprocess_image, preprocess_video};
 use mmllm::models::qwen2_vl::{self, ItemGrid, ProcessorConfig, Qwen2VlModel};
 use mmllm::models::{EncodedItem, Expansion, Model};
@@ -718,8 +718,8 @@ fn defaults_read_config_json_only() {
                 .unwrap();
         let d = qwen2_vl::defaults(&config).unwrap();
         assert_eq!(d.family, family);
-        assert_eq!(d.placeholders[&Modality::Image], "<|image_pad|>");
-        assert_eq!(d.placeholders[&Modality::Video], "<|video_pad|>");
+        assert_eq!(d.prompt.placeholders[&Modality::Image], "<|image_pad|>");
+        assert_eq!(d.prompt.placeholders[&Modality::Video], "<|video_pad|>");
         assert!(
             d.limits[&Modality::Image] > 1,
             "multi-image prompts are allowed"

@@ -481,7 +481,7 @@ fn defaults_name_the_text_model_only_when_text_config_is_absent() {
     };
     let own = mmllm::models::ultravox::defaults(&read(&fixture())).unwrap();
     assert!(own.extra_models.is_empty());
-    assert!(own.string_content);
+    assert!(own.prompt.string_content);
     let published = mmllm::models::ultravox::defaults(&read(&dir)).unwrap();
     let refs: Vec<(&str, &str)> = published
         .extra_models

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use mmllm::engine::kv::KvCache;
 use mmllm::media::{Audio, MediaItem};
 use mmllm::models::common::mel::{MelConfig, MelExtractor, Padding};
+use mmllm::models::kv::KvCache;
 use mmllm::models::whisper::{Task, WhisperModel};
 use mmllm::models::{Model, Spliced};
 

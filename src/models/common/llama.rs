@@ -8,9 +8,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear_b, Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
-use crate::engine::kv::KvCache;
 use crate::error::{Error, Result};
 use crate::kernels;
+use crate::models::kv::KvCache;
 
 /// One token id or several (`eos_token_id` may be either).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -941,14 +941,14 @@ macro_rules! delegate_to_llama {
             self.$lm.embed_tokens(ids)
         }
 
-        fn new_cache(&self, capacity: usize) -> $crate::error::Result<$crate::engine::kv::KvCache> {
+        fn new_cache(&self, capacity: usize) -> $crate::error::Result<$crate::models::kv::KvCache> {
             Ok(self.$lm.new_cache(capacity))
         }
 
         fn forward(
             &self,
             embeds: &candle_core::Tensor,
-            cache: &mut $crate::engine::kv::KvCache,
+            cache: &mut $crate::models::kv::KvCache,
         ) -> $crate::error::Result<candle_core::Tensor> {
             self.$lm.forward_embeds(embeds, cache)
         }
@@ -956,7 +956,7 @@ macro_rules! delegate_to_llama {
         fn decode(
             &self,
             id: u32,
-            cache: &mut $crate::engine::kv::KvCache,
+            cache: &mut $crate::models::kv::KvCache,
         ) -> $crate::error::Result<candle_core::Tensor> {
             self.$lm.decode(id, cache)
         }
@@ -964,7 +964,7 @@ macro_rules! delegate_to_llama {
         fn decode_batch(
             &self,
             ids: &[u32],
-            caches: &mut [&mut $crate::engine::kv::KvCache],
+            caches: &mut [&mut $crate::models::kv::KvCache],
         ) -> $crate::error::Result<Vec<candle_core::Tensor>> {
             self.$lm.decode_batch(ids, caches)
         }

@@ -120,24 +120,6 @@ impl Config {
         Self::from_raw(raw)
     }
 
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::input(
-                path.display().to_string(),
-                e.to_string(),
-                "a readable config.json",
-            )
-        })?;
-        let raw: LlavaConfig = serde_json::from_str(&text).map_err(|e| {
-            Error::input(
-                path.display().to_string(),
-                e.to_string(),
-                "a LLaVA config.json",
-            )
-        })?;
-        Self::from_raw(raw)
-    }
-
     fn from_raw(raw: LlavaConfig) -> Result<Self> {
         if let Some(mt) = &raw.model_type {
             if mt != "llava" {

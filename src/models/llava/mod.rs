@@ -12,21 +12,17 @@ pub use model::{load, splice_features, LlavaModel};
 
 use crate::error::Result;
 use crate::media::Modality;
-use crate::models::registry::{Family, LoadContext};
-use crate::models::{FamilyDefaults, Model};
+use crate::models::{Family, FamilyDefaults, PromptStyle};
 
 /// LLaVA-1.5's entry in the family table.
 pub const FAMILY: Family = Family {
     name: "llava",
     model_types: &["llava"],
     architectures: &["LlavaForConditionalGeneration"],
+    aliases: &[("llava", "llava-hf/llava-1.5-7b-hf")],
     defaults,
-    load: load_model,
+    load: |ctx| Ok(Box::new(model::load_from(ctx)?)),
 };
-
-fn load_model(ctx: &LoadContext) -> Result<Box<dyn Model>> {
-    Ok(Box::new(load(ctx.dir, ctx.device, ctx.dtype)?))
-}
 
 /// The placeholder a prompt writes for each image.
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
@@ -56,11 +52,13 @@ pub fn defaults(config: &serde_json::Value) -> Result<FamilyDefaults> {
     Ok(FamilyDefaults {
         family: "llava",
         limits: BTreeMap::from([(Modality::Image, 1)]),
-        placeholders: BTreeMap::from([(Modality::Image, IMAGE_PLACEHOLDER.to_string())]),
-        fallback_chat_template: Some(FALLBACK_CHAT_TEMPLATE),
+        prompt: PromptStyle {
+            placeholders: BTreeMap::from([(Modality::Image, IMAGE_PLACEHOLDER.to_string())]),
+            fallback_chat_template: Some(FALLBACK_CHAT_TEMPLATE),
+            ..Default::default()
+        },
         embeds: Some(Modality::Image),
-        extra_models: Vec::new(),
-        string_content: false,
+        ..Default::default()
     })
 }
 
@@ -104,7 +102,7 @@ mod tests {
         assert_eq!(d.family, "llava");
         assert_eq!(d.limits.get(&Modality::Image), Some(&1));
         assert_eq!(d.limits.get(&Modality::Audio), None);
-        assert_eq!(d.placeholders[&Modality::Image], "<image>");
+        assert_eq!(d.prompt.placeholders[&Modality::Image], "<image>");
         assert_eq!(d.embeds, Some(Modality::Image));
         let odd = json!({"model_type": "llava", "text_config": {"vocab_size": 32064},
             "vision_config": {"image_size": 330, "patch_size": 14}});

@@ -14,7 +14,7 @@ use crate::models::common::clip_processor::ClipProcessorConfig;
 use crate::models::common::clip_vision::ClipVisionTower;
 use crate::models::common::files::weight_files;
 use crate::models::common::llama::Llama;
-use crate::models::{EncodedItem, Expansion, Model, ModelInfo};
+use crate::models::{EncodedItem, Expansion, LoadContext, Model, ModelInfo, ProcessorKwargs};
 
 /// The projector's activation.
 #[derive(Debug, Clone, Copy)]
@@ -177,7 +177,13 @@ pub fn processor_config(dir: &Path, image_size: u32) -> Result<ClipProcessorConf
 /// Loads a LLaVA model directory (`config.json`, `model.safetensors` or a sharded index,
 /// optional `generation_config.json`), memory-mapping the weights.
 pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LlavaModel> {
-    let config = Config::from_file(&dir.join("config.json"))?;
+    load_from(&LoadContext::from_dir(dir, device, dtype)?)
+}
+
+/// [`load`] with the parsed `config.json` of `ctx`.
+pub fn load_from(ctx: &LoadContext) -> Result<LlavaModel> {
+    let (dir, device, dtype) = (ctx.dir.as_path(), &ctx.device, ctx.dtype);
+    let config = Config::from_value(&ctx.config)?;
     let generation = GenerationConfig::from_dir(dir)?;
     let files = weight_files(dir)?;
     // SAFETY: the weight files are mapped read-only; like every mmap-based loader we rely on
@@ -282,11 +288,10 @@ impl LlavaModel {
         let slots = expansion.slots;
         (0..images.len())
             .map(|i| {
-                Ok(EncodedItem {
-                    expansion: expansion.clone(),
-                    features: features.narrow(0, i * slots, slots)?,
-                    grid: None,
-                })
+                Ok(EncodedItem::new(
+                    expansion.clone(),
+                    features.narrow(0, i * slots, slots)?,
+                ))
             })
             .collect()
     }
@@ -405,22 +410,20 @@ impl Model for LlavaModel {
         &self.info
     }
 
-    fn encode(&self, item: &MediaItem) -> Result<EncodedItem> {
+    fn encode_with(&self, item: &MediaItem, _kwargs: &ProcessorKwargs) -> Result<EncodedItem> {
         match item {
-            MediaItem::Embeds(embeds) => Ok(EncodedItem {
-                expansion: self.image_expansion()?,
-                features: self.check_image_embeds(embeds)?,
-                grid: None,
-            }),
+            MediaItem::Embeds(embeds) => Ok(EncodedItem::new(
+                self.image_expansion()?,
+                self.check_image_embeds(embeds)?,
+            )),
             MediaItem::Image(img) => {
                 let px = self.processor.preprocess(img);
                 let (h, w) = (px.height as usize, px.width as usize);
                 let pixels = Tensor::from_vec(px.data, (1, 3, h, w), &self.device)?;
-                Ok(EncodedItem {
-                    expansion: self.image_expansion()?,
-                    features: self.encode_pixels(&pixels)?,
-                    grid: None,
-                })
+                Ok(EncodedItem::new(
+                    self.image_expansion()?,
+                    self.encode_pixels(&pixels)?,
+                ))
             }
             other => Err(Error::input(
                 other.modality().name(),
@@ -432,19 +435,19 @@ impl Model for LlavaModel {
 
     /// Images are stacked into one vision-tower pass (every crop has the same size); other
     /// items are encoded one by one.
-    fn encode_batch(&self, items: &[&MediaItem]) -> Vec<Result<EncodedItem>> {
+    fn encode_batch(&self, items: &[(&MediaItem, &ProcessorKwargs)]) -> Vec<Result<EncodedItem>> {
         let images: Vec<usize> = (0..items.len())
-            .filter(|&i| matches!(items[i], MediaItem::Image(_)))
+            .filter(|&i| matches!(items[i].0, MediaItem::Image(_)))
             .collect();
         let mut out: Vec<Option<Result<EncodedItem>>> = items
             .iter()
-            .map(|item| match item {
+            .map(|(item, kwargs)| match item {
                 MediaItem::Image(_) => None,
-                other => Some(self.encode(other)),
+                other => Some(self.encode_with(other, kwargs)),
             })
             .collect();
         if images.len() > 1 {
-            match self.encode_images(&images.iter().map(|&i| items[i]).collect::<Vec<_>>()) {
+            match self.encode_images(&images.iter().map(|&i| items[i].0).collect::<Vec<_>>()) {
                 Ok(encoded) => {
                     for (i, e) in images.iter().zip(encoded) {
                         out[*i] = Some(Ok(e));
@@ -460,7 +463,7 @@ impl Model for LlavaModel {
         }
         out.into_iter()
             .zip(items)
-            .map(|(r, item)| r.unwrap_or_else(|| self.encode(item)))
+            .map(|(r, (item, kwargs))| r.unwrap_or_else(|| self.encode_with(item, kwargs)))
             .collect()
     }
 

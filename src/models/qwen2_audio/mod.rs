@@ -16,21 +16,17 @@ pub use model::{load, Qwen2AudioModel};
 
 use crate::error::Result;
 use crate::media::Modality;
-use crate::models::registry::{Family, LoadContext};
-use crate::models::{FamilyDefaults, Model};
+use crate::models::{Family, FamilyDefaults, PromptStyle};
 
 /// Qwen2-Audio's entry in the family table.
 pub const FAMILY: Family = Family {
     name: "qwen2_audio",
     model_types: &["qwen2_audio"],
     architectures: &["Qwen2AudioForConditionalGeneration"],
+    aliases: &[("qwen2-audio", "Qwen/Qwen2-Audio-7B-Instruct")],
     defaults,
-    load: load_model,
+    load: |ctx| Ok(Box::new(Qwen2AudioModel::load_from(ctx)?)),
 };
-
-fn load_model(ctx: &LoadContext) -> Result<Box<dyn Model>> {
-    Ok(Box::new(load(ctx.dir, ctx.device, ctx.dtype)?))
-}
 
 /// The placeholder a prompt writes for each audio (`Qwen2AudioProcessor.audio_token`).
 pub const AUDIO_PLACEHOLDER: &str = "<|AUDIO|>";
@@ -87,11 +83,12 @@ pub fn defaults(config: &serde_json::Value) -> Result<FamilyDefaults> {
     Ok(FamilyDefaults {
         family: "qwen2_audio",
         limits: BTreeMap::from([(Modality::Audio, limit)]),
-        placeholders: BTreeMap::from([(Modality::Audio, AUDIO_PLACEHOLDER.to_string())]),
-        fallback_chat_template: Some(DEFAULT_CHAT_TEMPLATE),
-        embeds: None,
-        extra_models: Vec::new(),
-        string_content: false,
+        prompt: PromptStyle {
+            placeholders: BTreeMap::from([(Modality::Audio, AUDIO_PLACEHOLDER.to_string())]),
+            fallback_chat_template: Some(DEFAULT_CHAT_TEMPLATE),
+            ..Default::default()
+        },
+        ..Default::default()
     })
 }
 
@@ -126,7 +123,7 @@ mod tests {
         assert_eq!(d.family, "qwen2_audio");
         assert_eq!(d.limits[&Modality::Audio], 10);
         assert_eq!(d.limits.get(&Modality::Image), None);
-        assert_eq!(d.placeholders[&Modality::Audio], "<|AUDIO|>");
+        assert_eq!(d.prompt.placeholders[&Modality::Audio], "<|AUDIO|>");
         let short = defaults(&json!({"text_config": {"max_position_embeddings": 512}})).unwrap();
         assert_eq!(short.limits[&Modality::Audio], 1);
     }

@@ -12,10 +12,10 @@ use super::encoder::AudioEncoder;
 use super::output_lengths;
 use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem};
-use crate::models::common::files::{read_json, weight_files};
+use crate::models::common::files::weight_files;
 use crate::models::common::llama::Llama;
 use crate::models::common::mel::{LogMel, MelExtractor, Padding};
-use crate::models::{EncodedItem, Expansion, Model, ModelInfo};
+use crate::models::{EncodedItem, Expansion, LoadContext, Model, ModelInfo, ProcessorKwargs};
 
 /// A loaded Qwen2-Audio checkpoint.
 pub struct Qwen2AudioModel {
@@ -51,7 +51,13 @@ fn prefix(
 impl Qwen2AudioModel {
     /// Loads `config.json`, the feature extractor settings and the safetensors weights of `dir`.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let config = Qwen2AudioConfig::from_value(&read_json(&dir.join("config.json"))?)?;
+        Self::load_from(&LoadContext::from_dir(dir, device, dtype)?)
+    }
+
+    /// [`Qwen2AudioModel::load`] with the parsed `config.json` of `ctx`.
+    pub fn load_from(ctx: &LoadContext) -> Result<Self> {
+        let (dir, device, dtype) = (ctx.dir.as_path(), &ctx.device, ctx.dtype);
+        let config = Qwen2AudioConfig::from_value(&ctx.config)?;
         let mel = mel_config(dir, &config)?;
         let files = weight_files(dir)?;
         // SAFETY: the weight files are mapped read-only; like every mmap-based loader we rely on
@@ -152,11 +158,7 @@ impl Qwen2AudioModel {
         let mel = self.log_mel(audio)?;
         let input_features = mel.to_tensor(&self.device, DType::F32)?;
         let features = self.encode_features(&input_features, mel.valid_frames)?;
-        Ok(EncodedItem {
-            expansion: self.expansion(mel.valid_frames),
-            features,
-            grid: None,
-        })
+        Ok(EncodedItem::new(self.expansion(mel.valid_frames), features))
     }
 }
 
@@ -165,7 +167,7 @@ impl Model for Qwen2AudioModel {
         &self.info
     }
 
-    fn encode(&self, item: &MediaItem) -> Result<EncodedItem> {
+    fn encode_with(&self, item: &MediaItem, _kwargs: &ProcessorKwargs) -> Result<EncodedItem> {
         match item {
             MediaItem::Audio(audio) => self.encode_audio(audio),
             other => Err(Error::input(

@@ -8,6 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::models::ProcessorKwargs;
 
 /// Which member of the family: they differ in the vision tower and the video M-RoPE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -365,6 +366,16 @@ impl ProcessorConfig {
             min_pixels: 128 * 28 * 28,
             max_pixels: 28 * 28 * 768,
             ..Self::image_default()
+        }
+    }
+
+    /// These settings with the request's `min_pixels`/`max_pixels` in place of the
+    /// checkpoint's, as transformers applies those processor kwargs.
+    pub fn with_kwargs(&self, kwargs: &ProcessorKwargs) -> Self {
+        Self {
+            min_pixels: kwargs.min_pixels.unwrap_or(self.min_pixels),
+            max_pixels: kwargs.max_pixels.unwrap_or(self.max_pixels),
+            ..self.clone()
         }
     }
 

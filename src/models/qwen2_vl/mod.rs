@@ -23,7 +23,7 @@ pub use model::{load, Qwen2VlModel};
 
 use crate::error::{Error, Result};
 use crate::media::Modality;
-use crate::models::FamilyDefaults;
+use crate::models::{Family, FamilyDefaults, PromptStyle};
 
 /// `model_type`s this family claims.
 pub const MODEL_TYPES: &[&str] = &["qwen2_vl", "qwen2_5_vl"];
@@ -60,22 +60,29 @@ pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
             (Modality::Image, DEFAULT_IMAGE_LIMIT),
             (Modality::Video, DEFAULT_VIDEO_LIMIT),
         ]),
-        placeholders: BTreeMap::from([
-            (Modality::Image, "<|image_pad|>".to_string()),
-            (Modality::Video, "<|video_pad|>".to_string()),
-        ]),
-        fallback_chat_template: None,
+        prompt: PromptStyle {
+            placeholders: BTreeMap::from([
+                (Modality::Image, "<|image_pad|>".to_string()),
+                (Modality::Video, "<|video_pad|>".to_string()),
+            ]),
+            ..Default::default()
+        },
         embeds: Some(Modality::Image),
-        extra_models: Vec::new(),
-        string_content: false,
+        embeds_tensors: &["image_grid_thw"],
+        processor_kwargs: &["min_pixels", "max_pixels"],
+        ..Default::default()
     })
 }
 
 /// Qwen2-VL's and Qwen2.5-VL's entry in the family table.
-pub const FAMILY: crate::models::registry::Family = crate::models::registry::Family {
+pub const FAMILY: Family = Family {
     name: "qwen2_vl",
     model_types: MODEL_TYPES,
     architectures: ARCHITECTURES,
+    aliases: &[
+        ("qwen2-vl", "Qwen/Qwen2-VL-2B-Instruct"),
+        ("qwen2.5-vl", "Qwen/Qwen2.5-VL-3B-Instruct"),
+    ],
     defaults,
-    load: |ctx| Ok(Box::new(load(ctx.dir, ctx.device, ctx.dtype)?)),
+    load: |ctx| Ok(Box::new(model::load_from(ctx)?)),
 };

@@ -7,18 +7,18 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use serde_json::Value;
 
 use super::config::{Processors, Qwen2VlConfig, TextConfig, Variant};
 use super::preprocessor::{preprocess_image, preprocess_video, Patches};
 use super::vision::VisionTower;
-use crate::engine::kv::KvCache;
 use crate::error::{Error, Result};
 use crate::media::{Embeds, MediaItem, Modality, Video};
 use crate::models::common::files::weight_files;
 use crate::models::common::llama::{Llama, LlamaConfig};
+use crate::models::kv::KvCache;
 use crate::models::{
-    splice_embeddings, EncodedItem, Expansion, ItemGrid, Model, ModelInfo, Spliced,
+    splice_embeddings, EncodedItem, Expansion, ItemGrid, LoadContext, Model, ModelInfo,
+    ProcessorKwargs, Spliced,
 };
 
 /// The Qwen2 decoder of the family: the shared Llama decoder with q/k/v biases and M-RoPE
@@ -127,22 +127,13 @@ pub struct Qwen2VlModel {
 /// configs). Accepts both the hub's weight names (`visual.*`, `model.*`) and transformers 5's
 /// (`model.visual.*`, `model.language_model.*`).
 pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Qwen2VlModel> {
-    let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|e| {
-        Error::input(
-            config_path.display().to_string(),
-            e.to_string(),
-            "a readable config.json",
-        )
-    })?;
-    let config: Value = serde_json::from_str(&text).map_err(|e| {
-        Error::input(
-            config_path.display().to_string(),
-            e.to_string(),
-            "valid JSON",
-        )
-    })?;
-    let cfg = Qwen2VlConfig::from_value(&config)?;
+    load_from(&LoadContext::from_dir(dir, device, dtype)?)
+}
+
+/// [`load`] with the parsed `config.json` of `ctx`.
+pub fn load_from(ctx: &LoadContext) -> Result<Qwen2VlModel> {
+    let (dir, device, dtype) = (ctx.dir.as_path(), &ctx.device, ctx.dtype);
+    let cfg = Qwen2VlConfig::from_value(&ctx.config)?;
     let processors = Processors::load(dir)?;
     let files = weight_files(dir)?;
     // SAFETY: the weight files are memory-mapped read-only and must not change while loaded,
@@ -190,11 +181,13 @@ impl Qwen2VlModel {
         grid[0] * (grid[1] / m) * (grid[2] / m)
     }
 
-    /// Encodes an item into features plus what M-RoPE needs of it.
-    pub fn encode_with_grid(&self, item: &MediaItem) -> Result<(EncodedItem, ItemGrid)> {
+    /// Encodes an item into features placed on its patch grid (what M-RoPE needs of it);
+    /// `kwargs` bound the resized pixel count as transformers' `min_pixels`/`max_pixels`
+    /// processor kwargs do, for images and video frames alike.
+    fn encode_item(&self, item: &MediaItem, kwargs: &ProcessorKwargs) -> Result<EncodedItem> {
         let (features, grid, slot_token) = match item {
             MediaItem::Image(img) => {
-                let p = preprocess_image(img, &self.processors.image)?;
+                let p = preprocess_image(img, &self.processors.image.with_kwargs(kwargs))?;
                 let f = self.run_patches(&p)?;
                 (
                     f,
@@ -206,7 +199,8 @@ impl Qwen2VlModel {
                 )
             }
             MediaItem::Video(video) => {
-                let p = preprocess_video(&video.frames, &self.processors.video)?;
+                let p =
+                    preprocess_video(&video.frames, &self.processors.video.with_kwargs(kwargs))?;
                 let f = self.run_patches(&p)?;
                 let interval = self.video_time_interval(video);
                 (
@@ -247,14 +241,7 @@ impl Qwen2VlModel {
             slots: self.slots(grid.grid_thw),
             after: Vec::new(),
         };
-        Ok((
-            EncodedItem {
-                expansion,
-                features,
-                grid: Some(grid),
-            },
-            grid,
-        ))
+        Ok(EncodedItem::new(expansion, features).with_grid(grid))
     }
 
     fn run_patches(&self, p: &Patches) -> Result<Tensor> {
@@ -450,8 +437,8 @@ impl Model for Qwen2VlModel {
         &self.info
     }
 
-    fn encode(&self, item: &MediaItem) -> Result<EncodedItem> {
-        Ok(self.encode_with_grid(item)?.0)
+    fn encode_with(&self, item: &MediaItem, kwargs: &ProcessorKwargs) -> Result<EncodedItem> {
+        self.encode_item(item, kwargs)
     }
 
     // Decode positions continue at the cache length plus the prompt's `rope_delta`.

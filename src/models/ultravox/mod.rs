@@ -26,8 +26,10 @@ use crate::media::{Audio, MediaItem, Modality};
 use crate::models::common::files::{read_json, weight_files};
 use crate::models::common::llama::{Llama, LlamaConfig};
 use crate::models::common::mel::{LogMel, MelConfig, MelExtractor, Padding};
-use crate::models::registry::{Family, LoadContext};
-use crate::models::{EncodedItem, Expansion, ExtraModel, FamilyDefaults, Model, ModelInfo};
+use crate::models::{
+    EncodedItem, Expansion, ExtraModel, Family, FamilyDefaults, LoadContext, Model, ModelInfo,
+    ProcessorKwargs, PromptStyle,
+};
 
 /// The text placeholder for an audio item (Ultravox's `AUDIO_TOKEN`).
 pub const AUDIO_PLACEHOLDER: &str = "<|audio|>";
@@ -37,15 +39,9 @@ pub const FAMILY: Family = Family {
     name: "ultravox",
     model_types: &["ultravox"],
     architectures: &["UltravoxModel"],
+    aliases: &[("ultravox", "fixie-ai/ultravox-v0_5-llama-3_2-1b")],
     defaults,
-    load: |ctx: &LoadContext| {
-        Ok(Box::new(UltravoxModel::load_with_text_model(
-            ctx.dir,
-            ctx.extra_dirs.first().map(PathBuf::as_path),
-            ctx.device,
-            ctx.dtype,
-        )?))
-    },
+    load: |ctx| Ok(Box::new(UltravoxModel::load_from(ctx)?)),
 };
 
 /// Cheap facts from `config.json`: one audio item per prompt by default (the model card's and
@@ -66,11 +62,13 @@ pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
     Ok(FamilyDefaults {
         family: "ultravox",
         limits: BTreeMap::from([(Modality::Audio, 1)]),
-        placeholders: BTreeMap::from([(Modality::Audio, AUDIO_PLACEHOLDER.to_string())]),
-        fallback_chat_template: None,
-        embeds: None,
+        prompt: PromptStyle {
+            placeholders: BTreeMap::from([(Modality::Audio, AUDIO_PLACEHOLDER.to_string())]),
+            string_content: true,
+            ..Default::default()
+        },
         extra_models,
-        string_content: true,
+        ..Default::default()
     })
 }
 
@@ -136,8 +134,17 @@ impl UltravoxModel {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let config =
-            UltravoxConfig::from_value(&read_json(&dir.join("config.json"))?, "config.json")?;
+        let mut ctx = LoadContext::from_dir(dir, device, dtype)?;
+        ctx.extra_dirs.extend(text_dir.map(Path::to_path_buf));
+        Self::load_from(&ctx)
+    }
+
+    /// [`UltravoxModel::load_with_text_model`] with the parsed `config.json` of `ctx`; its
+    /// first extra directory is the `text_model_id` language model.
+    pub fn load_from(ctx: &LoadContext) -> Result<Self> {
+        let (dir, device, dtype) = (ctx.dir.as_path(), &ctx.device, ctx.dtype);
+        let text_dir = ctx.extra_dirs.first().map(PathBuf::as_path);
+        let config = UltravoxConfig::from_value(&ctx.config, "config.json")?;
         let pre_path = dir.join("preprocessor_config.json");
         let mel_config = if pre_path.is_file() {
             MelConfig::from_preprocessor(&read_json(&pre_path)?, &pre_path.display().to_string())?
@@ -292,15 +299,14 @@ impl Model for UltravoxModel {
         &self.info
     }
 
-    fn encode(&self, item: &MediaItem) -> Result<EncodedItem> {
+    fn encode_with(&self, item: &MediaItem, _kwargs: &ProcessorKwargs) -> Result<EncodedItem> {
         match item {
             MediaItem::Audio(audio) => {
                 let mel = self.log_mel(audio)?;
-                Ok(EncodedItem {
-                    expansion: self.expansion(mel.valid_frames),
-                    features: self.encode_mel(&mel)?,
-                    grid: None,
-                })
+                Ok(EncodedItem::new(
+                    self.expansion(mel.valid_frames),
+                    self.encode_mel(&mel)?,
+                ))
             }
             other => Err(Error::input(
                 other.modality().name(),

@@ -22,22 +22,25 @@ use serde_json::Value;
 
 pub use config::{GenerationConfig, Task, WhisperConfig};
 
-use crate::engine::kv::KvCache;
 use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem, Modality};
 use crate::models::common::files::{read_json, weight_files};
 use crate::models::common::mel::{LogMel, MelConfig, MelExtractor, Padding};
 use crate::models::common::whisper_encoder::{EncoderShape, ScaleAt, WhisperEncoder};
-use crate::models::registry::{Family, LoadContext};
-use crate::models::{EncodedItem, Expansion, FamilyDefaults, Model, ModelInfo, Spliced};
+use crate::models::kv::KvCache;
+use crate::models::{
+    EncodedItem, Expansion, Family, FamilyDefaults, LoadContext, Model, ModelInfo, ProcessorKwargs,
+    Spliced,
+};
 
 /// Whisper's entry in the family table.
 pub const FAMILY: Family = Family {
     name: "whisper",
     model_types: &["whisper"],
     architectures: &["WhisperForConditionalGeneration"],
+    aliases: &[("whisper", "openai/whisper-tiny.en")],
     defaults,
-    load: |ctx: &LoadContext| Ok(Box::new(load(ctx.dir, ctx.device, ctx.dtype)?)),
+    load: |ctx| Ok(Box::new(WhisperModel::load_from(ctx)?)),
 };
 
 /// A loaded Whisper checkpoint.
@@ -76,11 +79,7 @@ pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
     Ok(FamilyDefaults {
         family: "whisper",
         limits: BTreeMap::from([(Modality::Audio, 1)]),
-        placeholders: BTreeMap::new(),
-        fallback_chat_template: None,
-        embeds: None,
-        extra_models: Vec::new(),
-        string_content: false,
+        ..Default::default()
     })
 }
 
@@ -88,8 +87,13 @@ impl WhisperModel {
     /// Loads `config.json`, `generation_config.json` (optional), `preprocessor_config.json`
     /// (optional) and the safetensors weights of `dir`.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<WhisperModel> {
-        let config_path = dir.join("config.json");
-        let config_value = read_json(&config_path)?;
+        Self::load_from(&LoadContext::from_dir(dir, device, dtype)?)
+    }
+
+    /// [`WhisperModel::load`] with the parsed `config.json` of `ctx`.
+    pub fn load_from(ctx: &LoadContext) -> Result<WhisperModel> {
+        let (dir, device, dtype) = (ctx.dir.as_path(), &ctx.device, ctx.dtype);
+        let config_value = &ctx.config;
         let gen_path = dir.join("generation_config.json");
         let gen_value = if gen_path.is_file() {
             Some(read_json(&gen_path)?)
@@ -108,7 +112,7 @@ impl WhisperModel {
             )
         };
         Self::from_parts(
-            &config_value,
+            config_value,
             gen_value.as_ref(),
             mel_config,
             &weight_files(dir)?,
@@ -348,7 +352,7 @@ impl Model for WhisperModel {
 
     /// Audio -> log-mel -> encoder output `(max_source_positions, d_model)`. Takes no prompt
     /// slots: the decoder reads it through cross-attention.
-    fn encode(&self, item: &MediaItem) -> Result<EncodedItem> {
+    fn encode_with(&self, item: &MediaItem, _kwargs: &ProcessorKwargs) -> Result<EncodedItem> {
         let MediaItem::Audio(audio) = item else {
             return Err(Error::input(
                 format!("{} item", item.modality()),
@@ -358,16 +362,16 @@ impl Model for WhisperModel {
         };
         let mel = self.log_mel(audio)?;
         let features = mel.to_tensor(self.decoder.device(), DType::F32)?;
-        Ok(EncodedItem {
-            expansion: Expansion {
-                before: Vec::new(),
-                slot_token: self.generation.decoder_start_token_id,
-                slots: 0,
-                after: Vec::new(),
-            },
-            features: self.encode_features(&features)?,
-            grid: None,
-        })
+        let expansion = Expansion {
+            before: Vec::new(),
+            slot_token: self.generation.decoder_start_token_id,
+            slots: 0,
+            after: Vec::new(),
+        };
+        Ok(EncodedItem::new(
+            expansion,
+            self.encode_features(&features)?,
+        ))
     }
 
     fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {

@@ -5,8 +5,8 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::config::WhisperConfig;
-use crate::engine::kv::KvCache;
 use crate::error::{Error, Result};
+use crate::models::kv::KvCache;
 
 const LN_EPS: f64 = 1e-5;
 

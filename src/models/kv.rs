@@ -1,4 +1,5 @@
-//! The KV cache, owned by the engine and lent to a model's `forward`.
+//! The KV cache of one sequence: made by the model (`Model::new_cache`), held by the engine,
+//! lent to the model's `forward`.
 //! Preallocated to the sequence's capacity and written in place: no concatenation per token.
 
 use candle_core::{DType, Device, Result, Tensor};

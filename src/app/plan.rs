@@ -1,18 +1,28 @@
-//! Second stage of argument handling: clap's structs become a validated [`Plan`]. Every usage
-//! and input error (exit 2) is raised here or in the checks below, before weights load.
+//! Second stage of argument handling: the one settings struct (filled from the command line's
+//! flags, or a merged manifest job) becomes a validated [`Plan`]. Defaults live here, once.
+//! Every usage and input error (exit 2) is raised here or in [`Plan::check_against`], before
+//! weights load.
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 
-use super::{Command, DTypeArg, FrameArgs, GenArgs, ModalityArg, OutputFormat, PromptArgs};
+use crate::cli::{Command, OutputFormat};
+use crate::engine::device::{DTypeChoice, DeviceChoice};
 use crate::engine::sampler::SamplingParams;
 use crate::error::{Error, Result};
-use crate::manifest::Job;
+use crate::manifest::{Job, Settings};
 use crate::media::source::Source;
 use crate::media::video::FrameSampling;
 use crate::media::{MediaItem, Modality};
-use crate::models::FamilyDefaults;
+use crate::models::{FamilyDefaults, ProcessorKwargs};
+
+/// Tokens generated when neither a flag nor the manifest says.
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+/// Temperature when unset: greedy decoding.
+pub const DEFAULT_TEMPERATURE: f64 = 0.0;
+/// Sampling seed when unset.
+pub const DEFAULT_SEED: u64 = 0;
 
 /// What kind of input a media argument is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,14 +44,6 @@ pub struct MediaArg {
 pub struct MediaInput {
     pub input: String,
     pub item: MediaItem,
-}
-
-/// Where to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    Auto,
-    Cpu,
-    Cuda(usize),
 }
 
 /// Generation settings of one prompt.
@@ -71,138 +73,34 @@ pub struct Plan {
     pub frames: FrameSampling,
     pub as_images: bool,
     pub sample_rate: Option<u32>,
-    pub min_pixels: Option<u64>,
-    pub max_pixels: Option<u64>,
+    /// Processor settings (`--min-pixels`, `--max-pixels`).
+    pub kwargs: ProcessorKwargs,
     pub gen: GenSettings,
     pub output: OutputFormat,
     pub device: DeviceChoice,
-    pub dtype: DTypeArg,
+    pub dtype: DTypeChoice,
+    pub dry_run: bool,
+}
+
+/// What one invocation sets beside its [`Settings`].
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub id: String,
+    pub output: OutputFormat,
+    pub device: DeviceChoice,
+    pub dtype: DTypeChoice,
     pub dry_run: bool,
 }
 
 impl Plan {
-    /// Builds the plan of a prompting command; reads the prompt from `stdin` if it is `-`.
-    pub fn from_command(cmd: &Command, stdin: &mut dyn Read) -> Result<Plan> {
-        let (prompt, gen, kind, frames, as_images) = match cmd {
-            Command::Image(a) => (
-                &a.prompt,
-                &a.gen,
-                InputKind::Media(Modality::Image),
-                None,
-                false,
-            ),
-            Command::Video(a) => (
-                &a.prompt,
-                &a.gen,
-                InputKind::Media(Modality::Video),
-                Some(&a.sampling),
-                a.as_images,
-            ),
-            Command::Audio(a) => (
-                &a.prompt,
-                &a.gen,
-                InputKind::Media(Modality::Audio),
-                None,
-                false,
-            ),
-            Command::Embeds(a) => (
-                &a.prompt,
-                &a.gen,
-                InputKind::Embeds(modality_of(a.modality)),
-                None,
-                false,
-            ),
-            Command::Batch(_) | Command::GenerateDocs { .. } | Command::ProfileDecode { .. } => {
-                return Err(Error::usage("not a prompting command"))
-            }
-        };
-        let (media_args, prompt_text) = split_positionals(prompt)?;
-        let stdin_uses = media_args.iter().filter(|a| a.as_str() == "-").count()
-            + usize::from(prompt_text == "-");
-        if stdin_uses > 1 {
-            return Err(Error::usage(
-                "-: standard input is used more than once (expected `-` for at most one media item or the prompt)",
-            ));
-        }
-        let prompt_text = if prompt_text == "-" {
-            let mut s = String::new();
-            stdin.read_to_string(&mut s).map_err(|e| {
-                Error::input(
-                    "<stdin>",
-                    format!("cannot read the prompt: {e}"),
-                    "UTF-8 text",
-                )
-            })?;
-            s.trim_end_matches(['\n', '\r']).to_string()
-        } else {
-            prompt_text
-        };
-        let media = media_args
-            .iter()
-            .map(|a| {
-                Ok(MediaArg {
-                    source: Source::parse(a)?,
-                    kind,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut extra_tensors = Vec::new();
-        if let Command::Embeds(a) = cmd {
-            for (name, file) in [
-                ("image_grid_thw", &a.image_grid_thw),
-                ("image_sizes", &a.image_sizes),
-            ] {
-                if let Some(f) = file {
-                    extra_tensors.push((name.to_string(), Source::parse(f)?));
-                }
-            }
-        }
-        let chat_template = match &prompt.chat_template {
-            Some(path) => Some((path.display().to_string(), read_template(path)?)),
-            None => None,
-        };
-        let limits = match &prompt.limit_mm_per_prompt {
-            Some(spec) => parse_limits(spec)?,
-            None => BTreeMap::new(),
-        };
-        let frames = frame_sampling(frames.cloned().unwrap_or_default())?;
-        let (sample_rate, min_pixels, max_pixels) = match cmd {
-            Command::Audio(a) => (a.sample_rate, None, None),
-            Command::Image(a) => (None, a.vision.min_pixels, a.vision.max_pixels),
-            Command::Video(a) => (None, a.vision.min_pixels, a.vision.max_pixels),
-            _ => (None, None, None),
-        };
-        if sample_rate == Some(0) {
-            return Err(Error::usage(
-                "--sample-rate: 0 Hz (expected a positive rate such as 16000)",
-            ));
-        }
-        Ok(Plan {
-            model: gen.model.clone(),
-            id: gen.id.clone(),
-            prompt: prompt_text,
-            system: prompt.system.clone(),
-            raw: prompt.raw,
-            chat_template,
-            media,
-            extra_tensors,
-            limits,
-            frames,
-            as_images,
-            sample_rate,
-            min_pixels,
-            max_pixels,
-            gen: gen_settings(gen)?,
-            output: gen.output,
-            device: parse_device(&gen.device)?,
-            dtype: gen.dtype,
-            dry_run: gen.dry_run,
-        })
-    }
-
-    /// Builds the plan of one batch job (its settings already merged with the defaults).
-    pub fn from_job(job: &Job, device: DeviceChoice, dtype: DTypeArg) -> Result<Plan> {
-        let s = &job.settings;
+    /// Validates one prompt's settings (a command line's or a merged manifest job's). With
+    /// `stdin`, `-` may stand for the prompt or one media item (read from it); without, `-`
+    /// is refused as a media item.
+    pub fn from_settings(
+        s: &Settings,
+        run: RunOptions,
+        mut stdin: Option<&mut dyn Read>,
+    ) -> Result<Plan> {
         let embeds_modality = match s.modality.as_deref() {
             None | Some("image") => Modality::Image,
             Some("video") => Modality::Video,
@@ -221,7 +119,7 @@ impl Plan {
             (&s.embeds, InputKind::Embeds(embeds_modality)),
         ] {
             for item in list.iter().flatten() {
-                if item == "-" {
+                if item == "-" && stdin.is_none() {
                     return Err(Error::usage(
                         "`-` (standard input) cannot be used in a manifest (expected a path or URL)",
                     ));
@@ -232,6 +130,49 @@ impl Plan {
                 });
             }
         }
+        let prompt = s.prompt.clone().ok_or_else(|| {
+            Error::usage(
+                "no prompt given (expected the prompt text as the last argument, or -p TEXT)",
+            )
+        })?;
+        let stdin_uses = media
+            .iter()
+            .filter(|a| matches!(a.source, Source::Stdin))
+            .count()
+            + usize::from(prompt == "-" && stdin.is_some());
+        if stdin_uses > 1 {
+            return Err(Error::usage(
+                "-: standard input is used more than once (expected `-` for at most one media item or the prompt)",
+            ));
+        }
+        let prompt = match stdin.as_mut() {
+            Some(input) if prompt == "-" => {
+                let mut text = String::new();
+                input.read_to_string(&mut text).map_err(|e| {
+                    Error::input(
+                        "<stdin>",
+                        format!("cannot read the prompt: {e}"),
+                        "UTF-8 text",
+                    )
+                })?;
+                text.trim_end_matches(['\n', '\r']).to_string()
+            }
+            _ => prompt,
+        };
+        let mut extra_tensors = Vec::new();
+        for (name, file) in [
+            ("image_grid_thw", &s.image_grid_thw),
+            ("image_sizes", &s.image_sizes),
+        ] {
+            if let Some(f) = file {
+                if s.embeds.is_none() {
+                    return Err(Error::usage(format!(
+                        "{name}: given without embeddings (expected it only with embeds input)"
+                    )));
+                }
+                extra_tensors.push((name.to_string(), Source::parse(f)?));
+            }
+        }
         let chat_template = match &s.chat_template {
             Some(path) => Some((path.clone(), read_template(Path::new(path))?)),
             None => None,
@@ -240,47 +181,70 @@ impl Plan {
             Some(spec) => parse_limits(spec)?,
             None => BTreeMap::new(),
         };
-        let frames = frame_sampling(FrameArgs {
-            num_frames: s.num_frames.map(|n| n as usize),
-            fps: s.fps,
-        })?;
-        if s.sample_rate == Some(0) {
-            return Err(Error::usage("sample_rate: 0 Hz (expected a positive rate)"));
+        let frames = frame_sampling(s.num_frames.map(|n| n as usize), s.fps)?;
+        for (name, n) in [("min", s.min_pixels), ("max", s.max_pixels)] {
+            if n == Some(0) {
+                return Err(Error::usage(format!(
+                    "--{name}-pixels: 0 (expected a positive number of pixels)"
+                )));
+            }
         }
-        let defaults = GenArgs::default_for(job.model());
-        let gen = GenArgs {
-            max_tokens: s.max_tokens.map_or(defaults.max_tokens, |n| n as usize),
-            temperature: s.temperature.unwrap_or(defaults.temperature),
-            top_p: s.top_p,
-            top_k: s.top_k.map(|k| k as usize),
-            repetition_penalty: s.repetition_penalty.map(|p| p as f32),
-            seed: s.seed.unwrap_or(defaults.seed),
-            stop: s.stop.clone().unwrap_or_default(),
-            logprobs: s.logprobs.map(|n| n as usize),
-            ignore_eos: s.ignore_eos.unwrap_or(false),
-            ..defaults
-        };
+        if s.sample_rate == Some(0) {
+            return Err(Error::usage(
+                "--sample-rate: 0 Hz (expected a positive rate such as 16000)",
+            ));
+        }
         Ok(Plan {
-            model: job.model().to_string(),
-            id: job.id.clone(),
-            prompt: s.prompt.clone().unwrap_or_default(),
+            model: s.model.clone().unwrap_or_default(),
+            id: run.id,
+            prompt,
             system: s.system.clone(),
             raw: s.raw.unwrap_or(false),
             chat_template,
             media,
-            extra_tensors: Vec::new(),
+            extra_tensors,
             limits,
             frames,
             as_images: s.as_images.unwrap_or(false),
             sample_rate: s.sample_rate.map(|r| r as u32),
-            min_pixels: s.min_pixels,
-            max_pixels: s.max_pixels,
-            gen: gen_settings(&gen)?,
+            kwargs: ProcessorKwargs {
+                min_pixels: s.min_pixels,
+                max_pixels: s.max_pixels,
+            },
+            gen: gen_settings(s)?,
+            output: run.output,
+            device: run.device,
+            dtype: run.dtype,
+            dry_run: run.dry_run,
+        })
+    }
+
+    /// Builds the plan of a prompting command; reads the prompt (or one media item) from
+    /// `stdin` where the command line says `-`.
+    pub fn from_command(cmd: &Command, stdin: &mut dyn Read) -> Result<Plan> {
+        let (settings, gen) = cmd
+            .settings()
+            .ok_or_else(|| Error::usage("not a prompting command"))?;
+        let run = RunOptions {
+            id: gen.id.clone(),
+            output: gen.output,
+            device: DeviceChoice::parse(&gen.device)?,
+            dtype: gen.dtype.into(),
+            dry_run: gen.dry_run,
+        };
+        Self::from_settings(&settings, run, Some(stdin))
+    }
+
+    /// Builds the plan of one batch job (its settings already merged with the defaults).
+    pub fn from_job(job: &Job, device: DeviceChoice, dtype: DTypeChoice) -> Result<Plan> {
+        let run = RunOptions {
+            id: job.id.clone(),
             output: OutputFormat::Jsonl,
             device,
             dtype,
             dry_run: false,
-        })
+        };
+        Self::from_settings(&job.settings, run, None)
     }
 
     /// How many items of each modality the prompt will hold (video frames sent as images count
@@ -320,6 +284,31 @@ impl Plan {
                 )));
             }
         }
+        for name in self.kwargs.given() {
+            if !defaults.processor_kwargs.contains(&name) {
+                return Err(Error::usage(format!(
+                    "--{} ({name}): model {} ({}) has no such processor setting (expected {})",
+                    name.replace('_', "-"),
+                    self.model,
+                    defaults.family,
+                    one_of(
+                        defaults.processor_kwargs,
+                        "no processor settings for this model"
+                    )
+                )));
+            }
+        }
+        for (name, _) in &self.extra_tensors {
+            if !defaults.embeds_tensors.contains(&name.as_str()) {
+                return Err(Error::usage(format!(
+                    "--{} ({name}): model {} ({}) does not take it with embeddings (expected {})",
+                    name.replace('_', "-"),
+                    self.model,
+                    defaults.family,
+                    one_of(defaults.embeds_tensors, "embeddings alone")
+                )));
+            }
+        }
         let embeds_modality = self.media.iter().find_map(|a| match a.kind {
             InputKind::Embeds(m) => Some(m),
             _ => None,
@@ -353,7 +342,7 @@ impl Plan {
             }
         }
         if self.raw {
-            for (m, placeholder) in &defaults.placeholders {
+            for (m, placeholder) in &defaults.prompt.placeholders {
                 let found = crate::prompt::count_placeholders(&self.prompt, placeholder);
                 let want = counts.get(m).copied().unwrap_or(0);
                 if found != want {
@@ -379,34 +368,13 @@ fn read_template(path: &Path) -> Result<String> {
     })
 }
 
-fn modality_of(m: ModalityArg) -> Modality {
-    match m {
-        ModalityArg::Image => Modality::Image,
-        ModalityArg::Video => Modality::Video,
-        ModalityArg::Audio => Modality::Audio,
+/// `a, b or c` for error messages, or `none` when the list is empty.
+fn one_of(names: &[&str], none: &str) -> String {
+    match names {
+        [] => none.to_string(),
+        [one] => one.to_string(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
     }
-}
-
-/// Media arguments and the prompt: with `-p` every positional is media; otherwise the last one
-/// is the prompt, unless it names media (an existing path or a URL), in which case the prompt
-/// is empty (`mmllm audio --model whisper speech.wav`).
-fn split_positionals(args: &PromptArgs) -> Result<(Vec<String>, String)> {
-    if let Some(p) = &args.prompt {
-        return Ok((args.inputs.clone(), p.clone()));
-    }
-    let mut media = args.inputs.clone();
-    let last = media.pop().ok_or_else(|| {
-        Error::usage("no prompt given (expected the prompt text as the last argument, or -p TEXT)")
-    })?;
-    let names_media = ["http://", "https://", "data:"]
-        .iter()
-        .any(|p| last.starts_with(p))
-        || (last != "-" && std::path::Path::new(&last).exists());
-    if names_media {
-        media.push(last);
-        return Ok((media, String::new()));
-    }
-    Ok((media, last))
 }
 
 /// `image=2,video=1,audio=1`.
@@ -440,8 +408,8 @@ pub fn parse_limits(spec: &str) -> Result<BTreeMap<Modality, usize>> {
     Ok(out)
 }
 
-fn frame_sampling(args: FrameArgs) -> Result<FrameSampling> {
-    match (args.num_frames, args.fps) {
+fn frame_sampling(num_frames: Option<usize>, fps: Option<f64>) -> Result<FrameSampling> {
+    match (num_frames, fps) {
         (Some(0), _) => Err(Error::usage("--num-frames: 0 (expected at least 1 frame)")),
         (Some(n), _) => Ok(FrameSampling::NumFrames(n)),
         (None, Some(f)) if !(f.is_finite() && f > 0.0) => Err(Error::usage(format!(
@@ -452,52 +420,37 @@ fn frame_sampling(args: FrameArgs) -> Result<FrameSampling> {
     }
 }
 
-fn gen_settings(g: &GenArgs) -> Result<GenSettings> {
+/// Generation settings with the defaults filled in, checked.
+fn gen_settings(s: &Settings) -> Result<GenSettings> {
     let sampling = SamplingParams {
-        temperature: g.temperature,
-        top_p: g.top_p,
-        top_k: g.top_k,
-        repetition_penalty: g.repetition_penalty,
-        seed: g.seed,
+        temperature: s.temperature.unwrap_or(DEFAULT_TEMPERATURE),
+        top_p: s.top_p,
+        top_k: s.top_k.map(|k| k as usize),
+        repetition_penalty: s.repetition_penalty.map(|p| p as f32),
+        seed: s.seed.unwrap_or(DEFAULT_SEED),
     };
     sampling.validate()?;
-    if g.max_tokens == 0 {
+    let max_tokens = s.max_tokens.map_or(DEFAULT_MAX_TOKENS, |n| n as usize);
+    if max_tokens == 0 {
         return Err(Error::usage("--max-tokens: 0 (expected at least 1)"));
     }
-    if g.stop.iter().any(|s| s.is_empty()) {
+    let stop = s.stop.clone().unwrap_or_default();
+    if stop.iter().any(|s| s.is_empty()) {
         return Err(Error::usage("--stop: empty string (expected some text)"));
     }
-    if g.logprobs == Some(0) || g.logprobs.is_some_and(|n| n > 20) {
+    let logprobs = s.logprobs.map(|n| n as usize);
+    if logprobs == Some(0) || logprobs.is_some_and(|n| n > 20) {
         return Err(Error::usage(
             "--logprobs: out of range (expected 1 to 20 alternatives)",
         ));
     }
     Ok(GenSettings {
         sampling,
-        max_tokens: g.max_tokens,
-        stop: g.stop.clone(),
-        logprobs: g.logprobs,
-        ignore_eos: g.ignore_eos,
+        max_tokens,
+        stop,
+        logprobs,
+        ignore_eos: s.ignore_eos.unwrap_or(false),
     })
-}
-
-/// `auto`, `cpu`, `cuda`, `cuda:N`.
-pub fn parse_device(s: &str) -> Result<DeviceChoice> {
-    let bad = || {
-        Error::usage(format!(
-            "--device: {s:?} (expected auto, cpu, cuda or cuda:N)"
-        ))
-    };
-    match s {
-        "auto" => Ok(DeviceChoice::Auto),
-        "cpu" => Ok(DeviceChoice::Cpu),
-        "cuda" => Ok(DeviceChoice::Cuda(0)),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(DeviceChoice::Cuda)
-            .ok_or_else(bad),
-    }
 }
 
 #[cfg(test)]
@@ -513,14 +466,5 @@ mod tests {
             let err = parse_limits(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad}");
         }
-    }
-
-    #[test]
-    fn devices() {
-        assert_eq!(parse_device("cuda:1").unwrap(), DeviceChoice::Cuda(1));
-        assert_eq!(parse_device("cuda").unwrap(), DeviceChoice::Cuda(0));
-        assert_eq!(parse_device("cpu").unwrap(), DeviceChoice::Cpu);
-        assert!(parse_device("gpu").is_err());
-        assert!(parse_device("cuda:x").is_err());
     }
 }

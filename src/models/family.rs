@@ -1,0 +1,279 @@
+//! The family contract: what one model family gives the registry (a [`Family`] entry with its
+//! cheap [`FamilyDefaults`] and a loader) and what a loaded model gives the engine (the
+//! [`Model`] trait). Nothing here knows any particular family.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::kv::KvCache;
+use crate::error::{Error, Result};
+use crate::media::{MediaItem, Modality};
+use crate::prompt::{Expansion, PromptStyle, Spliced};
+
+/// One model family: one folder under `models/` and one line in `registry::FAMILIES`.
+pub struct Family {
+    pub name: &'static str,
+    /// `model_type` values this family claims.
+    pub model_types: &'static [&'static str],
+    /// `architectures` entries this family claims.
+    pub architectures: &'static [&'static str],
+    /// Short `--model` names for this family's published checkpoints: `(alias, repo id)`.
+    pub aliases: &'static [(&'static str, &'static str)],
+    /// Cheap facts from `config.json` alone (limits, placeholders, template fallback).
+    pub defaults: fn(&serde_json::Value) -> Result<FamilyDefaults>,
+    pub load: fn(&LoadContext) -> Result<Box<dyn Model>>,
+}
+
+/// What a loader receives: a model directory whose files are all present, its parsed
+/// `config.json` (loaders parse this value, never the file again), and where to put weights.
+pub struct LoadContext {
+    pub dir: PathBuf,
+    /// The directories of [`FamilyDefaults::extra_models`], in that order, each with its
+    /// `config.json` and weights present.
+    pub extra_dirs: Vec<PathBuf>,
+    pub config: serde_json::Value,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl LoadContext {
+    /// A context for a self-contained model directory (no extra models), reading its
+    /// `config.json`: for library users and tests that load a family directly.
+    pub fn from_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            extra_dirs: Vec::new(),
+            config: super::common::files::read_json(&dir.join("config.json"))?,
+            device: device.clone(),
+            dtype,
+        })
+    }
+}
+
+/// Per-request processor settings, as Hugging Face processors take them as keyword arguments.
+/// A family lists the ones it reads in [`FamilyDefaults::processor_kwargs`]; a request that
+/// sets any other is refused before weights load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcessorKwargs {
+    /// Lower bound of an image's (or frame's) pixel count after resizing.
+    pub min_pixels: Option<u64>,
+    /// Upper bound of an image's (or frame's) pixel count after resizing.
+    pub max_pixels: Option<u64>,
+}
+
+impl ProcessorKwargs {
+    /// The names of the settings given, as the manifest spells them.
+    pub fn given(&self) -> Vec<&'static str> {
+        [
+            ("min_pixels", self.min_pixels.is_some()),
+            ("max_pixels", self.max_pixels.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    }
+}
+
+/// What a family knows from `config.json` alone, used to validate a request before
+/// any weights are read. Families fill what they use and take `..Default::default()`.
+#[derive(Debug, Clone, Default)]
+pub struct FamilyDefaults {
+    /// Family name as shown to users (`llava`, `qwen2_vl`, …).
+    pub family: &'static str,
+    /// Items allowed per prompt, per accepted modality (absent = not accepted).
+    pub limits: BTreeMap<Modality, usize>,
+    /// Placeholders, fallback chat template and message shape.
+    pub prompt: PromptStyle,
+    /// Whether `embeds` input is accepted, and for which modality.
+    pub embeds: Option<Modality>,
+    /// Tensors besides the embeddings that embeds input may carry (`image_grid_thw`).
+    pub embeds_tensors: &'static [&'static str],
+    /// The [`ProcessorKwargs`] this family's processors read (`min_pixels`, `max_pixels`).
+    pub processor_kwargs: &'static [&'static str],
+    /// Other models this one's weights partly come from, named in `config.json` (Ultravox's
+    /// `text_model_id`): each an `--model`-style reference, resolved and downloaded like the
+    /// model itself, whose directory the loader receives in `LoadContext::extra_dirs`.
+    pub extra_models: Vec<ExtraModel>,
+}
+
+/// A model another one's `config.json` names for part of its weights.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraModel {
+    /// An alias, repo id (`org/name[@revision]`) or directory, as `--model` takes.
+    pub reference: String,
+    /// The `config.json` key that names it, for error messages (`text_model_id`).
+    pub key: &'static str,
+}
+
+/// Facts about a loaded model that the engine needs.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    /// Maximum positions the language model supports.
+    pub max_positions: usize,
+}
+
+/// A media item encoded into the language model's hidden space.
+#[derive(Debug, Clone)]
+pub struct EncodedItem {
+    pub expansion: Expansion,
+    /// `(slots, hidden_size)` on the model's device and dtype.
+    pub features: Tensor,
+    /// The item's patch grid, for families whose positions follow it (M-RoPE); `None` for
+    /// families whose media tokens take ordinary positions.
+    pub grid: Option<ItemGrid>,
+}
+
+impl EncodedItem {
+    /// Features whose tokens take ordinary positions.
+    pub fn new(expansion: Expansion, features: Tensor) -> Self {
+        Self {
+            expansion,
+            features,
+            grid: None,
+        }
+    }
+
+    /// The same, placed on a patch grid (M-RoPE positions).
+    pub fn with_grid(self, grid: ItemGrid) -> Self {
+        Self {
+            grid: Some(grid),
+            ..self
+        }
+    }
+}
+
+/// Where a media item's tokens sit in space and time, for multimodal rotary positions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ItemGrid {
+    /// `(t, h, w)` in patches (before merging).
+    pub grid_thw: [usize; 3],
+    /// Temporal position step per temporal patch: 1 for images and Qwen2-VL video;
+    /// `tokens_per_second * temporal_patch_size / fps` for Qwen2.5-VL video.
+    pub time_interval: f32,
+}
+
+/// A loaded model. Object safe: the engine drives any family through it.
+///
+/// The engine calls [`Model::prefill`] once per sequence and [`Model::decode`] (or
+/// [`Model::decode_batch`] for many sequences at once) per generated token. Decoder-only families that splice media features into token embeddings only
+/// implement `forward`; families with their own position scheme (M-RoPE) or an encoder whose
+/// output is attended to (Whisper) override `prefill`/`decode`.
+pub trait Model: Send {
+    fn info(&self) -> &ModelInfo;
+
+    /// Preprocesses and encodes one item (or shape-checks precomputed embeds) into
+    /// `(slots, hidden)` features, with the tokens that stand for it in the prompt. `kwargs`
+    /// holds only settings the family lists in [`FamilyDefaults::processor_kwargs`].
+    fn encode_with(&self, item: &MediaItem, kwargs: &ProcessorKwargs) -> Result<EncodedItem>;
+
+    /// [`Model::encode_with`] with the checkpoint's own processor settings.
+    fn encode(&self, item: &MediaItem) -> Result<EncodedItem> {
+        self.encode_with(item, &ProcessorKwargs::default())
+    }
+
+    /// Encodes several items at once (items of different prompts, for batch runs); one
+    /// result per item, in order. Families whose encoder can stack same-shaped inputs
+    /// override it to run one encoder pass.
+    fn encode_batch(&self, items: &[(&MediaItem, &ProcessorKwargs)]) -> Vec<Result<EncodedItem>> {
+        items
+            .iter()
+            .map(|(item, kwargs)| self.encode_with(item, kwargs))
+            .collect()
+    }
+
+    /// Token embeddings `(ids.len(), hidden)`.
+    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor>;
+
+    /// A cache sized for `capacity` positions.
+    fn new_cache(&self, capacity: usize) -> Result<KvCache>;
+
+    /// Runs the language model over `embeds` `(seq, hidden)` placed after the positions
+    /// already in `cache`; returns the logits of the last position `(vocab,)` as f32.
+    fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+
+    /// Families prompted without a chat template (Whisper) build their prompt ids from the
+    /// user's text and the encoded items; `None` means render the chat template.
+    fn own_prompt(&self, _text: &str, _items: &[EncodedItem]) -> Option<Result<Vec<u32>>> {
+        None
+    }
+
+    /// Runs the whole prompt: token embeddings with each span replaced by its item's features.
+    fn prefill(
+        &self,
+        prompt: &Spliced,
+        items: &[EncodedItem],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let embeds = splice_embeddings(self, prompt, items)?;
+        self.forward(&embeds, cache)
+    }
+
+    /// One generated token.
+    fn decode(&self, id: u32, cache: &mut KvCache) -> Result<Tensor> {
+        let embeds = self.embed_tokens(&[id])?;
+        self.forward(&embeds, cache)
+    }
+
+    /// One generated token for each of several sequences at once: `ids[i]` follows the
+    /// positions in `caches[i]` (caches may hold different lengths). Returns each sequence's
+    /// logits `(vocab,)` as f32, as [`Model::decode`] would. The default loops over the
+    /// sequences; families override it to share each weight matmul across the batch.
+    fn decode_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
+        check_batch(ids, caches)?;
+        ids.iter()
+            .zip(caches.iter_mut())
+            .map(|(&id, cache)| self.decode(id, cache))
+            .collect()
+    }
+}
+
+/// One id per cache, at least one of each.
+pub fn check_batch(ids: &[u32], caches: &[&mut KvCache]) -> Result<()> {
+    if ids.len() != caches.len() || ids.is_empty() {
+        return Err(Error::Runtime(anyhow::anyhow!(
+            "decode_batch: {} ids for {} caches (expected one id per cache, at least one)",
+            ids.len(),
+            caches.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Input embeddings `(seq, hidden)`: token embeddings with each span replaced by its item's
+/// features. The one place where slot and feature counts meet: they must agree.
+pub fn splice_embeddings<M: Model + ?Sized>(
+    model: &M,
+    prompt: &Spliced,
+    items: &[EncodedItem],
+) -> Result<Tensor> {
+    let ids = &prompt.ids;
+    let mut pieces = Vec::with_capacity(2 * prompt.spans.len() + 1);
+    let mut at = 0;
+    for span in &prompt.spans {
+        if span.start > at {
+            pieces.push(model.embed_tokens(&ids[at..span.start])?);
+        }
+        let item = items
+            .get(span.item)
+            .ok_or_else(|| anyhow::anyhow!("no encoded item {} for its prompt span", span.item))?;
+        let rows = item.features.dim(0)?;
+        if rows != span.len {
+            return Err(anyhow::anyhow!(
+                "media item {} produced {rows} feature rows for {} prompt slots",
+                span.item + 1,
+                span.len
+            )
+            .into());
+        }
+        pieces.push(item.features.clone());
+        at = span.start + span.len;
+    }
+    if at < ids.len() {
+        pieces.push(model.embed_tokens(&ids[at..])?);
+    }
+    Ok(Tensor::cat(&pieces, 0)?)
+}

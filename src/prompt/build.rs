@@ -1,0 +1,257 @@
+//! From a request's text and media to spliced token ids: the chat template (or the raw
+//! prompt), tokenization as Hugging Face processors tokenize, and placeholder expansion.
+//! What a model directory says about prompting is read once, at load, into [`PromptAssets`].
+
+use tokenizers::Tokenizer;
+
+use super::template::{self, ChatTemplate, ContentPart, Message, TemplateFiles, TextMessage};
+use super::{splice, Expansion, PromptStyle, Spliced};
+use crate::error::{Error, Result};
+use crate::media::Modality;
+
+/// A model's prompting facts, read once at load.
+#[derive(Debug)]
+pub struct PromptAssets {
+    style: PromptStyle,
+    /// The model's template (or the family's fallback); `None` when it has none.
+    template: Option<ChatTemplate>,
+    /// `tokenizer_config.json`, whose special tokens a `--chat-template` override also sees.
+    tokenizer_config: Option<serde_json::Value>,
+    /// The tokenizer's `bos_token` text.
+    bos: Option<String>,
+    /// Token ids that end generation.
+    eos: Vec<u32>,
+}
+
+/// The files that decide how a model is prompted, already read (each optional).
+#[derive(Debug, Default)]
+pub struct AssetFiles {
+    pub templates: TemplateFiles,
+    pub generation_config: Option<serde_json::Value>,
+    pub config: serde_json::Value,
+}
+
+/// One prompt to build.
+#[derive(Debug, Clone, Copy)]
+pub struct PromptInput<'a> {
+    /// The model as the user named it, for errors.
+    pub model: &'a str,
+    pub text: &'a str,
+    pub system: Option<&'a str>,
+    /// Send `text` verbatim (it writes the placeholders itself).
+    pub raw: bool,
+    /// `--chat-template FILE`: (path, contents).
+    pub chat_template: Option<&'a (String, String)>,
+}
+
+/// One media item of the prompt: the name errors use, its modality and its expansion.
+#[derive(Debug, Clone)]
+pub struct PromptItem<'a> {
+    pub input: &'a str,
+    pub modality: Modality,
+    pub expansion: &'a Expansion,
+}
+
+impl PromptAssets {
+    /// Selects the chat template and reads BOS/EOS from `files`.
+    pub fn new(files: AssetFiles, style: PromptStyle, tokenizer: &Tokenizer) -> Result<Self> {
+        let template = ChatTemplate::select(&files.templates, style.fallback_chat_template)?;
+        let tokenizer_config = files.templates.tokenizer_config;
+        let bos = tokenizer_config
+            .as_ref()
+            .and_then(|c| c.get("bos_token"))
+            .and_then(template::token_text)
+            .map(str::to_string);
+        let eos = eos_ids(
+            files.generation_config.as_ref(),
+            &files.config,
+            tokenizer_config.as_ref(),
+            tokenizer,
+        );
+        Ok(Self {
+            style,
+            template,
+            tokenizer_config,
+            bos,
+            eos,
+        })
+    }
+
+    /// Token ids that end generation.
+    pub fn eos(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// The prompt's token ids with each media placeholder expanded.
+    pub fn build(
+        &self,
+        tokenizer: &Tokenizer,
+        input: &PromptInput,
+        items: &[PromptItem],
+    ) -> Result<Spliced> {
+        let text = self.render(input, items)?;
+        self.tokenize_and_splice(tokenizer, input.raw, &text, items)
+    }
+
+    /// The prompt text: verbatim with `raw`, else the chat template applied to a user turn
+    /// holding one content part per media item (in order) and the text.
+    pub fn render(&self, input: &PromptInput, items: &[PromptItem]) -> Result<String> {
+        if input.raw {
+            return Ok(input.text.to_string());
+        }
+        let chosen;
+        let template = match input.chat_template {
+            Some(file) => {
+                let files = TemplateFiles {
+                    override_file: Some(file.clone()),
+                    tokenizer_config: self.tokenizer_config.clone(),
+                    ..Default::default()
+                };
+                chosen = ChatTemplate::select(&files, None)?;
+                chosen.as_ref()
+            }
+            None => self.template.as_ref(),
+        };
+        let template = template.ok_or_else(|| {
+            Error::input(
+                input.model,
+                "the model ships no chat template",
+                "a chat template: pass --chat-template FILE, or --raw with the model's placeholders",
+            )
+        })?;
+        if self.style.string_content {
+            return self.render_string_content(template, input, items);
+        }
+        let mut messages = Vec::new();
+        if let Some(system) = input.system {
+            messages.push(Message {
+                role: "system".into(),
+                content: vec![ContentPart::Text {
+                    text: system.to_string(),
+                }],
+            });
+        }
+        let mut content: Vec<ContentPart> = items
+            .iter()
+            .map(|item| ContentPart::media(item.modality))
+            .collect();
+        content.push(ContentPart::Text {
+            text: input.text.to_string(),
+        });
+        messages.push(Message {
+            role: "user".into(),
+            content,
+        });
+        template.render(&messages, true)
+    }
+
+    /// The user turn for a template that takes string content: one placeholder per media
+    /// item, each on its own line, then the text, as vLLM's `_get_full_multimodal_text_prompt`
+    /// joins them (`"\n".join(placeholders + [text])`).
+    fn render_string_content(
+        &self,
+        template: &ChatTemplate,
+        input: &PromptInput,
+        items: &[PromptItem],
+    ) -> Result<String> {
+        let mut messages = Vec::new();
+        if let Some(system) = input.system {
+            messages.push(TextMessage {
+                role: "system".into(),
+                content: system.to_string(),
+            });
+        }
+        let mut lines = Vec::with_capacity(items.len() + 1);
+        for item in items {
+            let placeholder = self.style.placeholders.get(&item.modality).ok_or_else(|| {
+                Error::input(
+                    item.input,
+                    format!("this model has no placeholder for {} items", item.modality),
+                    "media of a modality the model accepts",
+                )
+            })?;
+            lines.push(placeholder.as_str());
+        }
+        lines.push(input.text);
+        messages.push(TextMessage {
+            role: "user".into(),
+            content: lines.join("\n"),
+        });
+        template.render_text(&messages, true)
+    }
+
+    /// Tokenizes the rendered prompt as Hugging Face processors do (special tokens added
+    /// unless the text already starts with the BOS token) and expands each placeholder.
+    fn tokenize_and_splice(
+        &self,
+        tokenizer: &Tokenizer,
+        raw: bool,
+        text: &str,
+        items: &[PromptItem],
+    ) -> Result<Spliced> {
+        let starts_with_bos = self
+            .bos
+            .as_deref()
+            .is_some_and(|b| !b.is_empty() && text.starts_with(b));
+        let encoding = tokenizer
+            .encode(text, raw || !starts_with_bos)
+            .map_err(|e| Error::Runtime(anyhow::anyhow!("tokenizing the prompt: {e}")))?;
+        let mut placeholders = Vec::new();
+        for (m, p) in &self.style.placeholders {
+            let id = tokenizer.token_to_id(p).ok_or_else(|| {
+                Error::Runtime(anyhow::anyhow!(
+                    "the tokenizer has no {p} token for {m} items"
+                ))
+            })?;
+            placeholders.push((*m, id));
+        }
+        let expansions: Vec<(Modality, Expansion)> = items
+            .iter()
+            .map(|item| (item.modality, item.expansion.clone()))
+            .collect();
+        let what = if raw {
+            "--raw prompt"
+        } else {
+            "rendered prompt"
+        };
+        splice(encoding.get_ids(), &placeholders, &expansions, what)
+    }
+}
+
+/// EOS ids: generation_config.json, else config.json (top level or text_config), else the
+/// tokenizer's `eos_token`.
+fn eos_ids(
+    generation_config: Option<&serde_json::Value>,
+    config: &serde_json::Value,
+    tokenizer_config: Option<&serde_json::Value>,
+    tokenizer: &Tokenizer,
+) -> Vec<u32> {
+    fn ids(v: Option<&serde_json::Value>) -> Option<Vec<u32>> {
+        let v = v?;
+        if let Some(n) = v.as_u64() {
+            return Some(vec![n as u32]);
+        }
+        let list: Vec<u32> = v
+            .as_array()?
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|n| n as u32)
+            .collect();
+        (!list.is_empty()).then_some(list)
+    }
+    ids(generation_config.and_then(|g| g.get("eos_token_id")))
+        .or_else(|| ids(config.get("eos_token_id")))
+        .or_else(|| {
+            ids(config
+                .get("text_config")
+                .and_then(|t| t.get("eos_token_id")))
+        })
+        .unwrap_or_else(|| {
+            tokenizer_config
+                .and_then(|c| c.get("eos_token"))
+                .and_then(template::token_text)
+                .and_then(|t| tokenizer.token_to_id(t))
+                .into_iter()
+                .collect()
+        })
+}
