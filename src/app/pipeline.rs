@@ -288,20 +288,12 @@ fn decode_media(plan: &Plan, stdin: &mut dyn std::io::Read) -> Result<Vec<MediaI
         };
         let input = arg.source.display();
         let mut item = media::load(&arg.source, modality, embeds, &opts, stdin)?;
-        if let MediaItem::Embeds(e) = &mut item {
+        if let MediaItem::Embeds(mut e) = item {
             for (name, source) in &plan.extra_tensors {
-                let extra = media::load(source, modality, true, &opts, stdin)?;
-                if let MediaItem::Embeds(x) = extra {
-                    let tensor = x.tensors.into_values().next().ok_or_else(|| {
-                        Error::input(
-                            source.display(),
-                            "holds no tensor",
-                            format!("a {name} tensor"),
-                        )
-                    })?;
-                    e.tensors.insert(name.clone(), tensor);
-                }
+                let bytes = source.read(modality, media::MAX_EMBEDS_BYTES, stdin)?;
+                e = media::embeds::merge_embeds(e, name, &bytes, &source.display())?;
             }
+            item = MediaItem::Embeds(e);
         }
         match item {
             MediaItem::Video(v) if plan.as_images => {

@@ -7,6 +7,7 @@ mod engine_pure;
 mod family_table;
 mod hub;
 mod image;
+mod knobs;
 mod layering;
 mod llava_e2e;
 mod llava_parity;
