@@ -79,7 +79,7 @@ impl Llama {
     /// A linear layer on the few rows of a decode step (GEMV), plus its bias if any.
     #[cfg(feature = "cuda")]
     fn linear(&self, l: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = kernels::matmul_t(x, l.weight())?;
+        let y = kernels::matmul_t(x, l.weight(), &self.decode)?;
         match l.bias() {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

@@ -19,7 +19,7 @@ use layers::{causal_mask, inv_freqs, Attention, Block, Mlp, RmsNorm, Rotary};
 
 use crate::engine::kv::KvCache;
 use crate::error::{Error, Result};
-use crate::kernels;
+use crate::kernels::DecodeOptions;
 #[cfg(feature = "cuda")]
 use fused::DecodeGraph;
 
@@ -37,11 +37,14 @@ pub struct Llama {
     /// Which position row (M-RoPE: temporal, height, width) each frequency rotates by;
     /// all 0 for plain rotary positions.
     row_of: Vec<usize>,
-    /// Decode steps run as fused kernels (CUDA; `MMLLM_UNFUSED_DECODE=1` turns it off, so
-    /// that both paths can be timed and compared on one machine).
+    /// The decode switches read at load (see [`DecodeOptions`]).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    decode: DecodeOptions,
+    /// Decode steps run as fused kernels (CUDA, unless `decode.fused` is off, so that both
+    /// paths can be timed and compared on one machine).
     fused_decode: bool,
     /// With `fused_decode`, single-sequence decode replays a captured CUDA graph (unless
-    /// `o_proj` or the MLP has biases, or `MMLLM_CUDA_GRAPH=0`).
+    /// `o_proj` or the MLP has biases, or `decode.cuda_graph` is off).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     graph_enabled: bool,
     #[cfg(feature = "cuda")]
@@ -54,12 +57,24 @@ pub struct Llama {
 
 impl Llama {
     /// Loads from `vb` at the prefix holding `embed_tokens`, `layers`, `norm`; `lm_head` is
-    /// the prefix of the output projection (ignored when `tied` and absent).
+    /// the prefix of the output projection (ignored when `tied` and absent). The decode
+    /// switches are read from the environment ([`DecodeOptions::from_env`]).
     pub fn load(
         cfg: &LlamaConfig,
         vb: VarBuilder,
         lm_head: VarBuilder,
         tied: bool,
+    ) -> Result<Self> {
+        Self::load_with(cfg, vb, lm_head, tied, DecodeOptions::from_env())
+    }
+
+    /// [`Llama::load`] with the decode switches given.
+    pub fn load_with(
+        cfg: &LlamaConfig,
+        vb: VarBuilder,
+        lm_head: VarBuilder,
+        tied: bool,
+        decode: DecodeOptions,
     ) -> Result<Self> {
         cfg.validate()?;
         let h = cfg.hidden_size;
@@ -90,8 +105,7 @@ impl Llama {
             None => vec![0; inv_freqs.len()],
         };
         let device = vb.device().clone();
-        let fused_decode =
-            cfg!(feature = "cuda") && device.is_cuda() && kernels::fused_decode_requested();
+        let fused_decode = cfg!(feature = "cuda") && device.is_cuda() && decode.fused;
         Ok(Self {
             cfg: cfg.clone(),
             norm: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("norm"))?,
@@ -101,10 +115,9 @@ impl Llama {
             inv_freqs_dev: Tensor::new(inv_freqs.as_slice(), &device)?,
             inv_freqs,
             row_of,
+            decode,
             fused_decode,
-            graph_enabled: !cfg.attention_bias
-                && !cfg.mlp_bias
-                && std::env::var("MMLLM_CUDA_GRAPH").as_deref() != Ok("0"),
+            graph_enabled: !cfg.attention_bias && !cfg.mlp_bias && decode.cuda_graph,
             #[cfg(feature = "cuda")]
             graph: std::sync::Mutex::new(None),
             #[cfg(feature = "cuda")]
