@@ -223,8 +223,7 @@ mod tests {
 
     fn load_saved(cfg: &LlamaConfig, file: &std::path::Path, dtype: DType) -> Result<Llama> {
         let device = Device::new_cuda(0)?;
-        // SAFETY: the file was written by `save_random` and is not modified while mapped.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[file], dtype, &device)? };
+        let vb = crate::models::common::files::mmap_weights(&[file], dtype, &device)?;
         Llama::load(cfg, vb.pp("model"), vb.pp("lm_head"), true)
     }
 
