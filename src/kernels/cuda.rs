@@ -6,6 +6,8 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor};
 
+use super::DecodeOptions;
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const MODULE: &str = "mmllm_decode";
 
@@ -451,21 +453,10 @@ pub fn decode_attention(
     Ok(out)
 }
 
-/// `x (rows, k) @ w (n, k)^T` for the few rows of a decode step, with the GEMV kernel when
-/// it applies (rows <= 8, contiguous, 16-byte aligned rows, and not turned off with
-/// `MMLLM_DECODE_GEMV=0`), else candle's matmul (cuBLAS).
-pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    // Output columns per warp (1 or 2; `MMLLM_GEMV_COLS`), for comparing on a card.
-    static COLS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let cols = *COLS.get_or_init(|| match std::env::var("MMLLM_GEMV_COLS").as_deref() {
-        Ok("2") => 2,
-        _ => 1,
-    });
-    matmul_t_cols(x, w, cols)
-}
-
-/// [`matmul_t`] with `cols` (1 or 2) output columns per warp of the GEMV kernel.
-pub(super) fn matmul_t_cols(x: &Tensor, w: &Tensor, cols: usize) -> Result<Tensor> {
+/// `x (rows, k) @ w (n, k)^T` for the few rows of a decode step, with the GEMV kernel of
+/// `opts.gemv_cols` (1 or 2) output columns per warp when it applies (rows <= 8, contiguous,
+/// 16-byte aligned rows, and `opts.gemv` on), else candle's matmul (cuBLAS).
+pub fn matmul_t(x: &Tensor, w: &Tensor, opts: &DecodeOptions) -> Result<Tensor> {
     const GEMV: [[[&str; 3]; 8]; 2] = [
         [
             instances!("gemv1"),
@@ -489,12 +480,11 @@ pub(super) fn matmul_t_cols(x: &Tensor, w: &Tensor, cols: usize) -> Result<Tenso
         ],
     ];
     const WARPS: usize = 4; // GEMV_WARPS in decode.cu
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let enabled = *ENABLED.get_or_init(|| std::env::var("MMLLM_DECODE_GEMV").as_deref() != Ok("0"));
+    let cols = opts.gemv_cols;
     let (rows, k) = x.dims2()?;
     let (n, k2) = w.dims2()?;
     let vec = 16 / x.dtype().size_in_bytes();
-    let eligible = enabled
+    let eligible = opts.gemv
         && (1..=2).contains(&cols)
         && (1..=GEMV[0].len()).contains(&rows)
         && k == k2

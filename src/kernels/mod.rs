@@ -26,10 +26,56 @@ pub fn profile_step<E: From<candle_core::Error>>(
     .into())
 }
 
-/// Whether the fused decode kernels are wanted: on unless `MMLLM_UNFUSED_DECODE` is set to
-/// something (for timing and comparing the plain candle path on the same card).
+/// The switches for comparing decode paths on one card, read from the environment once (by
+/// [`DecodeOptions::from_env`], when a model loads) and passed down to what they steer; the
+/// kernels themselves read no environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// The fused decode kernels: on unless `MMLLM_UNFUSED_DECODE` is set to something.
+    pub fused: bool,
+    /// A captured CUDA graph for single-sequence decode: on unless `MMLLM_CUDA_GRAPH=0`.
+    pub cuda_graph: bool,
+    /// The GEMV kernel for the few rows of a decode step: on unless `MMLLM_DECODE_GEMV=0`
+    /// (then cuBLAS through candle's matmul).
+    pub gemv: bool,
+    /// Output columns per warp of the GEMV kernel: 1, or 2 with `MMLLM_GEMV_COLS=2`.
+    pub gemv_cols: usize,
+}
+
+impl Default for DecodeOptions {
+    /// Every switch unset: fused kernels, CUDA graph, GEMV with one column a warp.
+    fn default() -> Self {
+        Self {
+            fused: true,
+            cuda_graph: true,
+            gemv: true,
+            gemv_cols: 1,
+        }
+    }
+}
+
+impl DecodeOptions {
+    /// The switches as the environment sets them now.
+    pub fn from_env() -> Self {
+        Self::from_lookup(&|name| std::env::var_os(name))
+    }
+
+    /// The switches as `get` (an environment lookup) sets them.
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Self {
+        let is = |name: &str, value: &str| get(name).is_some_and(|v| v == value);
+        Self {
+            fused: get("MMLLM_UNFUSED_DECODE").is_none_or(|v| v.is_empty()),
+            cuda_graph: !is("MMLLM_CUDA_GRAPH", "0"),
+            gemv: !is("MMLLM_DECODE_GEMV", "0"),
+            gemv_cols: if is("MMLLM_GEMV_COLS", "2") { 2 } else { 1 },
+        }
+    }
+}
+
+/// Whether the fused decode kernels are wanted ([`DecodeOptions::fused`] from the
+/// environment), for callers that hold no loaded model.
 pub fn fused_decode_requested() -> bool {
-    std::env::var_os("MMLLM_UNFUSED_DECODE").is_none_or(|v| v.is_empty())
+    DecodeOptions::from_env().fused
 }
 
 /// `(x + residual, rms_norm(x + residual) * weight)` over the last dimension; without a
@@ -101,6 +147,41 @@ pub fn argmax_slice(values: &[f32]) -> u32 {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn decode_options_read_each_switch() {
+        let with = |pairs: &[(&str, &str)]| {
+            let pairs: Vec<(String, String)> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            DecodeOptions::from_lookup(&move |name| {
+                pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.into())
+            })
+        };
+        assert_eq!(with(&[]), DecodeOptions::default());
+        assert_eq!(
+            with(&[("MMLLM_UNFUSED_DECODE", ""), ("MMLLM_CUDA_GRAPH", "1")]),
+            DecodeOptions::default()
+        );
+        assert_eq!(
+            with(&[
+                ("MMLLM_UNFUSED_DECODE", "1"),
+                ("MMLLM_CUDA_GRAPH", "0"),
+                ("MMLLM_DECODE_GEMV", "0"),
+                ("MMLLM_GEMV_COLS", "2"),
+            ]),
+            DecodeOptions {
+                fused: false,
+                cuda_graph: false,
+                gemv: false,
+                gemv_cols: 2,
+            }
+        );
+        // Only the exact values switch: anything else keeps the default.
+        let other = with(&[("MMLLM_DECODE_GEMV", "00"), ("MMLLM_GEMV_COLS", "3")]);
+        assert_eq!(other, DecodeOptions::default());
+    }
 
     #[test]
     fn argmax_ties_go_low_and_nan_wins() {
@@ -195,7 +276,11 @@ mod tests {
                 let w = Tensor::randn(0f32, 1.0, (71, 264), &cpu)?;
                 let want = on(&x, &cpu)?.matmul(&on(&w, &cpu)?.t()?)?;
                 for cols in [1, 2] {
-                    let got = cuda::matmul_t_cols(&on(&x, &gpu)?, &on(&w, &gpu)?, cols)?;
+                    let opts = DecodeOptions {
+                        gemv_cols: cols,
+                        ..DecodeOptions::default()
+                    };
+                    let got = matmul_t(&on(&x, &gpu)?, &on(&w, &gpu)?, &opts)?;
                     assert_eq!(got.dims(), [rows, 71]);
                     let diff = max_diff(&want, &got)?;
                     assert!(

@@ -277,3 +277,12 @@ fn pixel_kwargs_give_transformers_grids() {
     }
     assert!(checked >= 10, "only {checked} rows checked");
 }
+
+/// The README lists every manifest key, so a new setting is documented where users look.
+#[test]
+fn the_readme_lists_every_manifest_key() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    for key in mmllm::manifest::KEYS {
+        assert!(readme.contains(&format!("`{key}`")), "README lacks `{key}`");
+    }
+}

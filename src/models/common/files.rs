@@ -1,8 +1,10 @@
 //! The files of a model directory that every family reads the same way: JSON configs and
-//! the safetensors weights (one file, or the shards of an index).
+//! the safetensors weights (one file, or the shards of an index), memory-mapped.
 
 use std::path::{Path, PathBuf};
 
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -23,6 +25,21 @@ pub fn read_optional_json(path: &Path) -> Result<Option<Value>> {
     } else {
         Ok(None)
     }
+}
+
+/// The safetensors `files` memory-mapped as one weight tree, each tensor converted to `dtype`
+/// on `device` when it is read.
+pub fn mmap_weights<P: AsRef<Path>>(
+    files: &[P],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    // SAFETY: candle requires that a mapped file is not modified while the mapping lives (a
+    // file truncated or rewritten under it would change or fault the tensors read from it).
+    // These are a model's weight files, which mmllm maps read-only and never writes, and
+    // which nothing else is expected to rewrite while a model loads from them, as with every
+    // mmap-based safetensors loader.
+    Ok(unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device)? })
 }
 
 /// The safetensors files of a model directory: the shards named by

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::media::{Embeds, MediaItem, Modality};
 use crate::models::common::clip_processor::ClipProcessorConfig;
 use crate::models::common::clip_vision::ClipVisionTower;
-use crate::models::common::files::weight_files;
+use crate::models::common::files::{mmap_weights, weight_files};
 use crate::models::common::llama::Llama;
 use crate::models::{EncodedItem, Expansion, LoadContext, Model, ModelInfo, ProcessorKwargs};
 
@@ -186,9 +186,7 @@ pub fn load_from(ctx: &LoadContext) -> Result<LlavaModel> {
     let config = Config::from_value(&ctx.config)?;
     let generation = GenerationConfig::from_dir(dir)?;
     let files = weight_files(dir)?;
-    // SAFETY: the weight files are mapped read-only; like every mmap-based loader we rely on
-    // them not being truncated or rewritten while the model is alive.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+    let vb = mmap_weights(&files, dtype, device)?;
     let p = prefixes(&vb)?;
 
     let vision = ClipVisionTower::load(

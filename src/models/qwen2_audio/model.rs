@@ -12,7 +12,7 @@ use super::encoder::AudioEncoder;
 use super::output_lengths;
 use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem};
-use crate::models::common::files::weight_files;
+use crate::models::common::files::{mmap_weights, weight_files};
 use crate::models::common::llama::Llama;
 use crate::models::common::mel::{LogMel, MelExtractor, Padding};
 use crate::models::{EncodedItem, Expansion, LoadContext, Model, ModelInfo, ProcessorKwargs};
@@ -60,9 +60,7 @@ impl Qwen2AudioModel {
         let config = Qwen2AudioConfig::from_value(&ctx.config)?;
         let mel = mel_config(dir, &config)?;
         let files = weight_files(dir)?;
-        // SAFETY: the weight files are mapped read-only; like every mmap-based loader we rely on
-        // them not being truncated or rewritten while the model is alive.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+        let vb = mmap_weights(&files, dtype, device)?;
         let tower = prefix(
             &vb,
             &["audio_tower", "model.audio_tower"],

@@ -13,7 +13,7 @@ use super::preprocessor::{preprocess_image, preprocess_video, Patches};
 use super::vision::VisionTower;
 use crate::error::{Error, Result};
 use crate::media::{Embeds, MediaItem, Modality, Video};
-use crate::models::common::files::weight_files;
+use crate::models::common::files::{mmap_weights, weight_files};
 use crate::models::common::llama::{Llama, LlamaConfig};
 use crate::models::kv::KvCache;
 use crate::models::{
@@ -136,9 +136,7 @@ pub fn load_from(ctx: &LoadContext) -> Result<Qwen2VlModel> {
     let cfg = Qwen2VlConfig::from_value(&ctx.config)?;
     let processors = Processors::load(dir)?;
     let files = weight_files(dir)?;
-    // SAFETY: the weight files are memory-mapped read-only and must not change while loaded,
-    // as with every safetensors loader.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+    let vb = mmap_weights(&files, dtype, device)?;
     let (visual, lm) = if vb.contains_tensor("model.language_model.embed_tokens.weight") {
         (vb.pp("model.visual"), vb.pp("model.language_model"))
     } else {

@@ -23,7 +23,7 @@ pub use config::{chunk_plan, Chunk, UltravoxConfig};
 
 use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem, Modality};
-use crate::models::common::files::{read_json, weight_files};
+use crate::models::common::files::{mmap_weights, read_json, weight_files};
 use crate::models::common::llama::{Llama, LlamaConfig};
 use crate::models::common::mel::{LogMel, MelConfig, MelExtractor, Padding};
 use crate::models::{
@@ -162,8 +162,7 @@ impl UltravoxModel {
             ));
         }
         let files = weight_files(dir)?;
-        // SAFETY: the files are memory-mapped read-only and not modified while loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+        let vb = mmap_weights(&files, dtype, device)?;
         let (text, lm_vb, head_vb): (LlamaConfig, VarBuilder, VarBuilder) =
             match (&config.text, text_dir) {
                 (Some(text), _) => (
@@ -182,9 +181,7 @@ impl UltravoxModel {
                             )
                         })?;
                     let tfiles = weight_files(text_dir)?;
-                    // SAFETY: as above.
-                    let tvb =
-                        unsafe { VarBuilder::from_mmaped_safetensors(&tfiles, dtype, device)? };
+                    let tvb = mmap_weights(&tfiles, dtype, device)?;
                     (text, tvb.pp("model"), tvb.pp("lm_head"))
                 }
                 (None, None) => {

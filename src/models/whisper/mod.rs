@@ -17,14 +17,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use serde_json::Value;
 
 pub use config::{GenerationConfig, Task, WhisperConfig};
 
 use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem, Modality};
-use crate::models::common::files::{read_json, weight_files};
+use crate::models::common::files::{mmap_weights, read_json, weight_files};
 use crate::models::common::mel::{LogMel, MelConfig, MelExtractor, Padding};
 use crate::models::common::whisper_encoder::{EncoderShape, ScaleAt, WhisperEncoder};
 use crate::models::kv::KvCache;
@@ -147,8 +146,7 @@ impl WhisperModel {
                 ),
             ));
         }
-        // SAFETY: the files are memory-mapped read-only and not modified while loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device)? };
+        let vb = mmap_weights(weights, dtype, device)?;
         let shape = EncoderShape {
             d_model: config.d_model,
             layers: config.encoder_layers,
