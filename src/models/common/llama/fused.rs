@@ -10,10 +10,10 @@ use candle_core::Tensor;
 use candle_nn::Linear;
 
 use super::Llama;
-use crate::models::kv::KvCache;
 use crate::error::Result;
 #[cfg(feature = "cuda")]
 use crate::kernels;
+use crate::models::kv::KvCache;
 
 /// Key splits of the attention kernel in a captured decode step (fixed at capture; each
 /// block then takes 1/32 of whatever the cache length is).

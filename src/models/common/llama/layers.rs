@@ -6,8 +6,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear_b, Linear, VarBuilder};
 
 use super::config::{LlamaConfig, Rope, RopeScaling};
-use crate::models::kv::KvCache;
 use crate::kernels;
+use crate::models::kv::KvCache;
 
 /// Inverse rotary frequencies in f32, computed as transformers does (f32 throughout).
 pub(super) fn inv_freqs(rope: &Rope, head_dim: usize) -> Vec<f32> {

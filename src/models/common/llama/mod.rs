@@ -17,9 +17,9 @@ use candle_nn::{embedding, linear_b, Embedding, Linear, VarBuilder};
 pub use config::{LlamaConfig, Rope, RopeScaling, TokenIds};
 use layers::{causal_mask, inv_freqs, Attention, Block, Mlp, RmsNorm, Rotary};
 
-use crate::models::kv::KvCache;
 use crate::error::{Error, Result};
 use crate::kernels::DecodeOptions;
+use crate::models::kv::KvCache;
 #[cfg(feature = "cuda")]
 use fused::DecodeGraph;
 
