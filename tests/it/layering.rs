@@ -29,7 +29,14 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     (
         "error",
         &[
-            "cli", "app", "engine", "models", "media", "prompt", "sink", "hub",
+            "cli", "app", "engine", "models", "media", "prompt", "sink", "hub", "json",
+        ],
+    ),
+    (
+        "json",
+        &[
+            "cli", "app", "engine", "models", "media", "prompt", "sink", "hub", "manifest",
+            "kernels",
         ],
     ),
 ];
