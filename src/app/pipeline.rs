@@ -35,7 +35,7 @@ pub struct Resolved {
 
 /// Resolves `--model` (alias, repo id or directory) and reads its `config.json`.
 pub fn resolve(model: &str) -> Result<Resolved> {
-    let dir = hub::resolve(model, &HubOptions::from_env()?)?;
+    let dir = hub::resolve(model, hub::DEFAULT_ALIASES, &HubOptions::from_env()?)?;
     let config = dir.config()?;
     let family = registry::family_for(&config, model)?;
     let defaults = (family.defaults)(&config)?;
@@ -122,7 +122,7 @@ fn resolve_extra_models(resolved: &Resolved) -> Result<Vec<std::path::PathBuf>> 
                     resolved.dir.display()
                 )
             };
-            let extra = hub::resolve(&extra.reference, &opts)
+            let extra = hub::resolve(&extra.reference, hub::DEFAULT_ALIASES, &opts)
                 .and_then(|d| {
                     d.config()?;
                     d.weight_files()?;

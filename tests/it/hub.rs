@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mmllm::error::Error;
-use mmllm::hub::{aliases, resolve, HubOptions, ModelDir};
+use mmllm::hub::{resolve, HubOptions, ModelDir, DEFAULT_ALIASES};
 
 use crate::util_http::{Reply, Request, Server};
 
@@ -141,7 +141,7 @@ fn download_writes_the_huggingface_hub_layout_then_works_offline() {
     let cache = tempfile::tempdir().expect("temp dir");
     let opts = options(&server.hub, cache.path(), false);
 
-    let dir = resolve("org/tiny", &opts).expect("resolve online");
+    let dir = resolve("org/tiny", DEFAULT_ALIASES, &opts).expect("resolve online");
     let repo = cache.path().join("models--org--tiny");
     assert_eq!(dir.repo_id.as_deref(), Some("org/tiny"));
     assert_eq!(dir.commit.as_deref(), Some(COMMIT));
@@ -189,7 +189,7 @@ fn download_writes_the_huggingface_hub_layout_then_works_offline() {
     // Offline: everything cached resolves without a single request.
     let before = server.hub.requests().len();
     let offline = options(&server.hub, cache.path(), true);
-    let dir = resolve("org/tiny", &offline).expect("resolve offline");
+    let dir = resolve("org/tiny", DEFAULT_ALIASES, &offline).expect("resolve offline");
     assert_eq!(dir.config().expect("config")["hidden_size"], 8);
     assert_eq!(
         dir.file("tokenizer.json").expect("cached"),
@@ -214,7 +214,7 @@ fn download_writes_the_huggingface_hub_layout_then_works_offline() {
     );
 
     // Offline and never downloaded: the error names the repo.
-    let (input, problem, _) = input_error(resolve("org/other", &offline));
+    let (input, problem, _) = input_error(resolve("org/other", DEFAULT_ALIASES, &offline));
     assert!(input.contains("org/other"), "{input}");
     assert!(problem.contains("HF_HUB_OFFLINE"), "{problem}");
 }
@@ -224,7 +224,7 @@ fn optional_files_and_404s() {
     let server = fake_hub(&[("config.json", config_bytes())]);
     let cache = tempfile::tempdir().expect("temp dir");
     let opts = options(&server.hub, cache.path(), false);
-    let dir = resolve("org/tiny", &opts).expect("resolve");
+    let dir = resolve("org/tiny", DEFAULT_ALIASES, &opts).expect("resolve");
     assert_eq!(
         dir.optional_file("chat_template.jinja")
             .expect("404 is None"),
@@ -255,13 +255,13 @@ fn optional_files_and_404s() {
     assert!(problem.contains("model.safetensors"), "{problem}");
     assert!(expected.contains("index"), "{expected}");
 
-    let (input, problem, _) = input_error(resolve("org/absent", &opts));
+    let (input, problem, _) = input_error(resolve("org/absent", DEFAULT_ALIASES, &opts));
     assert!(input.contains("org/absent"), "{input}");
     assert!(problem.contains("not found"), "{problem}");
     // A renamed repository: the Hub's same-origin redirect is followed.
-    let renamed = resolve("org/old-name", &opts).expect("renamed repo");
+    let renamed = resolve("org/old-name", DEFAULT_ALIASES, &opts).expect("renamed repo");
     assert_eq!(renamed.config().expect("config")["model_type"], "llava");
-    let (input, problem, _) = input_error(resolve("org/tiny@v9", &opts));
+    let (input, problem, _) = input_error(resolve("org/tiny@v9", DEFAULT_ALIASES, &opts));
     assert_eq!(input, "org/tiny@v9");
     assert!(problem.contains("revision"), "{problem}");
 }
@@ -282,7 +282,12 @@ fn sharded_weights_follow_the_index() {
         ("model-00002-of-00002.safetensors", shard2.clone()),
     ]);
     let cache = tempfile::tempdir().expect("temp dir");
-    let dir = resolve("org/tiny", &options(&server.hub, cache.path(), false)).expect("resolve");
+    let dir = resolve(
+        "org/tiny",
+        DEFAULT_ALIASES,
+        &options(&server.hub, cache.path(), false),
+    )
+    .expect("resolve");
     let files = dir.weight_files().expect("shards");
     assert_eq!(
         files,
@@ -294,7 +299,12 @@ fn sharded_weights_follow_the_index() {
     assert_eq!(std::fs::read(&files[0]).expect("shard 1"), shard1);
     assert_eq!(std::fs::read(&files[1]).expect("shard 2"), shard2);
     // Offline afterwards: the same answer from the cache alone.
-    let offline = resolve("org/tiny", &options(&server.hub, cache.path(), true)).expect("offline");
+    let offline = resolve(
+        "org/tiny",
+        DEFAULT_ALIASES,
+        &options(&server.hub, cache.path(), true),
+    )
+    .expect("offline");
     assert_eq!(offline.weight_files().expect("cached shards"), files);
 }
 
@@ -330,7 +340,7 @@ fn a_cache_written_by_python_tools_is_used_without_network() {
     );
     // Online, but everything needed is cached: the (broken) server is never asked.
     let opts = options(&server, cache.path(), false);
-    let dir = resolve("whisper", &opts).expect("alias through the cache");
+    let dir = resolve("whisper", DEFAULT_ALIASES, &opts).expect("alias through the cache");
     assert_eq!(dir.repo_id.as_deref(), Some("openai/whisper-tiny.en"));
     assert_eq!(dir.root, snapshot);
     assert_eq!(dir.config().expect("config")["model_type"], "llava");
@@ -338,7 +348,12 @@ fn a_cache_written_by_python_tools_is_used_without_network() {
         dir.weight_files().expect("weights"),
         vec![snapshot.join("model.safetensors")]
     );
-    let pinned = resolve(&format!("openai/whisper-tiny.en@{COMMIT}"), &opts).expect("by commit");
+    let pinned = resolve(
+        &format!("openai/whisper-tiny.en@{COMMIT}"),
+        DEFAULT_ALIASES,
+        &opts,
+    )
+    .expect("by commit");
     assert_eq!(pinned.root, snapshot);
     assert!(server.requests().is_empty(), "{:?}", server.requests());
 }
@@ -359,7 +374,12 @@ fn interrupted_download_leaves_no_blob() {
         }
     });
     let cache = tempfile::tempdir().expect("temp dir");
-    let dir = resolve("org/tiny", &options(&server, cache.path(), false)).expect("resolve");
+    let dir = resolve(
+        "org/tiny",
+        DEFAULT_ALIASES,
+        &options(&server, cache.path(), false),
+    )
+    .expect("resolve");
     let err = dir
         .file("model.safetensors")
         .expect_err("truncated download");
@@ -389,7 +409,7 @@ fn local_directories() {
         cache_dir: dir.path().join("cache"),
     };
     let arg = root.to_str().expect("utf-8 temp path");
-    let (input, problem, expected) = input_error(resolve(arg, &opts));
+    let (input, problem, expected) = input_error(resolve(arg, DEFAULT_ALIASES, &opts));
     assert_eq!(input, arg);
     assert!(problem.contains("config.json"), "{problem}");
     assert!(
@@ -398,7 +418,7 @@ fn local_directories() {
     );
 
     std::fs::write(root.join("config.json"), b"{not json").expect("write");
-    let model: ModelDir = resolve(arg, &opts).expect("directory with config.json");
+    let model: ModelDir = resolve(arg, DEFAULT_ALIASES, &opts).expect("directory with config.json");
     assert_eq!(model.repo_id, None);
     let (input, problem, _) = input_error(model.config());
     assert!(input.ends_with("config.json"), "{input}");
@@ -415,13 +435,17 @@ fn local_directories() {
     input_error(model.weight_files());
 
     let missing = dir.path().join("nowhere");
-    let (input, _, _) = input_error(resolve(missing.to_str().expect("utf-8"), &opts));
+    let (input, _, _) = input_error(resolve(
+        missing.to_str().expect("utf-8"),
+        DEFAULT_ALIASES,
+        &opts,
+    ));
     assert!(input.ends_with("nowhere"));
 }
 
 #[test]
 fn aliases_and_unknown_names() {
-    let table = aliases();
+    let table = DEFAULT_ALIASES;
     let get = |a: &str| table.iter().find(|(n, _)| *n == a).map(|(_, r)| *r);
     assert_eq!(get("llava"), Some("llava-hf/llava-1.5-7b-hf"));
     assert_eq!(get("qwen2-vl"), Some("Qwen/Qwen2-VL-2B-Instruct"));
@@ -434,7 +458,7 @@ fn aliases_and_unknown_names() {
         token: None,
         cache_dir: PathBuf::from("/nonexistent-mmllm-cache"),
     };
-    let (input, problem, expected) = input_error(resolve("lavva", &opts));
+    let (input, problem, expected) = input_error(resolve("lavva", DEFAULT_ALIASES, &opts));
     assert_eq!(input, "lavva");
     assert!(problem.contains("alias"), "{problem}");
     assert!(
