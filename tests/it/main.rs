@@ -15,5 +15,6 @@ mod qwen2_vl;
 mod qwen2_vl_e2e;
 mod source;
 mod ultravox;
+mod util;
 mod util_http;
 mod whisper;
