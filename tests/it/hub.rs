@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mmllm::error::Error;
 use mmllm::hub::{resolve, HubOptions, ModelDir, DEFAULT_ALIASES};
 
+use crate::util::input_error;
 use crate::util_http::{Reply, Request, Server};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -93,17 +93,6 @@ fn options(hub: &Server, cache: &Path, offline: bool) -> HubOptions {
         endpoint: hub.url(""),
         token: Some("secret-token".into()),
         cache_dir: cache.to_path_buf(),
-    }
-}
-
-fn input_error(r: Result<impl std::fmt::Debug, Error>) -> (String, String, String) {
-    match r {
-        Err(Error::Input {
-            input,
-            problem,
-            expected,
-        }) => (input, problem, expected),
-        other => panic!("expected an input error, got {other:?}"),
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use candle_core::{DType, Device, Tensor};
+use mmllm::error::Error;
 use mmllm::media::Audio;
 use serde_json::Value;
 
@@ -42,6 +43,18 @@ pub fn json_line(out: &Output) -> Value {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 1, "one JSON line per prompt: {text}");
     serde_json::from_str(lines[0]).unwrap()
+}
+
+/// The (input, problem, expected) of an input error, or a panic naming what came instead.
+pub fn input_error(r: Result<impl std::fmt::Debug, Error>) -> (String, String, String) {
+    match r {
+        Err(Error::Input {
+            input,
+            problem,
+            expected,
+        }) => (input, problem, expected),
+        other => panic!("expected an input error, got {other:?}"),
+    }
 }
 
 /// A JSON file, parsed; panics naming the file.
