@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 
-use super::resolve::write_ref;
 use super::{HubOptions, DEFAULT_ENDPOINT};
 use crate::error::{Error, Result};
 
@@ -243,7 +242,7 @@ impl Remote {
             .join(name);
         link_pointer(&blob, &pointer, name)?;
         if revision != meta.commit {
-            write_ref(&self.repo_cache, revision, &meta.commit)?;
+            self.write_ref(revision, &meta.commit)?;
         }
         Ok(Fetched::Found {
             path: pointer,
@@ -331,6 +330,28 @@ impl Remote {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Points `refs/<revision>` at `commit` (atomically, by rename).
+    fn write_ref(&self, revision: &str, commit: &str) -> Result<()> {
+        let path = self.repo_cache.join("refs").join(revision);
+        if std::fs::read_to_string(&path).is_ok_and(|c| c == commit) {
+            return Ok(());
+        }
+        let dir = path
+            .parent()
+            .ok_or_else(|| anyhow!("ref path {} has no parent", path.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the cache folder {}", dir.display()))?;
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("ref"),
+            std::process::id()
+        ));
+        // No trailing newline: huggingface_hub compares the file's text to the hash.
+        std::fs::write(&tmp, commit).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 

@@ -3,8 +3,6 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context};
-
 use super::remote::{Fetched, Remote};
 use super::{HubOptions, ModelDir};
 use crate::error::{Error, Result};
@@ -217,28 +215,6 @@ fn read_ref(repo_cache: &Path, revision: &str) -> Result<Option<String>> {
             "a readable Hugging Face cache ref",
         )),
     }
-}
-
-/// Points `refs/<revision>` at `commit` (atomically, by rename).
-pub(super) fn write_ref(repo_cache: &Path, revision: &str, commit: &str) -> Result<()> {
-    let path = repo_cache.join("refs").join(revision);
-    if std::fs::read_to_string(&path).is_ok_and(|c| c == commit) {
-        return Ok(());
-    }
-    let dir = path
-        .parent()
-        .ok_or_else(|| anyhow!("ref path {} has no parent", path.display()))?;
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating the cache folder {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("ref"),
-        std::process::id()
-    ));
-    // No trailing newline: huggingface_hub compares the file's text to the hash.
-    std::fs::write(&tmp, commit).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]
