@@ -9,6 +9,7 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod hub;
+pub mod json;
 pub mod kernels;
 pub mod manifest;
 pub mod media;

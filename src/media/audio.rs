@@ -16,9 +16,7 @@
 //! and resamples with FFmpeg (0.19 max-abs from the soundfile path on stereo speech); SPEC §8
 //! names the soundfile + soxr HQ path as the reference.
 
-use std::ffi::OsString;
-
-use super::ffmpeg::{self, TempFile, Tool};
+use super::ffmpeg::{self, Invocation, TempFile};
 use super::npy;
 use super::resample::resample;
 use super::Audio;
@@ -268,20 +266,13 @@ fn suffix_of(input: &str) -> String {
 
 fn decode_with_ffmpeg(bytes: &[u8], input: &str) -> Result<Decoded> {
     let file = TempFile::with_bytes(bytes, &suffix_of(input))?;
-    let limit = ffmpeg::timeout();
 
-    let probe_args: Vec<OsString> = vec![
-        "-v".into(),
-        "error".into(),
-        "-select_streams".into(),
-        "a:0".into(),
-        "-show_entries".into(),
-        "stream=sample_rate,channels,time_base,duration_ts".into(),
-        "-of".into(),
-        "json".into(),
-        file.path().into(),
-    ];
-    let probe = ffmpeg::run_to_end(Tool::Ffprobe, &probe_args, input, limit)?;
+    let probe = Invocation::probe(
+        file.path(),
+        "a:0",
+        "stream=sample_rate,channels,time_base,duration_ts",
+    )
+    .run_to_end(input)?;
     if !probe.success {
         return Err(Error::input(
             input,
@@ -295,23 +286,13 @@ fn decode_with_ffmpeg(bytes: &[u8], input: &str) -> Result<Decoded> {
     let (rate, channels, duration) = parse_probe(&probe.value)
         .ok_or_else(|| Error::input(input, "the file has no audio stream", EXPECTED))?;
 
-    let args: Vec<OsString> = vec![
-        "-nostdin".into(),
-        "-hide_banner".into(),
-        "-loglevel".into(),
-        "error".into(),
-        "-i".into(),
-        file.path().into(),
-        "-map".into(),
-        "0:a:0".into(),
-        // Native rate and channels; float32 little-endian, interleaved.
-        "-f".into(),
-        "f32le".into(),
-        "-acodec".into(),
-        "pcm_f32le".into(),
-        "pipe:1".into(),
-    ];
-    let out = ffmpeg::run_to_end(Tool::Ffmpeg, &args, input, limit)?;
+    // Native rate and channels; float32 little-endian, interleaved.
+    let out = Invocation::decode(
+        file.path(),
+        "0:a:0",
+        &["-f", "f32le", "-acodec", "pcm_f32le"],
+    )
+    .run_to_end(input)?;
     if !out.success {
         return Err(Error::input(
             input,

@@ -150,18 +150,74 @@ pub(crate) fn run<T: Send + 'static>(
     })
 }
 
-/// Runs `tool` to completion and returns all of stdout (for ffprobe and audio decoding).
-pub(crate) fn run_to_end(
+/// One ffmpeg or ffprobe command line over a media file, with what every run shares: only
+/// errors on stderr (no banner, no stats), no stdin, JSON from ffprobe, the output on stdout
+/// for ffmpeg, the executable from [`Tool::path`] and the [`timeout`] limit.
+pub(crate) struct Invocation {
     tool: Tool,
-    args: &[OsString],
-    input: &str,
-    limit: Duration,
-) -> Result<Finished<Vec<u8>>> {
-    run(tool, &tool.path(), args, input, limit, |out| {
-        let mut buf = Vec::new();
-        out.read_to_end(&mut buf)?;
-        Ok((buf, ReadEnd::Eof))
-    })
+    args: Vec<OsString>,
+}
+
+impl Invocation {
+    /// `ffprobe -v error -select_streams <streams> -show_entries <entries> -of json <path>`.
+    pub(crate) fn probe(path: &Path, streams: &str, entries: &str) -> Invocation {
+        let mut args: Vec<OsString> = ["-v", "error", "-select_streams", streams]
+            .into_iter()
+            .chain(["-show_entries", entries, "-of", "json"])
+            .map(OsString::from)
+            .collect();
+        args.push(path.into());
+        Invocation {
+            tool: Tool::Ffprobe,
+            args,
+        }
+    }
+
+    /// `ffmpeg -nostdin -hide_banner -loglevel error -i <path> -map <stream> <output…> pipe:1`:
+    /// `output` holds the output options (format, codec, pixel format, …).
+    pub(crate) fn decode(path: &Path, stream: &str, output: &[&str]) -> Invocation {
+        let mut args: Vec<OsString> = ["-nostdin", "-hide_banner", "-loglevel", "error", "-i"]
+            .into_iter()
+            .map(OsString::from)
+            .collect();
+        args.push(path.into());
+        args.extend(
+            ["-map", stream]
+                .iter()
+                .chain(output)
+                .chain(&["pipe:1"])
+                .map(OsString::from),
+        );
+        Invocation {
+            tool: Tool::Ffmpeg,
+            args,
+        }
+    }
+
+    /// [`run`] with this command line.
+    pub(crate) fn run<T: Send + 'static>(
+        &self,
+        input: &str,
+        read: impl FnOnce(&mut ChildStdout) -> std::io::Result<(T, ReadEnd)> + Send + 'static,
+    ) -> Result<Finished<T>> {
+        run(
+            self.tool,
+            &self.tool.path(),
+            &self.args,
+            input,
+            timeout(),
+            read,
+        )
+    }
+
+    /// Runs to completion and returns all of stdout (for ffprobe and audio decoding).
+    pub(crate) fn run_to_end(&self, input: &str) -> Result<Finished<Vec<u8>>> {
+        self.run(input, |out| {
+            let mut buf = Vec::new();
+            out.read_to_end(&mut buf)?;
+            Ok((buf, ReadEnd::Eof))
+        })
+    }
 }
 
 fn spawn(tool: Tool, program: &Path, args: &[OsString]) -> Result<Child> {

@@ -11,11 +11,10 @@
 //! yuv420p10le (bilinear differs there by up to 103). Display-matrix rotation is applied (ffmpeg's
 //! autorotate), as torchcodec does.
 
-use std::ffi::OsString;
 use std::io::Read;
 use std::path::Path;
 
-use super::ffmpeg::{self, ReadEnd, TempFile, Tool};
+use super::ffmpeg::{self, Invocation, ReadEnd, TempFile};
 use super::{RgbImage, Video};
 use crate::error::{Error, Result};
 
@@ -103,19 +102,12 @@ pub fn sample_indices(
 /// discard), the duration runs from the smallest packet time to the largest packet time plus its
 /// duration, and the rate is count / duration (the header's `r_frame_rate` when that is 0).
 pub fn probe_video(path: &Path, input: &str) -> Result<VideoInfo> {
-    let args: Vec<OsString> = vec![
-        "-v".into(),
-        "error".into(),
-        "-select_streams".into(),
-        "V:0".into(),
-        "-show_entries".into(),
-        "stream=width,height,r_frame_rate,time_base:stream_side_data=rotation:packet=pts,dts,duration,flags"
-            .into(),
-        "-of".into(),
-        "json".into(),
-        path.into(),
-    ];
-    let out = ffmpeg::run_to_end(Tool::Ffprobe, &args, input, ffmpeg::timeout())?;
+    let out = Invocation::probe(
+        path,
+        "V:0",
+        "stream=width,height,r_frame_rate,time_base:stream_side_data=rotation:packet=pts,dts,duration,flags",
+    )
+    .run_to_end(input)?;
     if !out.success {
         return Err(Error::input(
             input,
@@ -289,52 +281,41 @@ fn run_decoder(
     indices: &[usize],
     frame_bytes: usize,
 ) -> Result<ffmpeg::Finished<Vec<IndexedFrame>>> {
-    let args: Vec<OsString> = vec![
-        "-nostdin".into(),
-        "-hide_banner".into(),
-        "-loglevel".into(),
-        "error".into(),
-        "-i".into(),
-        path.into(),
-        "-map".into(),
-        "0:V:0".into(),
-        // One output frame per decoded frame, in presentation order, so output index == frame index.
-        sync_flag.into(),
-        "passthrough".into(),
-        "-sws_flags".into(),
-        "bicubic".into(),
-        "-f".into(),
-        "rawvideo".into(),
-        "-pix_fmt".into(),
-        "rgb24".into(),
-        "pipe:1".into(),
-    ];
+    let decoder = Invocation::decode(
+        path,
+        "0:V:0",
+        &[
+            // One output frame per decoded frame, in presentation order, so output index ==
+            // frame index.
+            sync_flag,
+            "passthrough",
+            "-sws_flags",
+            "bicubic",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+        ],
+    );
     let wanted = indices.to_vec();
-    ffmpeg::run(
-        Tool::Ffmpeg,
-        &Tool::Ffmpeg.path(),
-        &args,
-        input,
-        ffmpeg::timeout(),
-        move |stdout| {
-            let mut frames: Vec<IndexedFrame> = Vec::with_capacity(wanted.len());
-            let mut buf = vec![0u8; frame_bytes];
-            let mut next = 0usize;
-            let mut index = 0usize;
-            while next < wanted.len() {
-                if !read_full(stdout, &mut buf)? {
-                    return Ok((frames, ReadEnd::Eof));
-                }
-                // Indices are strictly increasing, so one comparison per frame suffices.
-                if wanted[next] == index {
-                    frames.push((index, buf.clone()));
-                    next += 1;
-                }
-                index += 1;
+    decoder.run(input, move |stdout| {
+        let mut frames: Vec<IndexedFrame> = Vec::with_capacity(wanted.len());
+        let mut buf = vec![0u8; frame_bytes];
+        let mut next = 0usize;
+        let mut index = 0usize;
+        while next < wanted.len() {
+            if !read_full(stdout, &mut buf)? {
+                return Ok((frames, ReadEnd::Eof));
             }
-            Ok((frames, ReadEnd::Stopped))
-        },
-    )
+            // Indices are strictly increasing, so one comparison per frame suffices.
+            if wanted[next] == index {
+                frames.push((index, buf.clone()));
+                next += 1;
+            }
+            index += 1;
+        }
+        Ok((frames, ReadEnd::Stopped))
+    })
 }
 
 /// Fills `buf` from `r`; `false` at a clean end of stream before the first byte.

@@ -2,17 +2,9 @@
 //! and `--resume` after `kill -9` keeping exactly one result per job.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn mmllm() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mmllm"));
-    c.env("HF_HUB_OFFLINE", "1").stdin(Stdio::null());
-    c
-}
+use crate::util::{mmllm, repo};
 
 fn batch(manifest: &Path, extra: &[&str]) -> Output {
     mmllm()

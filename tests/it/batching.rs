@@ -3,7 +3,7 @@
 //! around it. Also an ignored benchmark: `cargo test --test it batching_bench -- --ignored
 //! --nocapture` prints jobs/s and tokens/s of batched against sequential runs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use mmllm::app::pipeline::{self, Loaded, Resolved};
@@ -14,9 +14,7 @@ use mmllm::engine::scheduler::{self, SchedulerConfig, Stats};
 use mmllm::error::{Error, Result};
 use mmllm::manifest;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::util::{mmllm, repo};
 
 /// `(prompt, photos, max_tokens)` per job, as manifest jobs on the tiny LLaVA.
 fn setup(jobs: &[(&str, &[&str], usize)]) -> (Resolved, Loaded, Vec<Request>) {
@@ -421,9 +419,7 @@ fn cli_results_do_not_depend_on_max_seqs() {
     let manifest = dir.path().join("jobs.yaml");
     std::fs::write(&manifest, yaml).unwrap();
     let run = |max_seqs: &str| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmllm"))
-            .env("HF_HUB_OFFLINE", "1")
-            .stdin(std::process::Stdio::null())
+        let out = mmllm()
             .args(["batch", "--device", "cpu", "--max-seqs", max_seqs])
             .arg(&manifest)
             .output()

@@ -1,18 +1,10 @@
 //! The command-line contract: exit codes, error messages naming the input, stdout kept for
 //! results, and `--help`/man/completions generated from the one clap definition.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-fn mmllm() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mmllm"));
-    c.env("HF_HUB_OFFLINE", "1").env_remove("MMLLM_MODEL");
-    c
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::util::{mmllm, repo};
 
 fn data(name: &str) -> String {
     repo().join("tests/data").join(name).display().to_string()
@@ -36,7 +28,9 @@ fn run(args: &[&str]) -> Output {
 
 fn run_with_stdin(args: &[&str], stdin: &[u8]) -> Output {
     use std::io::Write;
+    // No default model from the environment: the errors for a missing `--model` must show.
     let mut child = mmllm()
+        .env_remove("MMLLM_MODEL")
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

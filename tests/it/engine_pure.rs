@@ -13,18 +13,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokenizers::Tokenizer;
 
+use crate::util::{read_json, repo};
+
 // ---------------------------------------------------------------- tokenizers
 
-fn data_path(name: &str) -> String {
-    format!(
-        "{}/tests/data/tokenizers/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    )
-}
-
 fn load_json(name: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(data_path(name)).expect("committed tokenizer file");
-    serde_json::from_str(&text).expect("valid JSON")
+    read_json(&repo().join("tests/data/tokenizers").join(name))
 }
 
 fn from_json(v: &serde_json::Value) -> Arc<Tokenizer> {
@@ -730,12 +724,7 @@ fn top_logprobs_best_first_ties_by_lower_id() {
 /// must be identical and the probabilities equal to f32 rounding.
 #[test]
 fn sampler_transforms_match_hf_generate() {
-    let path = format!(
-        "{}/tests/fixtures/sampler_hf.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(path).expect("committed fixture");
-    let fixture: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let fixture = read_json(&repo().join("tests/fixtures/sampler_hf.json"));
     let cases = fixture["cases"].as_array().expect("cases");
     assert!(cases.len() >= 20);
     for (n, case) in cases.iter().enumerate() {

@@ -1,14 +1,11 @@
 //! The family table: every `--model` alias names a family that resolves and loads, and the
 //! table claims each fixture's `model_type` for the right family.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use mmllm::models::registry::{aliases, family_for, FAMILIES};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::util::{json_line, repo};
 
 /// For each alias: the tiny fixture standing in for its checkpoint, the command and the media
 /// to prompt it with. A new alias without a line here fails `every_alias_loads_its_family`.
@@ -61,7 +58,7 @@ fn every_alias_loads_its_family() {
         };
         let fixture = repo().join("tests/fixtures").join(fixture);
         cache_repo(cache.path(), repo_id, &fixture);
-        let out = Command::new(env!("CARGO_BIN_EXE_mmllm"))
+        let out = crate::util::mmllm()
             .args([
                 command,
                 "--model",
@@ -75,21 +72,13 @@ fn every_alias_loads_its_family() {
             // Whisper reads its prompt as task and language words: give audio none.
             .arg(if command == "audio" { "" } else { "Hi" })
             .env("HF_HUB_CACHE", cache.path())
-            .env("HF_HUB_OFFLINE", "1")
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{alias}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let line = json_line(&out);
         assert_eq!(line["model"], alias);
         assert_eq!(line["usage"]["completion_tokens"], 1, "{alias}");
         // The alias's family is the one whose table line lists it.
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap())
-                .unwrap();
+        let config = crate::util::read_json(&fixture.join("config.json"));
         let family = family_for(&config, alias).unwrap();
         assert!(
             family

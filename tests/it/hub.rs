@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mmllm::error::{Error, Result};
+use mmllm::error::Result;
 use mmllm::hub::{HubOptions, ModelDir};
 use mmllm::models::registry::aliases;
 
+use crate::util::input_error;
 use crate::util_http::{Reply, Request, Server};
 
 /// `--model` resolution with the family table's aliases, as the app resolves it.
@@ -99,17 +100,6 @@ fn options(hub: &Server, cache: &Path, offline: bool) -> HubOptions {
         endpoint: hub.url(""),
         token: Some("secret-token".into()),
         cache_dir: cache.to_path_buf(),
-    }
-}
-
-fn input_error(r: Result<impl std::fmt::Debug, Error>) -> (String, String, String) {
-    match r {
-        Err(Error::Input {
-            input,
-            problem,
-            expected,
-        }) => (input, problem, expected),
-        other => panic!("expected an input error, got {other:?}"),
     }
 }
 

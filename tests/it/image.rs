@@ -9,17 +9,15 @@ use mmllm::media::RgbImage;
 use mmllm::models::common::clip_processor::ClipProcessorConfig;
 use mmllm::models::common::resize::{resize, Filter};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::util::{read_json, repo};
 
 fn data(name: &str) -> Vec<u8> {
-    let p = root().join("tests/data/image").join(name);
+    let p = repo().join("tests/data/image").join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 fn fixture_path(rel: &str) -> PathBuf {
-    root().join("tests/fixtures/image").join(rel)
+    repo().join("tests/fixtures/image").join(rel)
 }
 
 /// A reference image stored as a lossless RGB PNG.
@@ -31,8 +29,7 @@ fn fixture_rgb(rel: &str) -> RgbImage {
 }
 
 fn cases() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture_path("cases.json")).expect("cases.json");
-    serde_json::from_str(&text).expect("cases.json is JSON")
+    read_json(&fixture_path("cases.json"))
 }
 
 fn decode(name: &str) -> RgbImage {
@@ -132,7 +129,7 @@ fn resize_equals_pillow() {
         // A lossless input (a PNG read by the `image` crate, or Pillow's own decode of a JPEG),
         // so only the resize is under test.
         let src = if input.ends_with(".png") {
-            let p = root().join("tests/data/image").join(input);
+            let p = repo().join("tests/data/image").join(input);
             image::open(&p).expect("resize input").to_rgb8()
         } else {
             fixture_rgb(&format!("decoded/{input}.png"))

@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
 use candle_core::{Device, Tensor};
 use mmllm::media::image::{decode_image, ImageLimits};
@@ -14,43 +13,10 @@ use mmllm::models::qwen2_vl::preprocessor::preprocess_image;
 use mmllm::models::qwen2_vl::Processors;
 use mmllm::models::ProcessorKwargs;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::util::{json_line, read_json, repo, run_mmllm, token_ids};
 
 fn qwen() -> PathBuf {
     repo().join("tests/fixtures/qwen2-vl-tiny")
-}
-
-fn mmllm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mmllm"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn ok_json(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u64> {
-    v["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
-}
-
-fn read_json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 /// The committed image embeddings split in two files: the features alone, and the grid.
@@ -91,25 +57,20 @@ fn image_grid_thw_from_a_separate_file_reaches_the_model() {
     ];
     let prompt = "What is in this image?";
 
-    let with = ok_json(&mmllm(
+    let with = json_line(&run_mmllm(
         &[&base[..], &["--image-grid-thw", &grid, &features, prompt]].concat(),
     ));
-    let want_ids: Vec<u64> = want["greedy_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
-    assert_eq!(ids(&with), want_ids);
+    let want_ids = token_ids(&want["greedy_ids"]);
+    assert_eq!(token_ids(&with["token_ids"]), want_ids);
 
     // Without the grid the embeddings cannot be placed: an input error, not a guess.
-    let without = mmllm(&[&base[..], &[&features, prompt]].concat());
+    let without = run_mmllm(&[&base[..], &[&features, prompt]].concat());
     assert_eq!(without.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&without.stderr).contains("image_grid_thw"));
 
     // A grid both in the file and by flag is refused rather than silently replaced.
     let combined = qwen().join("expected/embeds_one_image.safetensors");
-    let twice = mmllm(
+    let twice = run_mmllm(
         &[
             &base[..],
             &[
@@ -133,8 +94,8 @@ fn image_grid_thw_from_a_separate_file_reaches_the_model() {
         ),
     )
     .unwrap();
-    let out = mmllm(&["batch", manifest.to_str().unwrap()]);
-    assert_eq!(ids(&ok_json(&out)), want_ids);
+    let out = run_mmllm(&["batch", manifest.to_str().unwrap()]);
+    assert_eq!(token_ids(&json_line(&out)["token_ids"]), want_ids);
 }
 
 #[test]
@@ -195,7 +156,7 @@ fn settings_a_family_cannot_use_are_refused_before_loading() {
     ];
     for (args, flag) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = mmllm(&args);
+        let out = run_mmllm(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
@@ -222,7 +183,7 @@ fn manifest_pixel_budgets_act_as_the_flags_do() {
         ),
     )
     .unwrap();
-    let out = mmllm(&["batch", manifest.to_str().unwrap()]);
+    let out = run_mmllm(&["batch", manifest.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "the llava job fails alone");
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -231,7 +192,7 @@ fn manifest_pixel_budgets_act_as_the_flags_do() {
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["usage"]["prompt_tokens"], want["prompt_tokens"]);
     assert_eq!(
-        serde_json::json!(ids(&lines[0])),
+        serde_json::json!(token_ids(&lines[0]["token_ids"])),
         want["greedy_ids"],
         "max_pixels in the manifest gives HF's ids"
     );

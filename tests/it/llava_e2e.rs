@@ -3,12 +3,9 @@
 //! Hugging Face transformers produced for the same photo and prompt
 //! (tests/fixtures/llava-tiny/expected, made by tests/fixtures/generate.py).
 
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::util::{json_line, mmllm, read_json, repo, run_mmllm, token_ids};
 
 fn fixture() -> String {
     repo()
@@ -18,43 +15,16 @@ fn fixture() -> String {
 }
 
 fn expected(case: &str) -> serde_json::Value {
-    let path = repo().join(format!("tests/fixtures/llava-tiny/expected/{case}.json"));
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn mmllm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mmllm"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn json_line(out: &Output) -> serde_json::Value {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout.clone()).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 1, "one JSON line per prompt: {text}");
-    serde_json::from_str(lines[0]).unwrap()
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
+    read_json(&repo().join(format!("tests/fixtures/llava-tiny/expected/{case}.json")))
 }
 
 fn check_against_hf(case: &str, got: &serde_json::Value) {
     let want = expected(case);
-    assert_eq!(ids(&got["token_ids"]), ids(&want["greedy_ids"]), "{case}");
+    assert_eq!(
+        token_ids(&got["token_ids"]),
+        token_ids(&want["greedy_ids"]),
+        "{case}"
+    );
     assert_eq!(got["usage"]["prompt_tokens"], want["num_prompt_tokens"]);
     assert_eq!(
         got["usage"]["completion_tokens"].as_u64().unwrap(),
@@ -66,11 +36,15 @@ fn check_against_hf(case: &str, got: &serde_json::Value) {
     assert_eq!(steps.len(), want_steps.len());
     for (step, (g, w)) in steps.iter().zip(want_steps).enumerate() {
         let top = g["top"].as_array().unwrap();
-        let got_ids: Vec<u64> = top
+        let got_ids: Vec<u32> = top
             .iter()
-            .map(|t| t["token_id"].as_u64().unwrap())
+            .map(|t| u32::try_from(t["token_id"].as_u64().unwrap()).unwrap())
             .collect();
-        assert_eq!(got_ids, ids(&w["ids"]), "{case} step {step} top-5 ids");
+        assert_eq!(
+            got_ids,
+            token_ids(&w["ids"]),
+            "{case} step {step} top-5 ids"
+        );
         for (t, wl) in top.iter().zip(w["logprobs"].as_array().unwrap()) {
             let (a, b) = (t["logprob"].as_f64().unwrap(), wl.as_f64().unwrap());
             assert!(
@@ -89,7 +63,7 @@ fn image_prompt_reproduces_hugging_face() {
         let want = expected(case);
         let image = repo().join(want["image"].as_str().unwrap());
         let n = want["greedy_ids"].as_array().unwrap().len().to_string();
-        let out = mmllm(&[
+        let out = run_mmllm(&[
             "image",
             "--model",
             &fixture(),
@@ -118,13 +92,13 @@ fn raw_prompt_and_embeds_take_the_same_path() {
     let mut raw_args = vec!["image", "--model", &model];
     raw_args.extend(common);
     raw_args.extend(["--raw", image, raw]);
-    check_against_hf("photo_1", &json_line(&mmllm(&raw_args)));
+    check_against_hf("photo_1", &json_line(&run_mmllm(&raw_args)));
 
     let embeds = repo().join("tests/fixtures/llava-tiny/expected/image_embeds.safetensors");
     let mut embeds_args = vec!["embeds", "--model", &model];
     embeds_args.extend(common);
     embeds_args.extend([embeds.to_str().unwrap(), want["prompt"].as_str().unwrap()]);
-    check_against_hf("photo_1", &json_line(&mmllm(&embeds_args)));
+    check_against_hf("photo_1", &json_line(&run_mmllm(&embeds_args)));
 }
 
 #[test]
@@ -134,7 +108,7 @@ fn text_output_streams_the_same_text_and_stop_strings_cut_it() {
     let image = image.to_str().unwrap();
     let prompt = want["prompt"].as_str().unwrap();
     let model = fixture();
-    let json = json_line(&mmllm(&[
+    let json = json_line(&run_mmllm(&[
         "image",
         "--model",
         &model,
@@ -146,7 +120,7 @@ fn text_output_streams_the_same_text_and_stop_strings_cut_it() {
         prompt,
     ]));
     let full = json["text"].as_str().unwrap().to_string();
-    let text = mmllm(&[
+    let text = run_mmllm(&[
         "image",
         "--model",
         &model,
@@ -163,7 +137,7 @@ fn text_output_streams_the_same_text_and_stop_strings_cut_it() {
     assert!(chars.len() >= 6, "need some text to cut: {full:?}");
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
     let cut = &full[..full.find(&stop).unwrap()];
-    let out = json_line(&mmllm(&[
+    let out = json_line(&run_mmllm(&[
         "image",
         "--model",
         &model,
@@ -196,7 +170,7 @@ fn embeds_of_the_wrong_shape_name_the_expected_shape() {
     bytes.extend(h.as_bytes());
     bytes.extend(std::iter::repeat_n(0u8, 24));
     std::fs::write(&bad, bytes).unwrap();
-    let out = mmllm(&["embeds", "--model", &fixture(), bad.to_str().unwrap(), "hi"]);
+    let out = run_mmllm(&["embeds", "--model", &fixture(), bad.to_str().unwrap(), "hi"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(out.stdout.is_empty());
@@ -210,7 +184,7 @@ fn embeds_of_the_wrong_shape_name_the_expected_shape() {
 fn closed_stdout_is_not_an_error() {
     let want = expected("photo_1");
     let image = repo().join(want["image"].as_str().unwrap());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mmllm"))
+    let mut child = mmllm()
         .args(["image", "--model", &fixture(), "--max-tokens", "64"])
         .arg(&image)
         .arg("describe")

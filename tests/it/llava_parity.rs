@@ -5,7 +5,7 @@
 //! compared with `max |ours - hf| / max |hf|` over the vocabulary, which must be <= 1e-4.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use mmllm::error::Error;
@@ -13,13 +13,12 @@ use mmllm::media::{Embeds, MediaItem, Modality};
 use mmllm::models::llava::{self, LlavaModel};
 use mmllm::models::Model;
 
+use crate::util::{argmax, read_json, repo, tensor_ids, tensor_rel_err, tensors};
+
 const REL_TOL: f32 = 1e-4;
 
 fn fixture_dir() -> PathBuf {
-    // At run time too, so a test binary built elsewhere can run in a copy of the repository.
-    let root = std::env::var("CARGO_MANIFEST_DIR")
-        .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
-    Path::new(&root).join("tests/fixtures/llava-tiny")
+    repo().join("tests/fixtures/llava-tiny")
 }
 
 fn load_model() -> LlavaModel {
@@ -31,32 +30,17 @@ fn load_on(device: &Device, dtype: DType) -> LlavaModel {
 }
 
 fn expected(name: &str) -> HashMap<String, Tensor> {
-    let path = fixture_dir().join("expected").join(name);
-    candle_core::safetensors::load(&path, &Device::Cpu).expect("read fixture")
+    tensors(&fixture_dir().join("expected").join(name))
 }
 
 fn meta(name: &str) -> serde_json::Value {
-    let path = fixture_dir().join("expected").join(name);
-    serde_json::from_str(&std::fs::read_to_string(path).expect("read json")).expect("json")
-}
-
-fn ids_of(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::I64)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| u32::try_from(v).unwrap())
-        .collect()
+    read_json(&fixture_dir().join("expected").join(name))
 }
 
 /// Rebuilds HF's `pixel_values` from the stored uint8 crop with the PIL backend's arithmetic
 /// (recorded in the case's JSON; the generator asserts it is bit-exact).
 fn pixel_values(case: &HashMap<String, Tensor>) -> Tensor {
-    let cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture_dir().join("processor_config.json")).unwrap(),
-    )
-    .unwrap();
+    let cfg: serde_json::Value = read_json(&fixture_dir().join("processor_config.json"));
     let ip = &cfg["image_processor"];
     let scale = ip["rescale_factor"].as_f64().unwrap();
     let mean: Vec<f32> = ip["image_mean"]
@@ -84,31 +68,6 @@ fn pixel_values(case: &HashMap<String, Tensor>) -> Tensor {
         })
         .collect();
     Tensor::from_vec(data, (1, c, h, w), &Device::Cpu).unwrap()
-}
-
-/// `max |a - b| / max |b|`.
-fn rel_err(ours: &Tensor, hf: &Tensor) -> f32 {
-    let ours = ours.to_device(&Device::Cpu).unwrap();
-    let a: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = hf.flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(a.len(), b.len(), "length");
-    let diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
-    diff / scale
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn log_softmax(v: &[f32]) -> Vec<f64> {
@@ -150,9 +109,9 @@ fn greedy(
 fn pixel_case(model: &LlavaModel, case_name: &str) {
     let case = expected(&format!("{case_name}.safetensors"));
     let info = meta(&format!("{case_name}.json"));
-    let ids = ids_of(&case["input_ids"]);
+    let ids = tensor_ids(&case["input_ids"]);
     let features = model.encode_pixels(&pixel_values(&case)).unwrap();
-    let feat_err = rel_err(
+    let feat_err = tensor_rel_err(
         &features.to_dtype(DType::F32).unwrap(),
         &case["image_features"],
     );
@@ -161,7 +120,7 @@ fn pixel_case(model: &LlavaModel, case_name: &str) {
         llava::splice_features(&model.embed_tokens(&ids).unwrap(), &ids, slot, &features).unwrap();
     let steps = info["new_tokens"].as_u64().unwrap() as usize;
     let (first, greedy_ids, all) = greedy(model, &embeds, steps);
-    let logit_err = rel_err(&first, &case["first_logits"]);
+    let logit_err = tensor_rel_err(&first, &case["first_logits"]);
     eprintln!(
         "{case_name}: image features rel err {feat_err:.3e}, first logits rel err {logit_err:.3e}"
     );
@@ -175,7 +134,7 @@ fn pixel_case(model: &LlavaModel, case_name: &str) {
     );
     assert_eq!(
         greedy_ids,
-        ids_of(&case["greedy_ids"]),
+        tensor_ids(&case["greedy_ids"]),
         "{case_name}: greedy ids"
     );
 
@@ -220,7 +179,7 @@ fn embeds_path_matches_hf_and_pixel_path() {
     let photo = expected("photo_1.safetensors");
     let case = expected("embeds_photo_1.safetensors");
     let image_embeds = expected("image_embeds.safetensors")["image_embeds"].clone();
-    let ids = ids_of(&photo["input_ids"]);
+    let ids = tensor_ids(&photo["input_ids"]);
 
     let encoded = model.encode(&embeds_item(image_embeds)).unwrap();
     assert_eq!(encoded.expansion.slots, 576);
@@ -240,13 +199,13 @@ fn embeds_path_matches_hf_and_pixel_path() {
     )
     .unwrap();
     let (first, greedy_ids, _) = greedy(&model, &embeds, 16);
-    let hf_err = rel_err(&first, &case["first_logits"]);
-    let pixel_err = rel_err(&first, &photo["first_logits"]);
+    let hf_err = tensor_rel_err(&first, &case["first_logits"]);
+    let pixel_err = tensor_rel_err(&first, &photo["first_logits"]);
     eprintln!("embeds: first logits rel err vs HF embeds path {hf_err:.3e}, vs HF pixel path {pixel_err:.3e}");
     assert!(hf_err <= REL_TOL, "embeds vs HF: {hf_err}");
     assert!(pixel_err <= REL_TOL, "embeds vs pixel path: {pixel_err}");
-    assert_eq!(greedy_ids, ids_of(&case["greedy_ids"]));
-    assert_eq!(greedy_ids, ids_of(&photo["greedy_ids"]));
+    assert_eq!(greedy_ids, tensor_ids(&case["greedy_ids"]));
+    assert_eq!(greedy_ids, tensor_ids(&photo["greedy_ids"]));
 }
 
 #[test]
@@ -276,7 +235,7 @@ fn embeds_of_wrong_shape_or_dtype_are_input_errors() {
 fn reduced_precision_stays_close_to_f32() {
     // bf16 and f16 cannot meet the f32 tolerance; this checks they run and stay near it.
     let case = expected("photo_1.safetensors");
-    let ids = ids_of(&case["input_ids"]);
+    let ids = tensor_ids(&case["input_ids"]);
     let pixels = pixel_values(&case);
     for dtype in [DType::BF16, DType::F16] {
         let model = llava::load(&fixture_dir(), &Device::Cpu, dtype).unwrap();
@@ -292,7 +251,7 @@ fn reduced_precision_stays_close_to_f32() {
         let mut cache = model.new_cache(ids.len()).unwrap();
         let logits = model.forward(&embeds, &mut cache).unwrap();
         assert_eq!(logits.dtype(), DType::F32);
-        let err = rel_err(&logits, &case["first_logits"]);
+        let err = tensor_rel_err(&logits, &case["first_logits"]);
         eprintln!("{dtype:?}: first logits rel err {err:.3e}");
         assert!(err < 0.1, "{dtype:?}: rel err {err}");
     }
@@ -308,7 +267,7 @@ fn cuda_f32_matches_hf_and_bf16_runs() {
     pixel_case(&model, "photo_2");
 
     let case = expected("photo_1.safetensors");
-    let ids = ids_of(&case["input_ids"]);
+    let ids = tensor_ids(&case["input_ids"]);
     let model = load_on(&dev, DType::BF16);
     let features = model.encode_pixels(&pixel_values(&case)).unwrap();
     let embeds = llava::splice_features(
@@ -319,7 +278,7 @@ fn cuda_f32_matches_hf_and_bf16_runs() {
     )
     .unwrap();
     let (first, greedy_ids, _) = greedy(&model, &embeds, 16);
-    let err = rel_err(&first, &case["first_logits"]);
+    let err = tensor_rel_err(&first, &case["first_logits"]);
     eprintln!("cuda bf16: first logits rel err {err:.3e}, greedy {greedy_ids:?}");
     assert!(err < 0.1, "cuda bf16 rel err {err}");
 }
@@ -343,7 +302,7 @@ fn fixture_tokenizer_reproduces_hf_prompt_ids() {
                 ids.push(id);
             }
         }
-        let hf = ids_of(&expected(&format!("{case_name}.safetensors"))["input_ids"]);
+        let hf = tensor_ids(&expected(&format!("{case_name}.safetensors"))["input_ids"]);
         assert_eq!(ids, hf, "{case_name}");
     }
 }

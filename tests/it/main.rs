@@ -18,5 +18,6 @@ mod qwen2_vl_e2e;
 mod qwen2_vl_pixels;
 mod source;
 mod ultravox;
+mod util;
 mod util_http;
 mod whisper;

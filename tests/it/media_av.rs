@@ -4,9 +4,9 @@
 //! in tests/fixtures/audio_expected.safetensors.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use mmllm::error::Error;
 use mmllm::media::audio::{audio_from_npy, decode_audio};
 use mmllm::media::embeds::{load_embeds, merge_embeds};
@@ -15,10 +15,10 @@ use mmllm::media::video::{
 };
 use mmllm::media::{Modality, RgbImage};
 
+use crate::util::{max_abs_diff, repo, tensors};
+
 fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(rel)
+    repo().join("tests/data").join(rel)
 }
 
 fn read(rel: &str) -> Vec<u8> {
@@ -27,20 +27,10 @@ fn read(rel: &str) -> Vec<u8> {
 }
 
 fn expected() -> HashMap<String, Vec<f32>> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audio_expected.safetensors");
-    candle_core::safetensors::load(&p, &Device::Cpu)
-        .expect("audio_expected.safetensors")
+    tensors(&repo().join("tests/fixtures/audio_expected.safetensors"))
         .into_iter()
         .map(|(k, t)| (k, t.to_vec1::<f32>().expect("1-D f32")))
         .collect()
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn decode(rel: &str, rate: Option<u32>) -> mmllm::media::Audio {
@@ -64,7 +54,7 @@ fn wav_sample_formats_decode_to_the_same_mono_signal() {
     ] {
         let a = decode(&format!("audio/speech_{name}.wav"), None);
         assert_eq!(a.sample_rate, 22050, "{name}");
-        let err = max_abs(&a.samples, &f32_ref.samples);
+        let err = max_abs_diff(&a.samples, &f32_ref.samples);
         assert!(err <= tol, "{name}: max-abs {err} > {tol}");
     }
 }
@@ -90,7 +80,7 @@ fn wav_to_16k_matches_transformers_load_audio() {
         assert_eq!(a.sample_rate, 16000);
         // Measured bit-exact against python-soxr 1.1.0 on x86-64; 1e-6 leaves room for libsoxr's
         // SIMD paths on other CPUs.
-        let err = max_abs(&a.samples, &exp[&format!("speech_{name}_16k")]);
+        let err = max_abs_diff(&a.samples, &exp[&format!("speech_{name}_16k")]);
         assert!(err <= 1e-6, "{name}: max-abs {err}");
     }
 }
@@ -111,7 +101,7 @@ fn flac_is_lossless_and_mp3_ogg_match_soundfile() {
     for (ext, tol) in [("mp3", 2e-6f32), ("ogg", 5e-7)] {
         let a = decode(&format!("audio/speech.{ext}"), None);
         assert_eq!(a.sample_rate, 22050, "{ext}");
-        let err = max_abs(&a.samples, &exp[&format!("speech_{ext}_native")]);
+        let err = max_abs_diff(&a.samples, &exp[&format!("speech_{ext}_native")]);
         assert!(err <= tol, "{ext}: max-abs {err} vs soundfile > {tol}");
     }
 }
@@ -148,7 +138,7 @@ fn sine_resampled_44k_to_16k_keeps_frequency_amplitude_and_matches_soxr() {
     .expect("npy audio");
     assert_eq!(a.sample_rate, 16000);
     assert_eq!(a.samples.len(), 1600); // ceil(4410 * 16000 / 44100)
-    let err = max_abs(&a.samples, &expected()["sine440_16k"]);
+    let err = max_abs_diff(&a.samples, &expected()["sine440_16k"]);
     assert!(err <= 1e-6, "max-abs {err} vs python-soxr HQ");
 
     // Away from the edges: project on sin/cos over a whole number of cycles (22 cycles = 800).
@@ -188,7 +178,7 @@ fn resampling_8k_and_48k_to_16k_matches_python_soxr_hq() {
     for rate in [8000u32, 48000] {
         let x = lcg_noise(rate as usize / 10);
         let y = mmllm::media::resample::resample(&x, rate, 16000).expect("resample");
-        let err = max_abs(&y, &exp[&format!("noise_{}k_16k", rate / 1000)]);
+        let err = max_abs_diff(&y, &exp[&format!("noise_{}k_16k", rate / 1000)]);
         assert!(err <= 1e-6, "{rate} Hz: max-abs {err}");
     }
 }
@@ -329,8 +319,7 @@ fn bad_videos_and_requests_are_input_errors() {
 
 #[test]
 fn frames_and_metadata_match_transformers_torchcodec_reader() {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/video_expected.safetensors");
-    let exp = candle_core::safetensors::load(&p, &Device::Cpu).expect("video_expected.safetensors");
+    let exp = tensors(&repo().join("tests/fixtures/video_expected.safetensors"));
     // 8-bit 4:2:0 H.264; a 10-bit clip (where bilinear swscale flags would be off by up to 103);
     // a variable-frame-rate clip (where header counts and rates differ from torchcodec's scan);
     // a clip with a quarter-turn display matrix (frames come out rotated, 32x48).

@@ -4,8 +4,7 @@
 //! and `mmllm audio` end to end.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use mmllm::media::{Audio, MediaItem, Modality};
@@ -15,27 +14,24 @@ use mmllm::prompt::splice;
 use mmllm::prompt::template::{ChatTemplate, ContentPart, Message, TemplateFiles};
 use serde_json::Value;
 
+use crate::util::{
+    argmax, json_line, read_json, read_wav, repo, run_mmllm, tensor_ids, tensor_rel_err, tensors,
+    token_ids,
+};
+
 /// First-step and per-step logits: relative to the largest |logit| (f32, CPU).
 const LOGITS_RTOL: f32 = 1e-4;
 /// Log-mel features: absolute.
 const FEATURES_ATOL: f32 = 1e-5;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn fixture() -> PathBuf {
-    root().join("tests/fixtures/qwen2-audio-tiny")
+    repo().join("tests/fixtures/qwen2-audio-tiny")
 }
 
 fn case(name: &str) -> (HashMap<String, Tensor>, Value) {
     let dir = fixture().join("expected");
-    let tensors =
-        candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu)
-            .unwrap();
-    let meta =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
-            .unwrap();
+    let tensors = tensors(&dir.join(format!("{name}.safetensors")));
+    let meta = read_json(&dir.join(format!("{name}.json")));
     (tensors, meta)
 }
 
@@ -43,59 +39,13 @@ fn load() -> Qwen2AudioModel {
     Qwen2AudioModel::load(&fixture(), &Device::Cpu, DType::F32).unwrap()
 }
 
-/// 16-bit PCM mono WAV as f32 (x / 32768, as soundfile reads it).
-fn read_wav(path: &Path) -> Audio {
-    let mut reader = hound::WavReader::open(path).unwrap();
-    let spec = reader.spec();
-    assert_eq!((spec.channels, spec.bits_per_sample), (1, 16), "{path:?}");
-    let samples = reader
-        .samples::<i16>()
-        .map(|s| f32::from(s.unwrap()) / 32768.0)
-        .collect();
-    Audio {
-        samples,
-        sample_rate: spec.sample_rate,
-    }
-}
-
 fn audios(meta: &Value) -> Vec<Audio> {
     meta["audio"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|f| read_wav(&root().join(f.as_str().unwrap())))
+        .map(|f| read_wav(&repo().join(f.as_str().unwrap())))
         .collect()
-}
-
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, y| m.max(y.abs()));
-    let diff = a
-        .iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    diff / scale
-}
-
-fn argmax(t: &Tensor) -> u32 {
-    let v: Vec<f32> = t.to_vec1().unwrap();
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[test]
@@ -149,7 +99,7 @@ fn features_match_the_processor_at_16k_and_44k() {
 #[test]
 fn audio_token_counts_follow_the_processor() {
     let path = fixture().join("expected/audio_token_counts.json");
-    let counts: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let counts = read_json(&path);
     let model = load();
     for (samples, want) in counts.as_object().unwrap() {
         let n: usize = samples.parse().unwrap();
@@ -221,20 +171,18 @@ fn check_case(model: &Qwen2AudioModel, name: &str) {
 
     let rows: Vec<Tensor> = items.iter().map(|it| it.features.clone()).collect();
     let features = Tensor::cat(&rows, 0).unwrap();
-    let err = rel_err(&features, &want["audio_features"]);
+    let err = tensor_rel_err(&features, &want["audio_features"]);
     eprintln!("{name}: projected audio features rel err {err:.2e}");
     assert!(err <= LOGITS_RTOL, "{name}: audio features rel err {err}");
 
     let (text, ids, expanded) = prompt_ids(&meta, &items);
     assert_eq!(text, meta["rendered_prompt"].as_str().unwrap(), "{name}");
-    assert_eq!(ids, ids_of(&meta["prompt_ids"]), "{name}: prompt ids");
-    let want_expanded: Vec<u32> = want["input_ids"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect();
-    assert_eq!(expanded, want_expanded, "{name}: expanded input ids");
+    assert_eq!(ids, token_ids(&meta["prompt_ids"]), "{name}: prompt ids");
+    assert_eq!(
+        expanded,
+        tensor_ids(&want["input_ids"]),
+        "{name}: expanded input ids"
+    );
 
     let prompt = mmllm::models::Spliced {
         ids: expanded,
@@ -252,19 +200,22 @@ fn check_case(model: &Qwen2AudioModel, name: &str) {
     };
     let mut cache = model.new_cache(prompt.ids.len() + 16).unwrap();
     let mut logits = model.prefill(&prompt, &items, &mut cache).unwrap();
-    let err = rel_err(&logits, &want["logits"]);
+    let err = tensor_rel_err(&logits, &want["logits"]);
     eprintln!("{name}: first-step logits rel err {err:.2e}");
     assert!(
         err <= LOGITS_RTOL,
         "{name}: first-step logits rel err {err}"
     );
 
-    let want_ids = ids_of(&meta["greedy_ids"]);
+    let want_ids = token_ids(&meta["greedy_ids"]);
     let mut got = Vec::new();
     let mut worst = 0f32;
     for step in 0..want_ids.len() {
-        worst = worst.max(rel_err(&logits, &want["step_logits"].get(step).unwrap()));
-        let id = argmax(&logits);
+        worst = worst.max(tensor_rel_err(
+            &logits,
+            &want["step_logits"].get(step).unwrap(),
+        ));
+        let id = argmax(&logits.to_vec1::<f32>().unwrap());
         got.push(id);
         if step + 1 < want_ids.len() {
             logits = model.decode(id, &mut cache).unwrap();
@@ -303,48 +254,18 @@ fn refuses_other_modalities_and_zero_token_audio_has_no_slots() {
     assert_eq!(item.features.dims(), [0, 64]);
 }
 
-fn mmllm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mmllm"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap()
-}
-
-fn json_line(out: &Output) -> Value {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout.clone()).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 1, "one JSON line per prompt: {text}");
-    serde_json::from_str(lines[0]).unwrap()
-}
-
 fn check_cli(name: &str, got: &Value) {
     let (_, meta) = case(name);
-    let want_ids: Vec<u64> = ids_of(&meta["greedy_ids"])
-        .into_iter()
-        .map(u64::from)
-        .collect();
-    let got_ids: Vec<u64> = got["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
-    assert_eq!(got_ids, want_ids, "{name}: token ids");
+    let want_ids = token_ids(&meta["greedy_ids"]);
+    assert_eq!(token_ids(&got["token_ids"]), want_ids, "{name}: token ids");
     assert_eq!(
         got["usage"]["prompt_tokens"], meta["num_prompt_tokens"],
         "{name}"
     );
     assert_eq!(got["finish_reason"], "length", "{name}");
     // HF's greedy ids never reach an EOS id, so stopping at EOS changes nothing.
-    let eos = ids_of(&meta["eos_token_ids"]);
-    assert!(want_ids.iter().all(|id| !eos.contains(&(*id as u32))));
+    let eos = token_ids(&meta["eos_token_ids"]);
+    assert!(want_ids.iter().all(|id| !eos.contains(id)));
 }
 
 #[test]
@@ -352,8 +273,8 @@ fn cli_audio_reproduces_hugging_face() {
     let model = fixture().display().to_string();
     for name in ["speech_16k", "speech_44k"] {
         let (_, meta) = case(name);
-        let wav = root().join(meta["audio"][0].as_str().unwrap());
-        let out = mmllm(&[
+        let wav = repo().join(meta["audio"][0].as_str().unwrap());
+        let out = run_mmllm(&[
             "audio",
             "--model",
             &model,
@@ -376,19 +297,19 @@ fn cli_two_audios_and_raw_prompt_reproduce_hugging_face() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|f| root().join(f.as_str().unwrap()).display().to_string())
+        .map(|f| repo().join(f.as_str().unwrap()).display().to_string())
         .collect();
     let common = ["--output", "jsonl", "--max-tokens", "16"];
     let mut args = vec!["audio", "--model", &model];
     args.extend(common);
     args.extend(wavs.iter().map(String::as_str));
     args.push("What is said?");
-    check_cli("two_audios", &json_line(&mmllm(&args)));
+    check_cli("two_audios", &json_line(&run_mmllm(&args)));
 
     // --raw: the rendered prompt, verbatim.
     let (_, one) = case("speech_16k");
-    let wav = root().join(one["audio"][0].as_str().unwrap());
-    let out = mmllm(&[
+    let wav = repo().join(one["audio"][0].as_str().unwrap());
+    let out = run_mmllm(&[
         "audio",
         "--model",
         &model,
@@ -409,8 +330,7 @@ fn cli_two_audios_and_raw_prompt_reproduce_hugging_face() {
 fn v5_layout_copy() -> tempfile::TempDir {
     let src = fixture();
     let dir = tempfile::tempdir().unwrap();
-    let tensors =
-        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let tensors = tensors(&src.join("model.safetensors"));
     let (mut audio, mut text) = (HashMap::new(), HashMap::new());
     let mut weight_map = serde_json::Map::new();
     for (k, v) in tensors {
@@ -437,9 +357,7 @@ fn v5_layout_copy() -> tempfile::TempDir {
     )
     .unwrap();
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
-    let processor: Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("processor_config.json")).unwrap())
-            .unwrap();
+    let processor = read_json(&src.join("processor_config.json"));
     std::fs::write(
         dir.path().join("preprocessor_config.json"),
         processor["feature_extractor"].to_string(),
@@ -459,7 +377,7 @@ fn transformers_5_layout_loads_the_same_model() {
 fn mismatched_feature_extractor_is_an_input_error() {
     let dir = v5_layout_copy();
     let pre = dir.path().join("preprocessor_config.json");
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&pre).unwrap()).unwrap();
+    let mut v = read_json(&pre);
     v["feature_size"] = 80.into();
     std::fs::write(&pre, v.to_string()).unwrap();
     let err = Qwen2AudioModel::load(dir.path(), &Device::Cpu, DType::F32)

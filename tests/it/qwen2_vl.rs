@@ -15,32 +15,24 @@ use mmllm::models::{EncodedItem, Expansion, Model};
 use mmllm::prompt::{splice, Spliced};
 use serde_json::Value;
 
+use crate::util::{argmax, max_abs_diff, read_json, repo, tensor_rel_err, tensors, token_ids};
+
 const LOGITS_RTOL: f32 = 1e-4;
 const PIXEL_ATOL: f32 = 1e-5;
 const MODELS: [&str; 2] = ["qwen2-vl-tiny", "qwen2_5-vl-tiny"];
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn fixture(model: &str) -> PathBuf {
-    root().join("tests/fixtures").join(model)
+    repo().join("tests/fixtures").join(model)
 }
 
 fn expected(name: &str) -> HashMap<String, Tensor> {
-    let path = fixture("qwen2-vl-tiny").join("expected").join(name);
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    tensors(&fixture("qwen2-vl-tiny").join("expected").join(name))
 }
 
 fn case(model: &str, name: &str) -> (HashMap<String, Tensor>, Value) {
     let dir = fixture(model).join("expected");
-    let tensors =
-        candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu)
-            .expect("case tensors");
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
-            .unwrap();
+    let tensors = tensors(&dir.join(format!("{name}.safetensors")));
+    let meta: Value = read_json(&dir.join(format!("{name}.json")));
     (tensors, meta)
 }
 
@@ -64,31 +56,7 @@ fn jpeg(path: &Path) -> RgbImage {
 
 fn frames() -> Vec<RgbImage> {
     (0..8)
-        .map(|i| png(&root().join(format!("tests/data/qwen_video/frame_{i}.png"))))
-        .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-/// max |a - b| / max |b|.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-    max_abs_diff(&a, &b) / scale
-}
-
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
+        .map(|i| png(&repo().join(format!("tests/data/qwen_video/frame_{i}.png"))))
         .collect()
 }
 
@@ -103,17 +71,6 @@ fn grids(t: &Tensor) -> Vec<[usize; 3]> {
         .collect()
 }
 
-fn argmax(t: &Tensor) -> u32 {
-    let v: Vec<f32> = t.to_vec1().unwrap();
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 fn assert_pixels(ours: &[f32], theirs: &Tensor, what: &str) {
     let theirs: Vec<f32> = theirs.flatten_all().unwrap().to_vec1().unwrap();
     let err = max_abs_diff(ours, &theirs);
@@ -125,10 +82,7 @@ fn assert_pixels(ours: &[f32], theirs: &Tensor, what: &str) {
 
 #[test]
 fn grids_match_transformers_for_odd_sizes() {
-    let shapes: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("qwen2-vl-tiny").join("expected/shapes.json")).unwrap(),
-    )
-    .unwrap();
+    let shapes: Value = read_json(&fixture("qwen2-vl-tiny").join("expected/shapes.json"));
     let model_cfg = qwen2_vl::Processors::load(&fixture("qwen2-vl-tiny"))
         .unwrap()
         .image;
@@ -229,7 +183,7 @@ fn photo_pixel_values_match_transformers() {
         ("qwen_china_517x333.jpg", "pixels_china.safetensors"),
         ("qwen_flower_637x127.jpg", "pixels_flower.safetensors"),
     ] {
-        let img = jpeg(&root().join("tests/data").join(file));
+        let img = jpeg(&repo().join("tests/data").join(file));
         let p = preprocess_image(&img, &cfg).unwrap();
         let e = expected(name);
         assert_eq!(
@@ -323,7 +277,7 @@ fn spliced(model: &Qwen2VlModel, meta: &Value, items: &[(Modality, EncodedItem)]
         .map(|(m, it)| (*m, it.expansion.clone()))
         .collect();
     splice(
-        &ids_of(&meta["prompt_ids"]),
+        &token_ids(&meta["prompt_ids"]),
         &[
             (Modality::Image, cfg.image_token_id),
             (Modality::Video, cfg.video_token_id),
@@ -343,20 +297,20 @@ fn check_generation(
     meta: &Value,
     what: &str,
 ) {
-    let err = rel_err(&first, &want["logits"]);
+    let err = tensor_rel_err(&first, &want["logits"]);
     eprintln!("{what}: first-step logits rel err {err:.3e}");
     assert!(
         err <= LOGITS_RTOL,
         "{what}: first-step logits rel err {err}"
     );
-    let want_ids = ids_of(&meta["greedy_ids"]);
+    let want_ids = token_ids(&meta["greedy_ids"]);
     let step_logits = &want["step_logits"];
     let mut ids = Vec::new();
     let mut logits = first;
     let mut worst = 0f32;
     for step in 0..want_ids.len() {
-        worst = worst.max(rel_err(&logits, &step_logits.get(step).unwrap()));
-        let id = argmax(&logits);
+        worst = worst.max(tensor_rel_err(&logits, &step_logits.get(step).unwrap()));
+        let id = argmax(&logits.to_vec1::<f32>().unwrap());
         ids.push(id);
         if step + 1 < want_ids.len() {
             logits = model.decode(id, cache).unwrap();
@@ -415,7 +369,7 @@ fn tokenizer_matches_transformers_prompt_ids() {
         let enc = tok.encode(meta["text"].as_str().unwrap(), false).unwrap();
         assert_eq!(
             enc.get_ids(),
-            ids_of(&meta["prompt_ids"]).as_slice(),
+            token_ids(&meta["prompt_ids"]).as_slice(),
             "{name}"
         );
     }
@@ -457,8 +411,7 @@ fn qwen2_5_vl_video_matches_transformers() {
 fn hub_layout_copy(model_name: &str) -> tempfile::TempDir {
     let src = fixture(model_name);
     let dir = tempfile::tempdir().unwrap();
-    let tensors =
-        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let tensors = tensors(&src.join("model.safetensors"));
     let renamed: HashMap<String, Tensor> = tensors
         .into_iter()
         .map(|(k, v)| {
@@ -498,8 +451,7 @@ fn hub_layout_copy(model_name: &str) -> tempfile::TempDir {
     )
     .unwrap();
 
-    let mut config: Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let mut config: Value = read_json(&src.join("config.json"));
     let obj = config.as_object_mut().unwrap();
     let text = obj.remove("text_config").unwrap();
     let rope = text["rope_parameters"].clone();
@@ -527,9 +479,7 @@ fn hub_layout_copy(model_name: &str) -> tempfile::TempDir {
     }
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
 
-    let processor: Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("processor_config.json")).unwrap())
-            .unwrap();
+    let processor: Value = read_json(&src.join("processor_config.json"));
     let mut image = processor["image_processor"].clone();
     let size = image.as_object_mut().unwrap().remove("size").unwrap();
     image["min_pixels"] = size["shortest_edge"].clone();
@@ -605,10 +555,7 @@ fn video_end_to_end_matches_transformers() {
 
 fn embeds_item(model_name: &str) -> MediaItem {
     let path = fixture(model_name).join("expected/embeds_one_image.safetensors");
-    let tensors: BTreeMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .collect();
+    let tensors: BTreeMap<String, Tensor> = tensors(&path).into_iter().collect();
     MediaItem::Embeds(Embeds {
         modality: Modality::Image,
         tensors,
@@ -624,10 +571,7 @@ fn embeds_reproduce_the_image_path() {
 
 fn video_embeds_item(model_name: &str, keep_seconds: bool) -> MediaItem {
     let path = fixture(model_name).join("expected/embeds_video.safetensors");
-    let mut tensors: BTreeMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .collect();
+    let mut tensors: BTreeMap<String, Tensor> = tensors(&path).into_iter().collect();
     if !keep_seconds {
         tensors.remove("second_per_grid_ts");
     }
@@ -696,7 +640,7 @@ fn embeds_without_or_with_a_wrong_grid_are_input_errors() {
 
 #[test]
 fn photos_end_to_end_match_transformers() {
-    let img = |f: &str| MediaItem::Image(jpeg(&root().join("tests/data").join(f)));
+    let img = |f: &str| MediaItem::Image(jpeg(&repo().join("tests/data").join(f)));
     for m in MODELS {
         run_trait_case(m, "one_image", vec![img("qwen_china_517x333.jpg")]);
         run_trait_case(
@@ -713,9 +657,7 @@ fn photos_end_to_end_match_transformers() {
 #[test]
 fn defaults_read_config_json_only() {
     for (m, family) in [(MODELS[0], "qwen2_vl"), (MODELS[1], "qwen2_5_vl")] {
-        let config: Value =
-            serde_json::from_str(&std::fs::read_to_string(fixture(m).join("config.json")).unwrap())
-                .unwrap();
+        let config: Value = read_json(&fixture(m).join("config.json"));
         let d = qwen2_vl::defaults(&config).unwrap();
         assert_eq!(d.family, family);
         assert_eq!(d.prompt.placeholders[&Modality::Image], "<|image_pad|>");
@@ -746,10 +688,12 @@ fn bf16_weights_run_and_stay_close() {
         let first = model
             .prefill_with_grids(&prompt, &encoded, &item_grids, &mut cache)
             .unwrap();
-        let err = rel_err(&first, &want["logits"]);
+        let err = tensor_rel_err(&first, &want["logits"]);
         eprintln!("{m}: bf16 first-step logits rel err {err:.3e}");
         assert!(err < 0.1, "{m}: bf16 logits rel err {err}");
-        let next = model.decode(argmax(&first), &mut cache).unwrap();
+        let next = model
+            .decode(argmax(&first.to_vec1::<f32>().unwrap()), &mut cache)
+            .unwrap();
         assert_eq!(next.dtype(), DType::F32);
     }
 }
@@ -758,7 +702,7 @@ fn bf16_weights_run_and_stay_close() {
 fn video_resize_matches_torchvision_exactly() {
     // transformers' video processors resize with torchvision (uint8 bicubic, antialias), which
     // differs from PIL by 1 on some pixels: the references are torchvision's own output.
-    let dir = root().join("tests/data/qwen_tv_resize");
+    let dir = repo().join("tests/data/qwen_tv_resize");
     let mut checked = 0;
     for i in 0.. {
         let input = dir.join(format!("in_{i}.png"));
@@ -795,7 +739,7 @@ fn odd_size_video_frames_are_resized_like_transformers() {
     let cfg = qwen2_vl::Processors::load(&fixture("qwen2-vl-tiny"))
         .unwrap()
         .video;
-    let dir = root().join("tests/data/qwen_tv_resize");
+    let dir = repo().join("tests/data/qwen_tv_resize");
     for i in 0..5 {
         let input = png(&dir.join(format!("in_{i}.png")));
         let want = png(&dir.join(format!("out_{i}.png")));
@@ -851,14 +795,11 @@ fn prefill_refuses_items_it_did_not_encode() {
 
 #[test]
 fn per_frame_pixel_cap_matches_transformers() {
-    let cases: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("qwen2-vl-tiny").join("expected/video_cap.json")).unwrap(),
-    )
-    .unwrap();
+    let cases: Value = read_json(&fixture("qwen2-vl-tiny").join("expected/video_cap.json"));
     let base = qwen2_vl::Processors::load(&fixture("qwen2-vl-tiny"))
         .unwrap()
         .video;
-    let frame = png(&root().join("tests/data/qwen_tv_resize/in_4.png"));
+    let frame = png(&repo().join("tests/data/qwen_tv_resize/in_4.png"));
     for c in cases.as_array().unwrap() {
         let n = c["frames"].as_u64().unwrap() as usize;
         let cfg = ProcessorConfig {

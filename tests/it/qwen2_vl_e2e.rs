@@ -2,48 +2,20 @@
 //! resize, patching, the chat template, M-RoPE and greedy decoding together reproduce the ids
 //! Hugging Face transformers produced (tests/fixtures/generate_qwen2_vl.py).
 
-use std::path::PathBuf;
-use std::process::Command;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::util::{mmllm, read_json, repo, run_mmllm, token_ids};
 
 fn expected(case: &str) -> serde_json::Value {
-    let path = repo().join(format!("tests/fixtures/qwen2-vl-tiny/expected/{case}.json"));
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    read_json(&repo().join(format!("tests/fixtures/qwen2-vl-tiny/expected/{case}.json")))
 }
 
 fn run(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_mmllm"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
+    let out = run_mmllm(args);
     assert!(
         out.status.success(),
         "{args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn greedy(want: &serde_json::Value) -> Vec<u64> {
-    want["greedy_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
-}
-
-fn ids(got: &serde_json::Value) -> Vec<u64> {
-    got["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
 }
 
 fn model() -> String {
@@ -87,7 +59,11 @@ fn one_and_two_images_reproduce_hugging_face() {
         args.extend(files.iter().map(String::as_str));
         args.push(prompt);
         let got = run(&args);
-        assert_eq!(ids(&got), greedy(&want), "{case}");
+        assert_eq!(
+            token_ids(&got["token_ids"]),
+            token_ids(&want["greedy_ids"]),
+            "{case}"
+        );
         // The fixture's ids hold one <|image_pad|> per image; ours are expanded to t·h·w/4.
         let grids = want["image_grid_thw"].as_array().unwrap();
         let slots: u64 = grids
@@ -126,7 +102,7 @@ fn a_directory_of_frames_is_a_video() {
         frames.to_str().unwrap(),
         "What happens in this video?",
     ]);
-    assert_eq!(ids(&got), greedy(&want));
+    assert_eq!(token_ids(&got["token_ids"]), token_ids(&want["greedy_ids"]));
 }
 
 #[test]
@@ -145,7 +121,7 @@ fn embeds_with_their_grid_reproduce_the_image_path() {
         embeds.to_str().unwrap(),
         "What is in this image?",
     ]);
-    assert_eq!(ids(&got), greedy(&want));
+    assert_eq!(token_ids(&got["token_ids"]), token_ids(&want["greedy_ids"]));
 }
 
 #[test]
@@ -201,7 +177,7 @@ fn video_files_natively_and_as_images() {
     assert_eq!(out["usage"]["completion_tokens"], 4);
 
     // Frames sent as images count against the image limit, before any weights load.
-    let refused = Command::new(env!("CARGO_BIN_EXE_mmllm"))
+    let refused = mmllm()
         .args([
             "video",
             "--model",

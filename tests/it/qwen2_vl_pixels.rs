@@ -6,14 +6,11 @@
 //! from the default run's, so the flags demonstrably take effect. Families without a pixel budget
 //! (LLaVA) refuse the flags.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::util::{json_line, read_json, repo};
 
 fn fixture(model: &str) -> String {
     repo()
@@ -24,37 +21,18 @@ fn fixture(model: &str) -> String {
 }
 
 fn expected(model: &str, case: &str) -> Value {
-    let path = repo().join(format!(
+    read_json(&repo().join(format!(
         "tests/fixtures/{model}/expected/pixels_{case}.json"
-    ));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap()
+    )))
 }
 
 fn mmllm(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mmllm"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap()
+    crate::util::mmllm().args(args).output().unwrap()
 }
 
 /// Runs the CLI and parses its one JSONL record.
 fn run_jsonl(args: &[String]) -> Value {
-    let out = mmllm(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{args:?}: one JSONL record expected, got {stdout:?}"
-    );
-    serde_json::from_str(lines[0]).unwrap()
+    json_line(&mmllm(args))
 }
 
 fn u64s(v: &Value) -> Vec<u64> {

@@ -8,6 +8,7 @@ use mmllm::error::Error;
 use mmllm::media::source::{fetch_timeout_with, Source};
 use mmllm::media::Modality;
 
+use crate::util::input_error;
 use crate::util_http::{Reply, Server};
 
 const CAP: u64 = 1 << 20;
@@ -22,18 +23,6 @@ fn small_png() -> Vec<u8> {
 
 fn read(src: &Source, cap: u64, timeout: Duration) -> Result<Vec<u8>, Error> {
     src.read_with_timeout(Modality::Image, cap, timeout, &mut std::io::empty())
-}
-
-/// The (input, problem, expected) of an input error, or a panic naming what came instead.
-fn input_error(r: Result<impl std::fmt::Debug, Error>) -> (String, String, String) {
-    match r {
-        Err(Error::Input {
-            input,
-            problem,
-            expected,
-        }) => (input, problem, expected),
-        other => panic!("expected an input error, got {other:?}"),
-    }
 }
 
 #[test]

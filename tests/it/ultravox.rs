@@ -6,105 +6,48 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
 use candle_core::{DType, Device, Tensor};
 use mmllm::media::{Audio, MediaItem, Modality};
 use mmllm::models::ultravox::{UltravoxModel, AUDIO_PLACEHOLDER};
 use mmllm::models::{Model, Spliced};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::util::{
+    self, argmax, flat, json_line, mmllm, read_json, read_wav, rel_err, repo, run_mmllm,
+    tensor_ids, token_ids,
+};
 
 fn fixture() -> PathBuf {
-    root().join("tests/fixtures/ultravox-tiny")
+    repo().join("tests/fixtures/ultravox-tiny")
 }
 
 /// The reference cases of generate_ultravox.py.
 const CASES: [&str; 3] = ["speech", "short", "speech_44k"];
 
 fn expected(case: &str) -> serde_json::Value {
-    let path = fixture().join(format!("expected/{case}.json"));
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    read_json(&fixture().join(format!("expected/{case}.json")))
 }
 
 fn tensors(case: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(
-        fixture().join(format!("expected/{case}.safetensors")),
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
-fn int_list(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::I64)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect()
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-/// 16-bit PCM mono WAV as f32 (x / 32768, as soundfile reads it).
-fn read_wav(path: &Path) -> Audio {
-    let mut reader = hound::WavReader::open(path).unwrap();
-    let spec = reader.spec();
-    assert_eq!((spec.channels, spec.bits_per_sample), (1, 16));
-    let samples = reader
-        .samples::<i16>()
-        .map(|s| f32::from(s.unwrap()) / 32768.0)
-        .collect();
-    Audio {
-        samples,
-        sample_rate: spec.sample_rate,
-    }
+    util::tensors(&fixture().join(format!("expected/{case}.safetensors")))
 }
 
 /// The audio of a case, as decoded from its file (before any resampling).
 fn audio(case: &str) -> Audio {
     match case {
-        "speech" => read_wav(&root().join("tests/data/speech_16k.wav")),
+        "speech" => read_wav(&repo().join("tests/data/speech_16k.wav")),
         "short" => {
-            let mut a = read_wav(&root().join("tests/data/speech_16k.wav"));
+            let mut a = read_wav(&repo().join("tests/data/speech_16k.wav"));
             a.samples.truncate(23_999);
             a
         }
-        "speech_44k" => read_wav(&root().join("tests/data/speech_44k.wav")),
+        "speech_44k" => read_wav(&repo().join("tests/data/speech_44k.wav")),
         other => panic!("unknown case {other}"),
     }
 }
 
 fn model() -> UltravoxModel {
     UltravoxModel::load(&fixture(), &Device::Cpu, DType::F32).unwrap()
-}
-
-/// max |a - b| / max |b|.
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, y| m.max(y.abs()));
-    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    diff / scale
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// The rendered prompt tokenized as the pipeline does (BOS already in the text) and spliced.
@@ -141,8 +84,8 @@ fn features_case(m: &UltravoxModel, case: &str) {
     let chunks = m.chunks(mel.valid_frames);
     let lens: Vec<u32> = chunks.iter().map(|c| c.frames as u32).collect();
     let tokens: Vec<u32> = chunks.iter().map(|c| c.tokens as u32).collect();
-    assert_eq!(lens, int_list(&t["audio_lens"]), "{case}");
-    assert_eq!(tokens, int_list(&t["audio_token_len"]), "{case}");
+    assert_eq!(lens, tensor_ids(&t["audio_lens"]), "{case}");
+    assert_eq!(tokens, tensor_ids(&t["audio_token_len"]), "{case}");
     let ours: Vec<Tensor> = m
         .chunk_features(&mel)
         .unwrap()
@@ -189,7 +132,11 @@ fn model_case(m: &UltravoxModel, case: &str) {
     );
 
     let prompt = prompt_ids(m, &item, case);
-    assert_eq!(prompt.ids, int_list(&t["input_ids"]), "{case}: prompt ids");
+    assert_eq!(
+        prompt.ids,
+        tensor_ids(&t["input_ids"]),
+        "{case}: prompt ids"
+    );
     let starts: Vec<u64> = want["audio_token_start_idx"]
         .as_array()
         .unwrap()
@@ -199,7 +146,7 @@ fn model_case(m: &UltravoxModel, case: &str) {
     assert_eq!(prompt.spans.len(), 1);
     assert_eq!(prompt.spans[0].start as u64, starts[0]);
 
-    let greedy = int_list(&t["greedy_ids"]);
+    let greedy = tensor_ids(&t["greedy_ids"]);
     let items = vec![item];
     let mut cache = m.new_cache(prompt.ids.len() + greedy.len()).unwrap();
     let logits = m.prefill(&prompt, &items, &mut cache).unwrap();
@@ -222,9 +169,7 @@ fn model_case(m: &UltravoxModel, case: &str) {
 #[test]
 fn a_directory_without_its_language_model_is_an_input_error() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap())
-            .unwrap();
+    let mut config = read_json(&fixture().join("config.json"));
     let obj = config.as_object_mut().unwrap();
     obj.remove("text_config");
     obj.insert(
@@ -247,15 +192,6 @@ fn a_directory_without_its_language_model_is_an_input_error() {
     assert!(err.to_string().contains("text_model_id"), "{err}");
 }
 
-fn mmllm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mmllm"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn cli_reproduces_the_reference_ids() {
     for case in ["speech", "speech_44k"] {
@@ -267,8 +203,8 @@ fn cli_case(case: &str) {
     let want = expected(case);
     let t = tensors(case);
     let model = fixture().display().to_string();
-    let wav = root().join(want["audio"].as_str().unwrap());
-    let out = mmllm(&[
+    let wav = repo().join(want["audio"].as_str().unwrap());
+    let out = run_mmllm(&[
         "audio",
         "--model",
         &model,
@@ -281,23 +217,9 @@ fn cli_case(case: &str) {
         "--logprobs",
         "5",
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 1, "{text}");
-    let got: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
-    let ids: Vec<u32> = got["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
-    assert_eq!(ids, int_list(&t["greedy_ids"]), "{case}");
+    let got = json_line(&out);
+    let ids = token_ids(&got["token_ids"]);
+    assert_eq!(ids, tensor_ids(&t["greedy_ids"]), "{case}");
     assert_eq!(got["usage"]["prompt_tokens"], want["num_prompt_tokens"]);
     let steps = got["logprobs"].as_array().unwrap();
     let want_steps = want["step_top"].as_array().unwrap();
@@ -345,9 +267,7 @@ fn published_layout(root: &Path, text_model_id: &str) -> PathBuf {
     std::fs::create_dir_all(&text_dir).unwrap();
     std::fs::create_dir_all(&uv_dir).unwrap();
 
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap())
-            .unwrap();
+    let mut config = read_json(&fixture().join("config.json"));
     let obj = config.as_object_mut().unwrap();
     let text_config = obj.remove("text_config").unwrap();
     obj.insert("text_model_id".into(), text_model_id.into());
@@ -392,8 +312,8 @@ fn the_published_layout_loads_its_text_model_id_and_reproduces_the_reference_ids
     let dir = published_layout(tmp.path(), text_dir.to_str().unwrap());
     let want = expected("speech");
     let t = tensors("speech");
-    let wav = root().join(want["audio"].as_str().unwrap());
-    let out = mmllm(&[
+    let wav = repo().join(want["audio"].as_str().unwrap());
+    let out = run_mmllm(&[
         "audio",
         "--model",
         dir.to_str().unwrap(),
@@ -404,21 +324,9 @@ fn the_published_layout_loads_its_text_model_id_and_reproduces_the_reference_ids
         "--max-tokens",
         "16",
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: serde_json::Value =
-        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
-    let ids: Vec<u32> = got["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
-    assert_eq!(ids, int_list(&t["greedy_ids"]));
+    let got = json_line(&out);
+    let ids = token_ids(&got["token_ids"]);
+    assert_eq!(ids, tensor_ids(&t["greedy_ids"]));
     // Same prompt length as the reference: the string-content render matched token for token.
     assert_eq!(got["usage"]["prompt_tokens"], want["num_prompt_tokens"]);
 }
@@ -428,8 +336,8 @@ fn a_missing_text_model_id_directory_is_an_input_error_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("no-such-llama");
     let dir = published_layout(tmp.path(), missing.to_str().unwrap());
-    let wav = root().join("tests/data/speech_16k.wav");
-    let out = mmllm(&[
+    let wav = repo().join("tests/data/speech_16k.wav");
+    let out = run_mmllm(&[
         "audio",
         "--model",
         dir.to_str().unwrap(),
@@ -452,17 +360,18 @@ fn an_uncached_text_model_id_offline_is_an_input_error_naming_the_repo() {
     let dir = published_layout(tmp.path(), repo);
     let cache = tmp.path().join("hub-cache");
     std::fs::create_dir_all(&cache).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_mmllm"))
+    let out = mmllm()
         .args([
             "audio",
             "--model",
             dir.to_str().unwrap(),
-            root().join("tests/data/speech_16k.wav").to_str().unwrap(),
+            util::repo()
+                .join("tests/data/speech_16k.wav")
+                .to_str()
+                .unwrap(),
             "What is said?",
         ])
-        .env("HF_HUB_OFFLINE", "1")
         .env("HF_HUB_CACHE", &cache)
-        .stdin(Stdio::null())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -476,9 +385,7 @@ fn an_uncached_text_model_id_offline_is_an_input_error_naming_the_repo() {
 fn defaults_name_the_text_model_only_when_text_config_is_absent() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = published_layout(tmp.path(), "org/some-llama");
-    let read = |d: &Path| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap()
-    };
+    let read = |d: &Path| read_json(&d.join("config.json"));
     let own = mmllm::models::ultravox::defaults(&read(&fixture())).unwrap();
     assert!(own.extra_models.is_empty());
     assert!(own.prompt.string_content);

@@ -1,8 +1,7 @@
 //! Whisper: log-mel features, the tiny random checkpoint and the real tiny.en weights against
 //! transformers (references made by tests/fixtures/generate_whisper.py).
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use mmllm::media::{Audio, MediaItem};
@@ -11,76 +10,34 @@ use mmllm::models::kv::KvCache;
 use mmllm::models::whisper::{Task, WhisperModel};
 use mmllm::models::{Model, Spliced};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// 16-bit PCM mono WAV as f32 in [-1, 1) (x / 32768, as soundfile reads it).
-fn read_wav(path: &Path) -> (Vec<f32>, u32) {
-    let mut reader = hound::WavReader::open(path).unwrap();
-    let spec = reader.spec();
-    assert_eq!((spec.channels, spec.bits_per_sample), (1, 16), "{path:?}");
-    let samples = reader
-        .samples::<i16>()
-        .map(|s| f32::from(s.unwrap()) / 32768.0)
-        .collect();
-    (samples, spec.sample_rate)
-}
+use crate::util::{self, argmax, read_json, read_wav, repo, tensors, token_ids};
 
 fn speech() -> Vec<f32> {
-    let (s, rate) = read_wav(&root().join("tests/data/speech_16k.wav"));
-    assert_eq!(rate, 16000);
-    s
-}
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn tensors(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+    let audio = read_wav(&repo().join("tests/data/speech_16k.wav"));
+    assert_eq!(audio.sample_rate, 16000);
+    audio.samples
 }
 
 fn vec2(t: &Tensor) -> Vec<Vec<f32>> {
     t.to_dtype(DType::F32).unwrap().to_vec2().unwrap()
 }
 
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-/// max |a - b| / max |b| over positions where both are finite (suppressed logits are -inf
-/// on our side and checked separately).
+/// [`util::rel_err`] over the positions where both are finite (suppressed logits are -inf on
+/// our side and checked separately).
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    let both = || {
-        a.iter()
-            .zip(b)
-            .filter(|(x, y)| x.is_finite() && y.is_finite())
-    };
-    let scale = both().fold(0f32, |m, (_, y)| m.max(y.abs()));
-    let diff = both().fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    diff / scale
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
+    let (a, b): (Vec<f32>, Vec<f32>) = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .unzip();
+    util::rel_err(&a, &b)
 }
 
 /// Checks `(n_mels, frames)` features against a stored head and a constant padded tail.
 fn check_mel(n_mels: usize) {
-    let dir = root().join("tests/fixtures/whisper-mel");
-    let meta = &json(&dir.join("reference.json"))[format!("mel{n_mels}")];
+    let dir = repo().join("tests/fixtures/whisper-mel");
+    let meta = &read_json(&dir.join("reference.json"))[format!("mel{n_mels}")];
     let head = vec2(&tensors(&dir.join("reference.safetensors"))[&format!("mel{n_mels}_head")]);
     let ex = MelExtractor::new(MelConfig::whisper(n_mels));
     let started = std::time::Instant::now();
@@ -121,8 +78,8 @@ fn mel128_matches_hf_feature_extractor() {
 
 #[test]
 fn mel_unpadded_and_truncated_match_hf() {
-    let dir = root().join("tests/fixtures/whisper-mel");
-    let meta = json(&dir.join("reference.json"));
+    let dir = repo().join("tests/fixtures/whisper-mel");
+    let meta = read_json(&dir.join("reference.json"));
     let refs = tensors(&dir.join("reference.safetensors"));
     let ex = MelExtractor::new(MelConfig::whisper(80));
     let wav = speech();
@@ -193,13 +150,13 @@ fn greedy(
 
 #[test]
 fn tiny_random_whisper_matches_hf() {
-    let dir = root().join("tests/fixtures/whisper-tiny-random");
-    let refj = json(&dir.join("reference.json"));
+    let dir = repo().join("tests/fixtures/whisper-tiny-random");
+    let refj = read_json(&dir.join("reference.json"));
     let refs = tensors(&dir.join("reference.safetensors"));
     let model = WhisperModel::load(&dir, &Device::Cpu, DType::F32).unwrap();
 
     let prompt = model.decoder_prompt(Task::Transcribe, Some("en")).unwrap();
-    assert_eq!(prompt, ids(&refj["decoder_prompt"]));
+    assert_eq!(prompt, token_ids(&refj["decoder_prompt"]));
 
     let audio = Audio {
         samples: speech(),
@@ -212,7 +169,7 @@ fn tiny_random_whisper_matches_hf() {
     let enc = vec2(&item.features);
     assert_eq!(
         vec![enc.len(), enc[0].len()],
-        ids(&refj["encoder_shape"])
+        token_ids(&refj["encoder_shape"])
             .iter()
             .map(|&x| x as usize)
             .collect::<Vec<_>>()
@@ -240,7 +197,7 @@ fn tiny_random_whisper_matches_hf() {
         greedy_ids.first().copied(),
         refj["unsuppressed_first_argmax"].as_u64().map(|x| x as u32)
     );
-    assert_eq!(greedy_ids, ids(&refj["greedy_ids"]));
+    assert_eq!(greedy_ids, token_ids(&refj["greedy_ids"]));
 
     // The engine drives families as trait objects.
     let boxed: Box<dyn Model> = Box::new(model);
@@ -249,17 +206,12 @@ fn tiny_random_whisper_matches_hf() {
 
 #[test]
 fn whisper_resamples_other_rates_and_refuses_bad_prompts() {
-    let dir = root().join("tests/fixtures/whisper-tiny-random");
+    let dir = repo().join("tests/fixtures/whisper-tiny-random");
     let model = WhisperModel::load(&dir, &Device::Cpu, DType::F32).unwrap();
-    let (samples, rate) = read_wav(&root().join("tests/data/speech_44k.wav"));
-    assert_eq!(rate, 44100);
+    let audio = read_wav(&repo().join("tests/data/speech_44k.wav"));
+    assert_eq!(audio.sample_rate, 44100);
     // 44.1 kHz audio is resampled to 16 kHz (soxr HQ) before the log-mel front end.
-    let at_44k = model
-        .log_mel(&Audio {
-            samples,
-            sample_rate: rate,
-        })
-        .unwrap();
+    let at_44k = model.log_mel(&audio).unwrap();
     let at_16k = model
         .log_mel(&Audio {
             samples: speech(),
@@ -295,7 +247,7 @@ fn whisper_resamples_other_rates_and_refuses_bad_prompts() {
 fn tiny_en_dir() -> PathBuf {
     let dir = std::env::var_os("MMLLM_WHISPER_TINY_EN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/whisper-tiny.en"));
+        .unwrap_or_else(|| repo().join("target/whisper-tiny.en"));
     assert!(
         dir.join("model.safetensors").is_file(),
         "real Whisper tiny.en weights not found in {}: run scripts/fetch_whisper_tiny_en.sh \
@@ -309,13 +261,13 @@ fn tiny_en_dir() -> PathBuf {
 #[test]
 fn real_tiny_en_transcribes_like_hf() {
     let dir = tiny_en_dir();
-    let expected = json(&root().join("tests/fixtures/whisper-tiny-en/expected.json"));
+    let expected = read_json(&repo().join("tests/fixtures/whisper-tiny-en/expected.json"));
     let want = &expected["speech_16k"];
-    let logits_ref = tensors(&root().join("tests/fixtures/whisper-tiny-en/logits.safetensors"));
+    let logits_ref = tensors(&repo().join("tests/fixtures/whisper-tiny-en/logits.safetensors"));
     let model = WhisperModel::load(&dir, &Device::Cpu, DType::F32).unwrap();
 
     let prompt = model.decoder_prompt(Task::Transcribe, None).unwrap();
-    assert_eq!(prompt, ids(&want["decoder_prompt"]));
+    assert_eq!(prompt, token_ids(&want["decoder_prompt"]));
     assert!(model.decoder_prompt(Task::Translate, None).is_err());
     assert!(model.decoder_prompt(Task::Transcribe, Some("en")).is_err());
 
@@ -344,7 +296,7 @@ fn real_tiny_en_transcribes_like_hf() {
     );
     eprintln!("tiny.en first-step logits rel err {err:e}");
     assert!(err <= 1e-4, "first-step logits relative error {err}");
-    assert_eq!(out, ids(&want["ids"]));
+    assert_eq!(out, token_ids(&want["ids"]));
 
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let text = tok.decode(&out, true).unwrap();
@@ -354,7 +306,7 @@ fn real_tiny_en_transcribes_like_hf() {
 
 #[test]
 fn tiny_random_whisper_runs_in_bf16() {
-    let dir = root().join("tests/fixtures/whisper-tiny-random");
+    let dir = repo().join("tests/fixtures/whisper-tiny-random");
     let refs = tensors(&dir.join("reference.safetensors"));
     let model = WhisperModel::load(&dir, &Device::Cpu, DType::BF16).unwrap();
     let prompt = model.decoder_prompt(Task::Transcribe, Some("en")).unwrap();
@@ -395,24 +347,23 @@ fn real_tiny_en_transcribes_in_bf16() {
     let text = tok.decode(&out, true).unwrap();
     // bf16 is not held to HF's f32 ids, but on this clear recording it must still get the
     // sentence right (it does so with the very same ids today).
-    let expected = json(&root().join("tests/fixtures/whisper-tiny-en/expected.json"));
+    let expected = read_json(&repo().join("tests/fixtures/whisper-tiny-en/expected.json"));
     assert_eq!(text, expected["speech_16k"]["text"].as_str().unwrap());
 }
 
 #[test]
 fn real_tiny_en_through_the_cli_at_16k_and_44k() {
     let dir = tiny_en_dir();
-    let expected = json(&root().join("tests/fixtures/whisper-tiny-en/expected.json"));
+    let expected = read_json(&repo().join("tests/fixtures/whisper-tiny-en/expected.json"));
     for case in ["speech_16k", "speech_44k"] {
         let want = &expected[case];
-        let wav = root().join(want["audio"].as_str().unwrap());
+        let wav = repo().join(want["audio"].as_str().unwrap());
         // No prompt: the media argument comes last and the task defaults to transcribe.
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmllm"))
+        let out = util::mmllm()
             .args(["audio", "--model"])
             .arg(&dir)
             .args(["--output", "jsonl"])
             .arg(&wav)
-            .env("HF_HUB_OFFLINE", "1")
             .output()
             .unwrap();
         assert!(
@@ -421,7 +372,11 @@ fn real_tiny_en_through_the_cli_at_16k_and_44k() {
             String::from_utf8_lossy(&out.stderr)
         );
         let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(ids(&got["token_ids"]), ids(&want["ids"]), "{case}");
+        assert_eq!(
+            token_ids(&got["token_ids"]),
+            token_ids(&want["ids"]),
+            "{case}"
+        );
         assert_eq!(got["text"], want["text"], "{case}");
         assert_eq!(got["finish_reason"], "stop");
     }
@@ -434,10 +389,10 @@ fn real_tiny_en_through_the_cli_at_16k_and_44k() {
 #[test]
 fn mp3_features_stay_within_the_documented_tolerance() {
     use mmllm::models::common::mel::{MelConfig, MelExtractor, Padding};
-    let bytes = std::fs::read(root().join("tests/data/audio/speech.mp3")).unwrap();
+    let bytes = std::fs::read(repo().join("tests/data/audio/speech.mp3")).unwrap();
     let native = mmllm::media::audio::decode_audio(&bytes, "speech.mp3", None).unwrap();
     let ours = mmllm::media::audio::decode_audio(&bytes, "speech.mp3", Some(16000)).unwrap();
-    let reference = tensors(&root().join("tests/fixtures/audio_expected.safetensors"))
+    let reference = tensors(&repo().join("tests/fixtures/audio_expected.safetensors"))
         ["speech_mp3_native"]
         .to_vec1::<f32>()
         .unwrap();

@@ -1,0 +1,149 @@
+//! Helpers shared by the integration tests: the repository root, the built `mmllm` binary, and
+//! reading the committed fixtures (JSON, safetensors, WAV) and comparing against them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use candle_core::{DType, Device, Tensor};
+use mmllm::error::Error;
+use mmllm::media::Audio;
+use serde_json::Value;
+
+/// The repository root: `CARGO_MANIFEST_DIR` at run time when set (so a test binary built
+/// elsewhere can run in a copy of the repository), else the one the tests were built from.
+pub fn repo() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+/// The built `mmllm` binary, offline (`HF_HUB_OFFLINE=1`: nothing is ever downloaded) and with
+/// stdin closed; callers override either where a test needs to.
+pub fn mmllm() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mmllm"));
+    c.env("HF_HUB_OFFLINE", "1").stdin(Stdio::null());
+    c
+}
+
+/// [`mmllm`] with `args`, run to completion.
+pub fn run_mmllm(args: &[&str]) -> Output {
+    mmllm().args(args).output().unwrap()
+}
+
+/// Exit 0 and exactly one line on stdout: that line, parsed as JSON.
+pub fn json_line(out: &Output) -> Value {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout.clone()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON line per prompt: {text}");
+    serde_json::from_str(lines[0]).unwrap()
+}
+
+/// The (input, problem, expected) of an input error, or a panic naming what came instead.
+pub fn input_error(r: Result<impl std::fmt::Debug, Error>) -> (String, String, String) {
+    match r {
+        Err(Error::Input {
+            input,
+            problem,
+            expected,
+        }) => (input, problem, expected),
+        other => panic!("expected an input error, got {other:?}"),
+    }
+}
+
+/// A JSON file, parsed; panics naming the file.
+pub fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The tensors of a safetensors file, on the CPU; panics naming the file.
+pub fn tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Token ids from a JSON array of integers (`token_ids` of an output line, `greedy_ids` of a
+/// reference).
+pub fn token_ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array of ids: {v}"))
+        .iter()
+        .map(|x| u32::try_from(x.as_u64().unwrap()).unwrap())
+        .collect()
+}
+
+/// Token ids from an integer tensor (`input_ids`, `greedy_ids` of a reference).
+pub fn tensor_ids(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::I64)
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| u32::try_from(v).unwrap())
+        .collect()
+}
+
+/// 16-bit PCM mono WAV as f32 (x / 32768, as soundfile reads it).
+pub fn read_wav(path: &Path) -> Audio {
+    let mut reader = hound::WavReader::open(path).unwrap();
+    let spec = reader.spec();
+    assert_eq!((spec.channels, spec.bits_per_sample), (1, 16), "{path:?}");
+    let samples = reader
+        .samples::<i16>()
+        .map(|s| f32::from(s.unwrap()) / 32768.0)
+        .collect();
+    Audio {
+        samples,
+        sample_rate: spec.sample_rate,
+    }
+}
+
+/// The values of a tensor (any device and float dtype) as a flat f32 vector.
+pub fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// `max |a - b|`.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// `max |a - b| / max |b|`.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
+    max_abs_diff(a, b) / scale
+}
+
+/// [`rel_err`] over all the values of two tensors of the same size.
+pub fn tensor_rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    rel_err(&flat(a), &flat(b))
+}
+
+/// The index of the largest value (the first one on ties).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
