@@ -24,7 +24,7 @@ pub use config::{GenerationConfig, Task, WhisperConfig};
 use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem, Modality};
 use crate::models::common::files::{mmap_weights, read_json, weight_files};
-use crate::models::common::mel::{LogMel, MelConfig, MelExtractor, Padding};
+use crate::models::common::mel::{Fit, LogMel, MelConfig, MelExtractor};
 use crate::models::common::whisper_encoder::{EncoderShape, ScaleAt, WhisperEncoder};
 use crate::models::kv::KvCache;
 use crate::models::{
@@ -209,14 +209,7 @@ impl WhisperModel {
     /// resampled to the feature extractor's rate with soxr HQ, as transformers' `load_audio`
     /// (librosa) does.
     pub fn log_mel(&self, audio: &Audio) -> Result<LogMel> {
-        let rate = self.mel.config().sampling_rate;
-        if audio.sample_rate == rate {
-            return self
-                .mel
-                .compute(&audio.samples, Padding::MaxLength, "audio");
-        }
-        let samples = crate::media::resample::resample(&audio.samples, audio.sample_rate, rate)?;
-        self.mel.compute(&samples, Padding::MaxLength, "audio")
+        self.mel.log_mel(audio, Fit::MaxLength)
     }
 
     /// Encoder output `(max_source_positions, d_model)` for `input_features`
