@@ -52,11 +52,9 @@ pub struct Selected {
 const EXPECTED_FLAG: &str = "K/N with whole numbers 0 <= K < N, e.g. --shard 0/4 … 3/4";
 
 /// The shard of this run, `None` when the run is not sharded. `--shard K/N` wins; otherwise a
-/// Slurm array task (`SLURM_ARRAY_TASK_ID` minus `SLURM_ARRAY_TASK_MIN`, of
-/// `SLURM_ARRAY_TASK_COUNT` or MIN..MAX tasks), then a Kubernetes Indexed Job
-/// (`JOB_COMPLETION_INDEX`, of `--shards N` or `MMLLM_SHARDS` tasks). A count given by
-/// `--shards`/`MMLLM_SHARDS` must agree with Slurm's. `env` reads a variable (empty counts as
-/// unset).
+/// Slurm array task (see [`slurm`]), then a Kubernetes Indexed Job (`JOB_COMPLETION_INDEX` of
+/// `--shards N` or `MMLLM_SHARDS=N`; the flag wins). A count with no index is an error. `env`
+/// reads a variable (an empty one counts as unset).
 pub fn select(
     flag: Option<&str>,
     shards: Option<usize>,
@@ -137,7 +135,11 @@ fn parse_flag(text: &str) -> Result<Shard> {
     Ok(Shard { index: k, count: n })
 }
 
-/// A Slurm array task: its id relative to the array's first id, of the array's task count.
+/// A Slurm array task. Without a count of its own, the array numbers the shards: shard
+/// `SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN` of `SLURM_ARRAY_TASK_COUNT` (or MIN..MAX)
+/// tasks, which must be contiguous (`--array=0-15`, `1-16`). With `--shards N` or
+/// `MMLLM_SHARDS=N`, the task id is the shard index (0-based) and the array may be any subset
+/// of `0..N-1`, as when a few tasks are run again (`--array=3,7`).
 fn slurm(
     id: &str,
     var: &dyn Fn(&str) -> Option<String>,
@@ -155,6 +157,26 @@ fn slurm(
     let min = read("SLURM_ARRAY_TASK_MIN")?;
     let max = read("SLURM_ARRAY_TASK_MAX")?;
     let count = read("SLURM_ARRAY_TASK_COUNT")?;
+
+    if let Some((n, from)) = count_override {
+        if let Some((m, v)) = max.filter(|(m, _)| *m >= n) {
+            return Err(Error::input(
+                format!("SLURM_ARRAY_TASK_MAX={v}"),
+                format!("task ids go up to {m}, but {from} makes {n} shards"),
+                format!(
+                    "an array within 0-{} (with {from}, the task id is the shard index)",
+                    n - 1
+                ),
+            ));
+        }
+        let source = format!("{ID}={id}");
+        let shard = within(task, n, &source, &from)?;
+        return Ok(Selected {
+            shard,
+            source: format!("{source}, {from}"),
+        });
+    }
+
     let first = min.as_ref().map_or(0, |(m, _)| *m);
     let mut source = format!("{ID}={id}");
     if let Some((_, v)) = &min {
@@ -171,7 +193,7 @@ fn slurm(
         }
         None => None,
     };
-    let n = match (&count, &span) {
+    let (n, from) = match (&count, &span) {
         (Some((c, v)), Some((s, max_text))) if c != s => {
             return Err(Error::input(
                 format!("SLURM_ARRAY_TASK_COUNT={v}"),
@@ -179,31 +201,20 @@ fn slurm(
                     "{c} tasks, but task ids {first}..{} ({max_text}) span {s}",
                     first + s - 1
                 ),
-                "a contiguous array such as --array=0-7 (a stepped or listed array cannot be \
-                 numbered as shards: use --shard K/N)",
+                "a contiguous array such as --array=0-7, or --shards N with task ids that are                  shard indices",
             ));
         }
-        (Some((c, v)), _) => Some((*c, format!("SLURM_ARRAY_TASK_COUNT={v}"))),
-        (None, Some((s, max_text))) => Some((*s, max_text.clone())),
-        (None, None) => None,
-    };
-    let (n, from) =
-        match (n, count_override) {
-            (Some((n, from)), Some((o, o_from))) if n != o => {
-                return Err(Error::input(
-                    o_from,
-                    format!("{o} shards, but {from} makes {n} array tasks"),
-                    "the same number of shards as array tasks (or leave it out)",
-                ))
-            }
-            (Some(n), _) | (None, Some(n)) => n,
-            (None, None) => return Err(Error::input(
+        (Some((c, v)), _) => (*c, format!("SLURM_ARRAY_TASK_COUNT={v}")),
+        (None, Some((s, max_text))) => (*s, max_text.clone()),
+        (None, None) => {
+            return Err(Error::input(
                 source,
                 "the number of array tasks is not set",
                 "SLURM_ARRAY_TASK_COUNT or SLURM_ARRAY_TASK_MAX as Slurm sets them, --shards N, \
                  or --shard K/N",
-            )),
-        };
+            ))
+        }
+    };
     if n == 0 {
         return Err(Error::input(from, "zero array tasks", "at least 1"));
     }
@@ -393,6 +404,16 @@ mod tests {
         assert_eq!(pick(None, Some(3), &count_only), s(2, 3));
         let id_only = [("SLURM_ARRAY_TASK_ID", "2")];
         assert_eq!(pick(None, Some(3), &id_only), s(2, 3));
+        // Rerunning tasks 3 and 7 of 8 (--array=3,7) with MMLLM_SHARDS=8: the id is the index.
+        let rerun = [
+            ("SLURM_ARRAY_TASK_ID", "7"),
+            ("SLURM_ARRAY_TASK_MIN", "3"),
+            ("SLURM_ARRAY_TASK_MAX", "7"),
+            ("SLURM_ARRAY_TASK_COUNT", "2"),
+            ("MMLLM_SHARDS", "8"),
+        ];
+        assert_eq!(pick(None, None, &rerun), s(7, 8));
+        assert_eq!(pick(None, Some(8), &rerun[..4]), s(7, 8));
         let sel = select(None, None, env(&vars)).unwrap().unwrap();
         assert!(
             sel.source.contains("SLURM_ARRAY_TASK_ID=5"),
@@ -417,9 +438,14 @@ mod tests {
         assert!(e.contains("contiguous"), "{e}");
         let e = usage(None, None, &id_only);
         assert!(e.contains("number of array tasks is not set"), "{e}");
-        let e = usage(None, Some(5), &count_only);
+        let e = usage(None, Some(7), &rerun[..4]);
         assert!(
-            e.starts_with("--shards 5: 5 shards, but SLURM_ARRAY_TASK_COUNT=3"),
+            e.starts_with("SLURM_ARRAY_TASK_MAX=7: task ids go up to 7, but --shards 7"),
+            "{e}"
+        );
+        let e = usage(None, Some(2), &count_only);
+        assert!(
+            e.contains("shard 2 does not exist among 2 (--shards 2"),
             "{e}"
         );
         let e = usage(None, None, &[("SLURM_ARRAY_TASK_ID", "x")]);

@@ -262,9 +262,9 @@ pub struct BatchArgs {
     #[arg(long, value_name = "K/N")]
     pub shard: Option<String>,
     /// Number of shards when the shard index comes from the environment: Kubernetes'
-    /// JOB_COMPLETION_INDEX (or MMLLM_SHARDS=N); with Slurm (SLURM_ARRAY_TASK_ID) it must match
-    /// the array's task count. Without --shard, a Slurm array task or an Indexed Job pod runs
-    /// its shard.
+    /// JOB_COMPLETION_INDEX, or a Slurm task whose SLURM_ARRAY_TASK_ID is then the index itself
+    /// (to rerun some tasks: --array=3,7). Also MMLLM_SHARDS=N. Without --shard or --shards,
+    /// a Slurm array task takes shard ID-MIN of SLURM_ARRAY_TASK_COUNT.
     #[arg(long, value_name = "N", value_parser = at_least_one, conflicts_with = "shard")]
     pub shards: Option<usize>,
     /// Check every job's media before running any, and fail listing all problems.
