@@ -295,10 +295,14 @@ mod tests {
         select(flag, shards, env(vars)).unwrap().unwrap().shard
     }
 
-    fn usage(flag: Option<&str>, shards: Option<usize>, vars: &[(&str, &str)]) -> String {
+    /// Asserts a usage error that says each of `says`.
+    fn usage(flag: Option<&str>, shards: Option<usize>, vars: &[(&str, &str)], says: &[&str]) {
         let e = select(flag, shards, env(vars)).unwrap_err();
         assert_eq!(e.exit_code(), 2, "{e}");
-        e.to_string()
+        let e = e.to_string();
+        for part in says {
+            assert!(e.contains(part), "{part:?} in {e}");
+        }
     }
 
     #[test]
@@ -373,9 +377,12 @@ mod tests {
             ("3/3", "shard 3 does not exist among 3"),
             ("0/0", "a count of 0 shards"),
         ] {
-            let e = usage(Some(bad), None, &[]);
-            assert!(e.starts_with(&format!("--shard {bad}: {says}")), "{e}");
-            assert!(e.contains("(expected K/N"), "{e}");
+            usage(
+                Some(bad),
+                None,
+                &[],
+                &[&format!("--shard {bad}: {says}"), "(expected K/N"],
+            );
         }
     }
 
@@ -433,27 +440,32 @@ mod tests {
             ("SLURM_ARRAY_TASK_MAX", "12"),
             ("SLURM_ARRAY_TASK_COUNT", "4"),
         ];
-        let e = usage(None, None, &stepped);
-        assert!(e.starts_with("SLURM_ARRAY_TASK_COUNT=4: 4 tasks"), "{e}");
-        assert!(e.contains("contiguous"), "{e}");
-        let e = usage(None, None, &id_only);
-        assert!(e.contains("number of array tasks is not set"), "{e}");
-        let e = usage(None, Some(7), &rerun[..4]);
-        assert!(
-            e.starts_with("SLURM_ARRAY_TASK_MAX=7: task ids go up to 7, but --shards 7"),
-            "{e}"
+        usage(
+            None,
+            None,
+            &stepped,
+            &["SLURM_ARRAY_TASK_COUNT=4: 4 tasks", "contiguous"],
         );
-        let e = usage(None, Some(2), &count_only);
-        assert!(
-            e.contains("shard 2 does not exist among 2 (--shards 2"),
-            "{e}"
+        usage(None, None, &id_only, &["number of array tasks is not set"]);
+        usage(
+            None,
+            Some(7),
+            &rerun[..4],
+            &["SLURM_ARRAY_TASK_MAX=7: task ids go up to 7, but --shards 7"],
         );
-        let e = usage(None, None, &[("SLURM_ARRAY_TASK_ID", "x")]);
-        assert!(
-            e.starts_with("SLURM_ARRAY_TASK_ID=x: not a whole number"),
-            "{e}"
+        usage(
+            None,
+            Some(2),
+            &count_only,
+            &["shard 2 does not exist among 2 (--shards 2"],
         );
-        let e = usage(
+        usage(
+            None,
+            None,
+            &[("SLURM_ARRAY_TASK_ID", "x")],
+            &["SLURM_ARRAY_TASK_ID=x: not a whole number"],
+        );
+        usage(
             None,
             None,
             &[
@@ -461,17 +473,17 @@ mod tests {
                 ("SLURM_ARRAY_TASK_MIN", "1"),
                 ("SLURM_ARRAY_TASK_COUNT", "3"),
             ],
+            &["below the array's first id 1"],
         );
-        assert!(e.contains("below the array's first id 1"), "{e}");
-        let e = usage(
+        usage(
             None,
             None,
             &[
                 ("SLURM_ARRAY_TASK_ID", "3"),
                 ("SLURM_ARRAY_TASK_COUNT", "3"),
             ],
+            &["shard 3 does not exist among 3"],
         );
-        assert!(e.contains("shard 3 does not exist among 3"), "{e}");
     }
 
     #[test]
@@ -489,35 +501,35 @@ mod tests {
         let sel = select(None, None, env(&with_env)).unwrap().unwrap();
         assert_eq!(sel.source, "JOB_COMPLETION_INDEX=4 and MMLLM_SHARDS=7");
 
-        let e = usage(None, None, &idx);
-        assert!(
-            e.starts_with("JOB_COMPLETION_INDEX=4: the number of shards is not given"),
-            "{e}"
+        usage(
+            None,
+            None,
+            &idx,
+            &["JOB_COMPLETION_INDEX=4: the number of shards is not given"],
         );
-        let e = usage(None, Some(4), &idx);
-        assert!(
-            e.contains("shard 4 does not exist among 4 (--shards 4"),
-            "{e}"
+        usage(
+            None,
+            Some(4),
+            &idx,
+            &["shard 4 does not exist among 4 (--shards 4"],
         );
-        let e = usage(
+        usage(
             None,
             None,
             &[("JOB_COMPLETION_INDEX", "4"), ("MMLLM_SHARDS", "0")],
+            &["MMLLM_SHARDS=0: zero shards"],
         );
-        assert!(e.starts_with("MMLLM_SHARDS=0: zero shards"), "{e}");
-        let e = usage(
+        usage(
             None,
             None,
             &[("JOB_COMPLETION_INDEX", "4"), ("MMLLM_SHARDS", "many")],
+            &["MMLLM_SHARDS=many: not a whole number"],
         );
-        assert!(
-            e.starts_with("MMLLM_SHARDS=many: not a whole number"),
-            "{e}"
-        );
-        let e = usage(None, Some(3), &[]);
-        assert!(
-            e.starts_with("--shards 3: a number of shards but no shard index"),
-            "{e}"
+        usage(
+            None,
+            Some(3),
+            &[],
+            &["--shards 3: a number of shards but no shard index"],
         );
         // Empty variables count as unset.
         assert!(select(None, None, env(&[("JOB_COMPLETION_INDEX", "")]))

@@ -83,6 +83,14 @@ fn merge(inputs: &[PathBuf], args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `mmllm merge INPUTS --manifest MANIFEST -o OUT`.
+fn merge_into(inputs: &[PathBuf], manifest: &Path, out: &Path) -> Output {
+    merge(
+        inputs,
+        &["--manifest", path_str(manifest), "-o", path_str(out)],
+    )
+}
+
 fn succeeded(out: &Output) {
     assert!(
         out.status.success(),
@@ -162,10 +170,7 @@ fn shards_of_1_3_and_7_merge_back_into_the_single_run() {
         // Merged with the manifest: the single run, line for line (but for timing), and each
         // line byte for byte one of the shards' lines.
         let merged = dir.path().join(format!("merged-{n}.jsonl"));
-        let out = merge(
-            &files,
-            &["--manifest", path_str(&manifest), "-o", path_str(&merged)],
-        );
+        let out = merge_into(&files, &manifest, &merged);
         succeeded(&out);
         assert!(out.stdout.is_empty());
         assert_eq!(
@@ -196,10 +201,7 @@ fn shards_of_1_3_and_7_merge_back_into_the_single_run() {
         .map(|k| dir.path().join(format!("n7-{k}-of-7.jsonl")))
         .collect();
     let merged = dir.path().join("partial.jsonl");
-    let out = merge(
-        &files,
-        &["--manifest", path_str(&manifest), "-o", path_str(&merged)],
-    );
+    let out = merge_into(&files, &manifest, &merged);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let missing = shard_ids(3, 7);
@@ -506,10 +508,7 @@ fn a_shard_killed_then_resumed_merges_with_nothing_lost_or_doubled() {
     );
     assert_eq!(ids(&read_jsonl(&file(1))), mine);
     let merged = dir.path().join("all.jsonl");
-    let out = merge(
-        &files,
-        &["--manifest", path_str(&manifest), "-o", path_str(&merged)],
-    );
+    let out = merge_into(&files, &manifest, &merged);
     succeeded(&out);
     let merged = read_jsonl(&merged);
     assert_eq!(ids(&merged), all_ids());
@@ -555,10 +554,7 @@ fn merge_keeps_one_line_per_id_and_reports_the_rest() {
     let inputs = [f1.clone(), f2.clone()];
 
     let merged = dir.path().join("merged.jsonl");
-    let out = merge(
-        &inputs,
-        &["--manifest", path_str(&manifest), "-o", path_str(&merged)],
-    );
+    let out = merge_into(&inputs, &manifest, &merged);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     // Manifest order; a result beats error lines; the first result wins; the last error
@@ -605,10 +601,7 @@ fn merge_keeps_one_line_per_id_and_reports_the_rest() {
         [ok("e", "5"), ok("d", "4"), ok("c", "3")].concat(),
     );
     let h = write("h.jsonl", [ok("b", "2"), ok("a", "1")].concat());
-    let out = merge(
-        &[g.clone(), h],
-        &["--manifest", path_str(&manifest), "-o", path_str(&g)],
-    );
+    let out = merge_into(&[g.clone(), h], &manifest, &g);
     succeeded(&out);
     assert_eq!(
         std::fs::read_to_string(&g).unwrap(),
