@@ -53,27 +53,7 @@ pub fn run(args: &BatchArgs) -> Result<()> {
         )));
     }
 
-    let mine: Vec<usize> = (0..jobs.len())
-        .filter(|&i| {
-            selected
-                .as_ref()
-                .is_none_or(|s| s.shard.contains(&jobs[i].id))
-        })
-        .collect();
-    if let Some(s) = &selected {
-        eprintln!(
-            "mmllm: shard {}/{} (from {}): {} of {} job(s){}",
-            s.shard.index,
-            s.shard.count,
-            s.source,
-            mine.len(),
-            jobs.len(),
-            output
-                .as_ref()
-                .map(|p| format!(", writing {}", p.display()))
-                .unwrap_or_default()
-        );
-    }
+    let mine = shard::jobs_of(selected.as_ref(), &jobs, output.as_deref());
     let done: HashSet<String> = match (&output, args.resume) {
         (Some(path), true) => repair_and_read(path)?,
         _ => HashSet::new(),

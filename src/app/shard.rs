@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::manifest::Job;
 
 /// Shard `index` of `count` (0-based, `index < count`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +261,29 @@ fn at_least_one(name: &str, value: &str, n: usize) -> Result<usize> {
         ));
     }
     Ok(n)
+}
+
+/// Indices of the jobs a run takes: every job unsharded, else the shard's, in manifest order.
+/// The choice, its source and the output file are logged on stderr.
+pub fn jobs_of(selected: Option<&Selected>, jobs: &[Job], output: Option<&Path>) -> Vec<usize> {
+    let Some(s) = selected else {
+        return (0..jobs.len()).collect();
+    };
+    let mine: Vec<usize> = (0..jobs.len())
+        .filter(|&i| s.shard.contains(&jobs[i].id))
+        .collect();
+    eprintln!(
+        "mmllm: shard {}/{} (from {}): {} of {} job(s){}",
+        s.shard.index,
+        s.shard.count,
+        s.source,
+        mine.len(),
+        jobs.len(),
+        output
+            .map(|p| format!(", writing {}", p.display()))
+            .unwrap_or_default()
+    );
+    mine
 }
 
 /// The output path with `{shard}` replaced by the shard's label; `{shard}` in a run that is
