@@ -34,6 +34,18 @@ pub fn run(args: &BatchArgs) -> Result<()> {
         .as_deref()
         .map(|path| shard::output_path(path, selected.as_ref().map(|s| s.shard)))
         .transpose()?;
+    if let Some(out) = &output {
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if same(out, &args.manifest) {
+            return Err(Error::usage(format!(
+                "-o {}: names the manifest itself (expected another file for the results)",
+                out.display()
+            )));
+        }
+    }
     let jobs = manifest::load(&args.manifest)?;
     let device = DeviceChoice::parse(&args.device)?;
     let name = args.manifest.display().to_string();

@@ -152,3 +152,23 @@ fn a_thin_strip_is_refused_before_its_huge_resize() {
     let out = run_mmllm(&["image", "--model", &llava(), path.to_str().unwrap(), "hi"]);
     refused(&out, &["strip.png", "20000x1", "resized"]);
 }
+
+#[test]
+fn results_are_never_written_over_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("jobs.yaml");
+    let text = format!(
+        "jobs:\n  - id: a\n    model: {}\n    prompt: hi\n    images: [{}]\n",
+        llava(),
+        photo()
+    );
+    std::fs::write(&manifest, &text).unwrap();
+    let out = run_mmllm(&[
+        "batch",
+        manifest.to_str().unwrap(),
+        "-o",
+        dir.path().join("./jobs.yaml").to_str().unwrap(),
+    ]);
+    refused(&out, &["jobs.yaml", "manifest itself"]);
+    assert_eq!(std::fs::read_to_string(&manifest).unwrap(), text);
+}
