@@ -2,12 +2,39 @@
 //! embedding, learned positions, `pre_layrnorm`, pre-norm encoder layers. Returns the hidden
 //! states a caller selects (`hidden_states[i]` with HF's numbering: 0 is the embedding output
 //! after `pre_layrnorm`, `i` the output of layer `i`). Knows no LLM and no preprocessing.
+//!
+//! The same tower also runs SigLIP (`SiglipVisionModel`): the same encoder layers, but a biased
+//! patch convolution, no class token and no `pre_layrnorm` ([`ClipVisionTower::load_siglip`],
+//! configured by [`siglip_config`]). Its `post_layernorm` and pooling head are not loaded:
+//! `hidden_states` stop before them, as in transformers.
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{layer_norm, linear_b, LayerNorm, LayerNormConfig, Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+
+/// A `SiglipVisionConfig` (`config.json`'s `vision_config`) as the tower's config, with
+/// transformers' SigLIP defaults for missing keys.
+pub fn siglip_config(value: &serde_json::Value) -> Result<ClipVisionConfig> {
+    let mut merged = serde_json::json!({
+        "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+        "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 16,
+        "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+    });
+    if let (Some(out), Some(given)) = (merged.as_object_mut(), value.as_object()) {
+        out.extend(given.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    let cfg: ClipVisionConfig = serde_json::from_value(merged).map_err(|e| {
+        Error::input(
+            "config.json",
+            format!("vision_config: {e}"),
+            "a SigLIP vision config",
+        )
+    })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
 
 /// `CLIPVisionConfig` with transformers' defaults for missing keys.
 #[derive(Debug, Clone, Deserialize)]
@@ -213,14 +240,18 @@ impl EncoderLayer {
     }
 }
 
-/// A loaded CLIP vision tower. Only the layers a caller needs are loaded and run.
+/// A loaded CLIP (or SigLIP) vision tower. Only the layers a caller needs are loaded and run.
 pub struct ClipVisionTower {
     cfg: ClipVisionConfig,
     /// Patch convolution as a matrix `(hidden, channels * patch * patch)`.
     patch_weight: Tensor,
-    class_embedding: Tensor,
+    /// SigLIP's patch convolution has a bias; CLIP's has none.
+    patch_bias: Option<Tensor>,
+    /// CLIP's class token; SigLIP has none.
+    class_embedding: Option<Tensor>,
     position_embedding: Tensor,
-    pre_layrnorm: LayerNorm,
+    /// CLIP normalises the embeddings before the encoder; SigLIP does not.
+    pre_layrnorm: Option<LayerNorm>,
     layers: Vec<EncoderLayer>,
 }
 
@@ -228,6 +259,21 @@ impl ClipVisionTower {
     /// Loads the embeddings, `pre_layrnorm` and the first `layers` encoder layers from `vb`
     /// (the prefix holding `embeddings.*`, `pre_layrnorm.*`, `encoder.layers.*`).
     pub fn load(cfg: &ClipVisionConfig, layers: usize, vb: VarBuilder) -> Result<Self> {
+        Self::load_kind(cfg, layers, vb, false)
+    }
+
+    /// Loads a SigLIP tower's embeddings and first `layers` encoder layers from `vb` (the
+    /// prefix holding `embeddings.*` and `encoder.layers.*`).
+    pub fn load_siglip(cfg: &ClipVisionConfig, layers: usize, vb: VarBuilder) -> Result<Self> {
+        Self::load_kind(cfg, layers, vb, true)
+    }
+
+    fn load_kind(
+        cfg: &ClipVisionConfig,
+        layers: usize,
+        vb: VarBuilder,
+        siglip: bool,
+    ) -> Result<Self> {
         cfg.validate()?;
         if layers > cfg.num_hidden_layers {
             return Err(Error::input(
@@ -245,17 +291,24 @@ impl ClipVisionTower {
         let patch_weight = emb
             .get((h, cfg.num_channels, p, p), "patch_embedding.weight")?
             .reshape((h, cfg.num_channels * p * p))?;
-        let positions = cfg.num_patches()? + 1;
+        let positions = cfg.num_patches()? + usize::from(!siglip);
+        let (patch_bias, class_embedding, pre_layrnorm) = if siglip {
+            (Some(emb.get(h, "patch_embedding.bias")?), None, None)
+        } else {
+            let ln = LayerNormConfig::from(cfg.layer_norm_eps);
+            (
+                None,
+                Some(emb.get(h, "class_embedding")?),
+                Some(layer_norm(h, ln, vb.pp("pre_layrnorm"))?),
+            )
+        };
         Ok(Self {
             cfg: cfg.clone(),
             patch_weight,
-            class_embedding: emb.get(h, "class_embedding")?,
+            patch_bias,
+            class_embedding,
             position_embedding: emb.get((positions, h), "position_embedding.weight")?,
-            pre_layrnorm: layer_norm(
-                h,
-                LayerNormConfig::from(cfg.layer_norm_eps),
-                vb.pp("pre_layrnorm"),
-            )?,
+            pre_layrnorm,
             layers: (0..layers)
                 .map(|i| EncoderLayer::new(cfg, vb.pp("encoder").pp("layers").pp(i)))
                 .collect::<Result<_>>()?,
@@ -267,7 +320,8 @@ impl ClipVisionTower {
     }
 
     /// Runs the tower on `pixel_values` `(B, C, S, S)` and returns `hidden_states[i]` for each
-    /// requested `i` (HF numbering, `0..=layers loaded`), each `(B, 1 + patches, hidden)`.
+    /// requested `i` (HF numbering, `0..=layers loaded`), each `(B, 1 + patches, hidden)` (CLIP)
+    /// or `(B, patches, hidden)` (SigLIP).
     pub fn hidden_states(&self, pixel_values: &Tensor, wanted: &[usize]) -> Result<Vec<Tensor>> {
         let (b, c, hgt, wid) = pixel_values.dims4()?;
         let (s, p) = (self.cfg.image_size, self.cfg.patch_size);
@@ -289,13 +343,23 @@ impl ClipVisionTower {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b * g * g, c * p * p))?;
-        let patch_embeds = patches
-            .matmul(&self.patch_weight.t()?)?
-            .reshape((b, g * g, h))?;
-        let cls = self.class_embedding.reshape((1, 1, h))?.repeat((b, 1, 1))?;
-        let xs = Tensor::cat(&[&cls, &patch_embeds], 1)?
-            .broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
-        let mut xs = self.pre_layrnorm.forward(&xs)?;
+        let mut patch_embeds = patches.matmul(&self.patch_weight.t()?)?;
+        if let Some(bias) = &self.patch_bias {
+            patch_embeds = patch_embeds.broadcast_add(bias)?;
+        }
+        let patch_embeds = patch_embeds.reshape((b, g * g, h))?;
+        let xs = match &self.class_embedding {
+            Some(class) => {
+                let cls = class.reshape((1, 1, h))?.repeat((b, 1, 1))?;
+                Tensor::cat(&[&cls, &patch_embeds], 1)?
+            }
+            None => patch_embeds,
+        };
+        let xs = xs.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+        let mut xs = match &self.pre_layrnorm {
+            Some(norm) => norm.forward(&xs)?,
+            None => xs,
+        };
 
         let mut out: Vec<Option<Tensor>> = vec![None; wanted.len()];
         let mut store = |i: usize, xs: &Tensor| {
