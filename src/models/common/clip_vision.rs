@@ -32,7 +32,7 @@ pub fn siglip_config(value: &serde_json::Value) -> Result<ClipVisionConfig> {
             "a SigLIP vision config",
         )
     })?;
-    cfg.validate()?;
+    cfg.validate(true)?;
     Ok(cfg)
 }
 
@@ -111,8 +111,28 @@ impl ClipVisionConfig {
         Ok(g * g)
     }
 
-    fn validate(&self) -> Result<()> {
-        self.grid()?;
+    /// Patches per side of SigLIP's "valid" patch convolution, which drops the pixels past the
+    /// last whole patch (384 px in patches of 14: 27 per side).
+    pub fn valid_grid(&self) -> Result<usize> {
+        if self.patch_size == 0 || self.image_size < self.patch_size {
+            return Err(Error::input(
+                "config.json",
+                format!(
+                    "vision_config.image_size {} is smaller than patch_size {}",
+                    self.image_size, self.patch_size
+                ),
+                "a non-zero patch_size no larger than image_size",
+            ));
+        }
+        Ok(self.image_size / self.patch_size)
+    }
+
+    fn validate(&self, siglip: bool) -> Result<()> {
+        if siglip {
+            self.valid_grid()?;
+        } else {
+            self.grid()?;
+        }
         if self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)
         {
@@ -274,7 +294,7 @@ impl ClipVisionTower {
         vb: VarBuilder,
         siglip: bool,
     ) -> Result<Self> {
-        cfg.validate()?;
+        cfg.validate(siglip)?;
         if layers > cfg.num_hidden_layers {
             return Err(Error::input(
                 "config.json",
@@ -291,7 +311,12 @@ impl ClipVisionTower {
         let patch_weight = emb
             .get((h, cfg.num_channels, p, p), "patch_embedding.weight")?
             .reshape((h, cfg.num_channels * p * p))?;
-        let positions = cfg.num_patches()? + usize::from(!siglip);
+        let grid = if siglip {
+            cfg.valid_grid()?
+        } else {
+            cfg.grid()?
+        };
+        let positions = grid * grid + usize::from(!siglip);
         let (patch_bias, class_embedding, pre_layrnorm) = if siglip {
             (Some(emb.get(h, "patch_embedding.bias")?), None, None)
         } else {
@@ -335,9 +360,12 @@ impl ClipVisionTower {
         let g = s / p;
         let h = self.cfg.hidden_size;
         let dtype = self.patch_weight.dtype();
-        // A stride-p, kernel-p, bias-free convolution is a matmul over flattened patches,
-        // with the (channel, row, column) order of the convolution weight.
+        // A stride-p, kernel-p convolution is a matmul over flattened patches, with the
+        // (channel, row, column) order of the convolution weight; pixels past the last whole
+        // patch are not seen (SigLIP's "valid" padding; CLIP sizes are multiples of p).
         let patches = pixel_values
+            .narrow(2, 0, g * p)?
+            .narrow(3, 0, g * p)?
             .to_dtype(dtype)?
             .reshape((b, c, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
@@ -402,6 +430,17 @@ mod tests {
         );
         assert_eq!(cfg.num_patches().unwrap(), 49);
         assert_eq!(cfg.hidden_act, "quick_gelu");
+    }
+
+    #[test]
+    fn siglip_config_takes_siglip_defaults_and_a_valid_grid() {
+        let cfg = siglip_config(&serde_json::json!({"image_size": 384, "patch_size": 14})).unwrap();
+        assert_eq!((cfg.hidden_size, cfg.num_hidden_layers), (768, 12));
+        assert_eq!(cfg.hidden_act, "gelu_pytorch_tanh");
+        assert_eq!(cfg.layer_norm_eps, 1e-6);
+        assert_eq!(cfg.valid_grid().unwrap(), 27);
+        assert!(siglip_config(&serde_json::json!({"image_size": 10, "patch_size": 14})).is_err());
+        assert!(siglip_config(&serde_json::json!({"hidden_act": "tanh_cubed"})).is_err());
     }
 
     #[test]
