@@ -122,6 +122,8 @@ pub fn parse(text: &str, name: &str, base: &Path, jsonl: bool) -> Result<Vec<Job
         yaml_jobs(text, &mut problems)
     };
     let mut out: Vec<Job> = Vec::new();
+    // First line of each id, for duplicate errors in linear time.
+    let mut first_line: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for (job, at) in jobs {
         let settings = merge(&defaults, &job.settings, base);
         if settings.model.is_none() {
@@ -136,14 +138,14 @@ pub fn parse(text: &str, name: &str, base: &Path, jsonl: bool) -> Result<Vec<Job
         if settings.prompt.is_none() {
             problems.add(at, format!("job {:?} has no prompt", job.id));
         }
-        if let Some(first) = out.iter().find(|j| j.id == job.id) {
-            problems.add(
+        match first_line.get(&job.id) {
+            Some(first) => problems.add(
                 at,
-                format!(
-                    "duplicate job id {:?} (first used on line {})",
-                    job.id, first.line
-                ),
-            );
+                format!("duplicate job id {:?} (first used on line {first})", job.id),
+            ),
+            None => {
+                first_line.insert(job.id.clone(), job.line);
+            }
         }
         out.push(Job { settings, ..job });
     }

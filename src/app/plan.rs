@@ -23,6 +23,9 @@ pub const DEFAULT_MAX_TOKENS: usize = 256;
 pub const DEFAULT_TEMPERATURE: f64 = 0.0;
 /// Sampling seed when unset.
 pub const DEFAULT_SEED: u64 = 0;
+/// Prompt text refused before tokenizing (far beyond any context we run: tokenizing it
+/// would cost seconds and gigabytes before the length check).
+pub const DEFAULT_MAX_PROMPT_BYTES: u64 = 4 << 20;
 
 /// What kind of input a media argument is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,20 +148,32 @@ impl Plan {
                 "-: standard input is used more than once (expected `-` for at most one media item or the prompt)",
             ));
         }
+        let max_prompt =
+            crate::media::env_u64("MMLLM_MAX_PROMPT_BYTES")?.unwrap_or(DEFAULT_MAX_PROMPT_BYTES);
         let prompt = match stdin.as_mut() {
             Some(input) if prompt == "-" => {
                 let mut text = String::new();
-                input.read_to_string(&mut text).map_err(|e| {
-                    Error::input(
-                        "<stdin>",
-                        format!("cannot read the prompt: {e}"),
-                        "UTF-8 text",
-                    )
-                })?;
+                input
+                    .take(max_prompt + 1)
+                    .read_to_string(&mut text)
+                    .map_err(|e| {
+                        Error::input(
+                            "<stdin>",
+                            format!("cannot read the prompt: {e}"),
+                            "UTF-8 text",
+                        )
+                    })?;
                 text.trim_end_matches(['\n', '\r']).to_string()
             }
             _ => prompt,
         };
+        if prompt.len() as u64 > max_prompt {
+            return Err(Error::input(
+                "prompt",
+                format!("longer than {max_prompt} bytes"),
+                "a shorter prompt (or a larger MMLLM_MAX_PROMPT_BYTES)",
+            ));
+        }
         let mut extra_tensors = Vec::new();
         for (name, file) in [
             ("image_grid_thw", &s.image_grid_thw),
@@ -359,14 +374,30 @@ impl Plan {
     }
 }
 
+/// Chat templates are a few kilobytes; a larger file is a mistake (or `/dev/zero`).
+const MAX_TEMPLATE_BYTES: u64 = 1 << 20;
+
 fn read_template(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| {
+    let bad = |problem: String| {
         Error::input(
             path.display().to_string(),
-            format!("cannot read the chat template: {e}"),
-            "a readable Jinja template file",
+            problem,
+            format!(
+                "a readable UTF-8 Jinja template file of at most {} KiB",
+                MAX_TEMPLATE_BYTES >> 10
+            ),
         )
-    })
+    };
+    let file = std::fs::File::open(path)
+        .map_err(|e| bad(format!("cannot read the chat template: {e}")))?;
+    let mut text = String::new();
+    file.take(MAX_TEMPLATE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| bad(format!("cannot read the chat template: {e}")))?;
+    if text.len() as u64 > MAX_TEMPLATE_BYTES {
+        return Err(bad("the chat template is too large".into()));
+    }
+    Ok(text)
 }
 
 /// `a, b or c` for error messages, or `none` when the list is empty.

@@ -118,7 +118,11 @@ pub struct Sequence {
 impl Sequence {
     /// KV positions `req` needs (prompt plus generated tokens, within the model's limit).
     pub fn capacity(model: &dyn Model, req: &Request) -> usize {
-        (req.prompt.ids.len() + req.max_tokens).min(model.info().max_positions)
+        req.prompt
+            .ids
+            .len()
+            .saturating_add(req.max_tokens)
+            .min(model.info().max_positions)
     }
 
     /// Checks the prompt fits, runs the prefill and reports [`Event::Started`].

@@ -70,7 +70,38 @@ pub fn load_embeds(bytes: &[u8], input: &str, modality: Modality) -> Result<Embe
             named
         }
     };
+    for (name, t) in &tensors {
+        check_finite(t, name, input)?;
+    }
     Ok(Embeds { modality, tensors })
+}
+
+/// Refuses NaN and infinite values: a model fed them produces garbage (token 0 with a null
+/// logprob, every step) instead of an error.
+fn check_finite(t: &Tensor, name: &str, input: &str) -> Result<()> {
+    if !t.dtype().is_float() {
+        return Ok(());
+    }
+    let bad = t
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map(|v| v.iter().filter(|x| !x.is_finite()).count())
+        .map_err(|e| {
+            Error::input(
+                input,
+                format!("cannot read {name:?}: {e}"),
+                "a numeric tensor",
+            )
+        })?;
+    if bad > 0 {
+        return Err(Error::input(
+            input,
+            format!("{name:?} holds {bad} NaN or infinite value(s)"),
+            "finite numbers only",
+        ));
+    }
+    Ok(())
 }
 
 /// Adds the tensor `name` (e.g. `image_grid_thw`, `image_sizes`) from a separate file to
@@ -102,6 +133,7 @@ pub fn merge_embeds(mut embeds: Embeds, name: &str, bytes: &[u8], input: &str) -
             })?
         }
     };
+    check_finite(&tensor, name, input)?;
     embeds.tensors.insert(name.to_string(), tensor);
     Ok(embeds)
 }

@@ -45,28 +45,13 @@ impl ImageLimits {
     /// The defaults, overridden by `MMLLM_MAX_IMAGE_PIXELS` / `MMLLM_MAX_IMAGE_BYTES`.
     pub fn from_env() -> Result<Self> {
         let mut limits = ImageLimits::default();
-        if let Some(v) = env_u64("MMLLM_MAX_IMAGE_PIXELS")? {
+        if let Some(v) = super::env_u64("MMLLM_MAX_IMAGE_PIXELS")? {
             limits.max_pixels = v;
         }
-        if let Some(v) = env_u64("MMLLM_MAX_IMAGE_BYTES")? {
+        if let Some(v) = super::env_u64("MMLLM_MAX_IMAGE_BYTES")? {
             limits.max_bytes = v;
         }
         Ok(limits)
-    }
-}
-
-fn env_u64(name: &str) -> Result<Option<u64>> {
-    match std::env::var(name) {
-        Ok(s) => match s.trim().parse::<u64>() {
-            Ok(v) if v > 0 => Ok(Some(v)),
-            _ => Err(Error::usage(format!(
-                "environment variable {name}={s:?} is invalid (expected a positive integer)"
-            ))),
-        },
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(std::env::VarError::NotUnicode(_)) => Err(Error::usage(format!(
-            "environment variable {name} is not valid UTF-8 (expected a positive integer)"
-        ))),
     }
 }
 

@@ -246,8 +246,13 @@ fn strip_generation_tags(source: &str) -> String {
     out
 }
 
+/// Instructions a template may run per render: thousands for a real chat template, while a
+/// template that loops without end stops with an error instead of hanging.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
     // jinja2 as Hugging Face configures it: trim_blocks and lstrip_blocks on.
     if let Ok(syntax) = SyntaxConfig::builder()
         .trim_blocks(true)

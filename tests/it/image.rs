@@ -182,7 +182,7 @@ fn clip_pixel_values_match_hf() {
     for name in names {
         let name = name.as_str().unwrap();
         let img = decode(name);
-        let pv = cfg.preprocess(&img);
+        let pv = cfg.preprocess(&img).unwrap();
         assert_eq!((pv.height, pv.width), (336, 336), "{name}");
         let want = hf_pixel_values(name);
         assert_eq!(pv.data.len(), want.len());

@@ -5,6 +5,7 @@ mod batching;
 mod cli;
 mod engine_pure;
 mod family_table;
+mod hostile;
 mod hub;
 mod image;
 mod knobs;

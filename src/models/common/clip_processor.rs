@@ -7,7 +7,11 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::resize::{resize, Filter};
+use crate::error::{Error, Result};
 use crate::media::RgbImage;
+
+/// Largest intermediate image the resize before the crop may make (64 Mi pixels, 192 MiB).
+const MAX_RESIZED_PIXELS: u64 = 1 << 26;
 
 /// OpenAI CLIP normalisation constants (transformers' `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`).
 pub const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -238,9 +242,21 @@ impl ClipProcessorConfig {
     }
 
     /// Resize, center crop, rescale and normalise one RGB image as HF's slow processor does.
-    pub fn preprocess(&self, img: &RgbImage) -> PixelValues {
+    pub fn preprocess(&self, img: &RgbImage) -> Result<PixelValues> {
         let (w, h) = img.dimensions();
         let (rh, rw) = self.resized_size(h, w);
+        // A thin strip resized for its short side becomes enormous before the crop (a 140-byte
+        // 20000x1 PNG would need gigabytes): refuse it before allocating.
+        if u64::from(rh) * u64::from(rw) > MAX_RESIZED_PIXELS {
+            return Err(Error::input(
+                "image",
+                format!("{w}x{h} would be resized to {rw}x{rh} before cropping"),
+                format!(
+                    "an image whose resized size stays under {MAX_RESIZED_PIXELS} pixels \
+                     (a less extreme aspect ratio)"
+                ),
+            ));
+        }
         let resized;
         let img = if (rh, rw) != (h, w) {
             resized = resize(img, rw, rh, self.resample);
@@ -284,11 +300,11 @@ impl ClipProcessorConfig {
                 }
             }
         }
-        PixelValues {
+        Ok(PixelValues {
             data,
             height: ch,
             width: cw,
-        }
+        })
     }
 }
 
@@ -353,7 +369,7 @@ mod tests {
             ..Default::default()
         };
         let img = RgbImage::from_pixel(1, 1, ::image::Rgb([9, 9, 9]));
-        let pv = c.preprocess(&img);
+        let pv = c.preprocess(&img).unwrap();
         // HF pads to 4x3 with the pixel at (ceil(3/2), ceil(2/2)) = row 2, column 1.
         let plane: Vec<f32> = pv.data[..12].to_vec();
         let mut want = vec![0f32; 12];

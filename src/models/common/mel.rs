@@ -6,7 +6,11 @@
 //! mel projection run in f64 as numpy does, so features agree with it to ~1e-6; transformers'
 //! torch path (f32 STFT) differs from both by up to ~3e-5.
 
+use std::borrow::Cow;
+
 use crate::error::{Error, Result};
+use crate::media::resample::resample;
+use crate::media::Audio;
 
 /// Sample rate every Whisper-style extractor expects.
 pub const SAMPLE_RATE: u32 = 16_000;
@@ -77,6 +81,16 @@ pub enum Padding {
     None,
     /// `padding="max_length", truncation=True, max_length=n`: exactly `n` samples.
     ToLength(usize),
+}
+
+/// How an audio family brings a resampled waveform to the extractor's input length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// [`Padding::MaxLength`]: padded or truncated to 30 s (Whisper, Qwen2-Audio).
+    MaxLength,
+    /// At least two hops of samples (zeros added count as audio), then zero padded to a whole
+    /// hop and never truncated (`UltravoxProcessor`).
+    WholeHops,
 }
 
 /// Log-mel features of one waveform.
@@ -156,6 +170,29 @@ impl MelExtractor {
 
     pub fn config(&self) -> &MelConfig {
         &self.config
+    }
+
+    /// Features of one audio item as the families' processors compute them: audio at another
+    /// rate is first resampled to the extractor's rate with soxr HQ (as transformers'
+    /// `load_audio`, librosa, does), then brought to length per `fit`.
+    pub fn log_mel(&self, audio: &Audio, fit: Fit) -> Result<LogMel> {
+        let rate = self.config.sampling_rate;
+        let mut samples = if audio.sample_rate == rate {
+            Cow::Borrowed(audio.samples.as_slice())
+        } else {
+            Cow::Owned(resample(&audio.samples, audio.sample_rate, rate)?)
+        };
+        let padding = match fit {
+            Fit::MaxLength => Padding::MaxLength,
+            Fit::WholeHops => {
+                let hop = self.config.hop_length;
+                if samples.len() < 2 * hop {
+                    samples.to_mut().resize(2 * hop, 0.0);
+                }
+                Padding::ToLength(samples.len().div_ceil(hop) * hop)
+            }
+        };
+        self.compute(&samples, padding, "audio")
     }
 
     /// Features of mono `samples` at the configured rate; `what` names the input in errors.

@@ -5,20 +5,50 @@
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::error::{Error, Result};
 
 const LN_EPS: f64 = 1e-5;
 
-/// The encoder's sizes (`audio_config` / Whisper `config.json` keys).
-#[derive(Debug, Clone, Copy)]
-pub struct EncoderShape {
+/// The encoder keys of a Whisper `config.json`, which Qwen2-Audio's and Ultravox's
+/// `audio_config` share; only their defaults differ (see [`WhisperEncoderConfig::from_value`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhisperEncoderConfig {
     pub d_model: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub ffn: usize,
-    pub n_mels: usize,
+    pub encoder_layers: usize,
+    pub encoder_attention_heads: usize,
+    pub encoder_ffn_dim: usize,
+    pub num_mel_bins: usize,
     pub max_source_positions: usize,
+    #[serde(default = "gelu")]
+    pub activation_function: String,
+}
+
+fn gelu() -> String {
+    "gelu".into()
+}
+
+impl WhisperEncoderConfig {
+    /// Parses the object `value`, taking each key it lacks from `defaults` (a family's
+    /// transformers defaults) as serde's `#[serde(default = ...)]` would. A Whisper
+    /// `config.json`, which has no such defaults, embeds the struct with `#[serde(flatten)]`.
+    pub fn from_value(value: &Value, defaults: &Self) -> serde_json::Result<Self> {
+        let mut merged = serde_json::to_value(defaults)?;
+        match (&mut merged, value) {
+            (Value::Object(keys), Value::Object(given)) => {
+                keys.extend(given.iter().map(|(k, v)| (k.clone(), v.clone())));
+                serde_json::from_value(merged)
+            }
+            _ => serde_json::from_value(value.clone()),
+        }
+    }
+
+    /// Mel frames the positions cover: `2 * max_source_positions` (3000, 30 s, for Whisper).
+    pub fn max_frames(&self) -> usize {
+        2 * self.max_source_positions
+    }
 }
 
 /// Where the attention scale is applied: transformers' Qwen2-Audio encoder scales the queries
@@ -55,7 +85,11 @@ pub struct WhisperEncoder {
 
 impl WhisperEncoder {
     /// Loads from `vb` at the prefix holding `conv1`, `layers`, `layer_norm`.
-    pub fn load(s: &EncoderShape, scale_at: ScaleAt, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn load(
+        s: &WhisperEncoderConfig,
+        scale_at: ScaleAt,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         let d = s.d_model;
         let ln = |vb: VarBuilder| candle_nn::layer_norm(d, LN_EPS, vb);
         let conv = |stride| Conv1dConfig {
@@ -63,7 +97,7 @@ impl WhisperEncoder {
             stride,
             ..Default::default()
         };
-        let layers = (0..s.layers)
+        let layers = (0..s.encoder_layers)
             .map(|i| {
                 let vb = vb.pp("layers").pp(i);
                 let a = vb.pp("self_attn");
@@ -74,22 +108,22 @@ impl WhisperEncoder {
                     v: candle_nn::linear(d, d, a.pp("v_proj"))?,
                     out: candle_nn::linear(d, d, a.pp("out_proj"))?,
                     mlp_norm: ln(vb.pp("final_layer_norm"))?,
-                    fc1: candle_nn::linear(d, s.ffn, vb.pp("fc1"))?,
-                    fc2: candle_nn::linear(s.ffn, d, vb.pp("fc2"))?,
+                    fc1: candle_nn::linear(d, s.encoder_ffn_dim, vb.pp("fc1"))?,
+                    fc2: candle_nn::linear(s.encoder_ffn_dim, d, vb.pp("fc2"))?,
                 })
             })
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
-            conv1: candle_nn::conv1d(s.n_mels, d, 3, conv(1), vb.pp("conv1"))?,
+            conv1: candle_nn::conv1d(s.num_mel_bins, d, 3, conv(1), vb.pp("conv1"))?,
             conv2: candle_nn::conv1d(d, d, 3, conv(2), vb.pp("conv2"))?,
             positions: vb
                 .pp("embed_positions")
                 .get((s.max_source_positions, d), "weight")?,
             layers,
             norm: ln(vb.pp("layer_norm"))?,
-            heads: s.heads,
+            heads: s.encoder_attention_heads,
             scale_at,
-            n_mels: s.n_mels,
+            n_mels: s.num_mel_bins,
         })
     }
 
@@ -176,5 +210,35 @@ impl WhisperEncoder {
         let w = candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
         let y = w.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         layer.out.forward(&y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn missing_keys_take_the_family_defaults() {
+        let defaults = WhisperEncoderConfig {
+            d_model: 8,
+            encoder_layers: 1,
+            encoder_attention_heads: 2,
+            encoder_ffn_dim: 16,
+            num_mel_bins: 80,
+            max_source_positions: 10,
+            activation_function: "gelu".into(),
+        };
+        let given = json!({"d_model": 16, "model_type": "whisper"});
+        let c = WhisperEncoderConfig::from_value(&given, &defaults).unwrap();
+        let want = WhisperEncoderConfig {
+            d_model: 16,
+            ..defaults.clone()
+        };
+        assert_eq!(c, want);
+        assert_eq!(c.max_frames(), 20);
+        // A key given as null is refused, as with serde's own defaults; so is a non-object.
+        assert!(WhisperEncoderConfig::from_value(&json!({"d_model": null}), &defaults).is_err());
+        assert!(WhisperEncoderConfig::from_value(&json!([1]), &defaults).is_err());
     }
 }

@@ -29,20 +29,7 @@ pub const IMAGE_PLACEHOLDER: &str = "<image>";
 
 /// The documented LLaVA-1.5 prompt (`USER: <image>\n{text}\nASSISTANT:`) as a chat template,
 /// for checkpoints that ship none. Message content may be a string or a list of parts.
-pub const FALLBACK_CHAT_TEMPLATE: &str = concat!(
-    "{% for message in messages %}",
-    "{% if message['content'] is string %}{% set text = message['content'] %}",
-    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text')",
-    " | map(attribute='text') | join(' ') %}{% endif %}",
-    "{% if message['role'] == 'system' %}{{ text }}\n",
-    "{% else %}{{ message['role'] | upper }}: ",
-    "{% if message['content'] is not string %}",
-    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}<image>\n",
-    "{% endfor %}{% endif %}",
-    "{{ text }}\n",
-    "{% endif %}{% endfor %}",
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}",
-);
+pub const FALLBACK_CHAT_TEMPLATE: &str = include_str!("fallback_chat_template.jinja");
 
 /// What LLaVA accepts, from `config.json` alone: one image (or its embeddings) per prompt.
 pub fn defaults(config: &serde_json::Value) -> Result<FamilyDefaults> {

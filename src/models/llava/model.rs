@@ -277,7 +277,7 @@ impl LlavaModel {
             let MediaItem::Image(img) = item else {
                 return Err(Error::Runtime(anyhow::anyhow!("not an image")));
             };
-            let px = self.processor.preprocess(img);
+            let px = self.processor.preprocess(img)?;
             let (h, w) = (px.height as usize, px.width as usize);
             pixels.push(Tensor::from_vec(px.data, (1, 3, h, w), &self.device)?);
         }
@@ -415,7 +415,7 @@ impl Model for LlavaModel {
                 self.check_image_embeds(embeds)?,
             )),
             MediaItem::Image(img) => {
-                let px = self.processor.preprocess(img);
+                let px = self.processor.preprocess(img)?;
                 let (h, w) = (px.height as usize, px.width as usize);
                 let pixels = Tensor::from_vec(px.data, (1, 3, h, w), &self.device)?;
                 Ok(EncodedItem::new(

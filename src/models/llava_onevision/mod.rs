@@ -34,17 +34,7 @@ pub const FAMILY: Family = Family {
 /// The chat template llava-hf/llava-onevision-qwen2-0.5b-ov-hf ships, for checkpoints without
 /// one: Qwen's `<|im_start|>` turns with every image of a turn first, then every video, then
 /// the text.
-pub const FALLBACK_CHAT_TEMPLATE: &str = concat!(
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}",
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}",
-    "{{ '<image>\n' }}{% endfor %}",
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}",
-    "{{ '<video>\n' }}{% endfor %}",
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}",
-    "{{ content['text'] }}{% endfor %}",
-    "{{'<|im_end|>' + '\n'}}{% endfor %}",
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
-);
+pub const FALLBACK_CHAT_TEMPLATE: &str = include_str!("chat_template.jinja");
 
 /// Images and videos per prompt by default: one of each, as vLLM serves the model unless
 /// `--limit-mm-per-prompt` raises it.
@@ -78,19 +68,21 @@ mod tests {
 
     #[test]
     fn fallback_template_renders_images_then_videos_then_text() {
-        let mut env = minijinja::Environment::new();
-        env.add_template("t", FALLBACK_CHAT_TEMPLATE).unwrap();
-        let messages = json!([{"role": "user", "content": [
-            {"type": "text", "text": "Compare."}, {"type": "video"}, {"type": "image"}]}]);
-        let out = env
-            .get_template("t")
+        use crate::prompt::template::{ChatTemplate, ContentPart, Message, TemplateFiles};
+        let files = TemplateFiles::default();
+        let template = ChatTemplate::select(&files, Some(FALLBACK_CHAT_TEMPLATE))
             .unwrap()
-            .render(minijinja::value::Serde(
-                json!({"messages": messages, "add_generation_prompt": true}),
-            ))
             .unwrap();
+        let text = ContentPart::Text {
+            text: "Compare.".into(),
+        };
+        let content = vec![text, ContentPart::Video {}, ContentPart::Image {}];
+        let user = Message {
+            role: "user".into(),
+            content,
+        };
         assert_eq!(
-            out,
+            template.render(&[user], true).unwrap(),
             "<|im_start|>user\n<image>\n<video>\nCompare.<|im_end|>\n<|im_start|>assistant\n"
         );
     }

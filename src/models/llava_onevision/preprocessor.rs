@@ -117,19 +117,19 @@ impl ImageProcessorConfig {
     }
 
     /// Resize to `size`, rescale and normalise each of `crops` (the base image first).
-    fn finish(&self, crops: &[RgbImage], grid: Option<(usize, usize)>) -> ImagePixels {
+    fn finish(&self, crops: &[RgbImage], grid: Option<(usize, usize)>) -> Result<ImagePixels> {
         let (h, w) = (self.size.0 as usize, self.size.1 as usize);
         let mut data = Vec::with_capacity(crops.len() * 3 * h * w);
         for crop in crops {
-            data.extend(self.clip.preprocess(crop).data);
+            data.extend(self.clip.preprocess(crop)?.data);
         }
-        ImagePixels {
+        Ok(ImagePixels {
             data,
             count: crops.len(),
             height: h,
             width: w,
             grid,
-        }
+        })
     }
 
     /// An image alone in its prompt: the base image, then its crops row by row.
@@ -151,7 +151,7 @@ impl ImageProcessorConfig {
                 crops.push(view.to_image());
             }
         }
-        Ok(self.finish(&crops, Some((rows, cols))))
+        self.finish(&crops, Some((rows, cols)))
     }
 
     /// An image among several in its prompt: padded to a square with the mean colour, whole.
@@ -171,7 +171,7 @@ impl ImageProcessorConfig {
                 self.pad_color,
             )
         };
-        Ok(self.finish(&[square], None))
+        self.finish(&[square], None)
     }
 }
 

@@ -12,28 +12,24 @@ use crate::error::{Error, Result};
 use crate::models::common::files::read_optional_json;
 use crate::models::common::llama::{LlamaConfig, TokenIds};
 use crate::models::common::mel::MelConfig;
+use crate::models::common::whisper_encoder::WhisperEncoderConfig;
 
 fn config_error(problem: impl Into<String>, expected: impl Into<String>) -> Error {
     Error::input("config.json", problem.into(), expected.into())
 }
 
-/// `Qwen2AudioEncoderConfig` with transformers' defaults (those of Qwen2-Audio-7B).
-#[derive(Debug, Clone, Deserialize)]
-pub struct AudioConfig {
-    #[serde(default = "defaults::num_mel_bins")]
-    pub num_mel_bins: usize,
-    #[serde(default = "defaults::encoder_layers")]
-    pub encoder_layers: usize,
-    #[serde(default = "defaults::encoder_attention_heads")]
-    pub encoder_attention_heads: usize,
-    #[serde(default = "defaults::encoder_ffn_dim")]
-    pub encoder_ffn_dim: usize,
-    #[serde(default = "defaults::d_model")]
-    pub d_model: usize,
-    #[serde(default = "defaults::gelu")]
-    pub activation_function: String,
-    #[serde(default = "defaults::max_source_positions")]
-    pub max_source_positions: usize,
+/// `Qwen2AudioEncoderConfig`'s defaults (those of Qwen2-Audio-7B), for the keys an
+/// `audio_config` lacks.
+fn audio_defaults() -> WhisperEncoderConfig {
+    WhisperEncoderConfig {
+        d_model: 1280,
+        encoder_layers: 32,
+        encoder_attention_heads: 20,
+        encoder_ffn_dim: 5120,
+        num_mel_bins: 128,
+        max_source_positions: 1500,
+        activation_function: "gelu".into(),
+    }
 }
 
 /// The `Qwen2Config` fields the decoder uses, with `Qwen2Config`'s defaults.
@@ -77,27 +73,6 @@ struct Qwen2TextConfig {
 }
 
 mod defaults {
-    pub fn num_mel_bins() -> usize {
-        128
-    }
-    pub fn encoder_layers() -> usize {
-        32
-    }
-    pub fn encoder_attention_heads() -> usize {
-        20
-    }
-    pub fn encoder_ffn_dim() -> usize {
-        5120
-    }
-    pub fn d_model() -> usize {
-        1280
-    }
-    pub fn gelu() -> String {
-        "gelu".into()
-    }
-    pub fn max_source_positions() -> usize {
-        1500
-    }
     pub fn vocab_size() -> usize {
         151936
     }
@@ -133,7 +108,7 @@ mod defaults {
 /// A parsed, checked `Qwen2AudioConfig`.
 #[derive(Debug, Clone)]
 pub struct Qwen2AudioConfig {
-    pub audio: AudioConfig,
+    pub audio: WhisperEncoderConfig,
     /// The Qwen2 decoder as a [`LlamaConfig`] with `qkv_bias` set.
     pub text: LlamaConfig,
     /// The `<|AUDIO|>` id (`audio_token_index`, alias `audio_token_id`).
@@ -148,7 +123,7 @@ impl Qwen2AudioConfig {
                 _ => Value::Object(Default::default()),
             }
         };
-        let audio: AudioConfig = serde_json::from_value(sub("audio_config"))
+        let audio = WhisperEncoderConfig::from_value(&sub("audio_config"), &audio_defaults())
             .map_err(|e| config_error(format!("audio_config: {e}"), "a Qwen2-Audio config"))?;
         let text: Qwen2TextConfig = serde_json::from_value(sub("text_config"))
             .map_err(|e| config_error(format!("text_config: {e}"), "a Qwen2-Audio config"))?;
@@ -218,7 +193,7 @@ impl Qwen2AudioConfig {
         })
     }
 
-    fn check_audio(a: &AudioConfig) -> Result<()> {
+    fn check_audio(a: &WhisperEncoderConfig) -> Result<()> {
         if a.d_model == 0
             || a.encoder_attention_heads == 0
             || !a.d_model.is_multiple_of(a.encoder_attention_heads)
@@ -254,7 +229,7 @@ impl Qwen2AudioConfig {
 
     /// Mel frames the encoder takes: it refuses any other length, as HF's does.
     pub fn encoder_frames(&self) -> usize {
-        2 * self.audio.max_source_positions
+        self.audio.max_frames()
     }
 }
 

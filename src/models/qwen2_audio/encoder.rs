@@ -10,10 +10,9 @@
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-use super::config::AudioConfig;
 use super::output_lengths;
 use crate::error::{Error, Result};
-use crate::models::common::whisper_encoder::{EncoderShape, ScaleAt, WhisperEncoder};
+use crate::models::common::whisper_encoder::{ScaleAt, WhisperEncoder, WhisperEncoderConfig};
 
 /// The audio tower plus the projector.
 pub struct AudioEncoder {
@@ -28,24 +27,16 @@ pub struct AudioEncoder {
 impl AudioEncoder {
     /// `tower` holds `conv1`, `layers`, `layer_norm`…; `projector` holds `linear`.
     pub fn load(
-        c: &AudioConfig,
+        c: &WhisperEncoderConfig,
         text_hidden: usize,
         tower: VarBuilder,
         projector: VarBuilder,
     ) -> Result<Self> {
-        let shape = EncoderShape {
-            d_model: c.d_model,
-            layers: c.encoder_layers,
-            heads: c.encoder_attention_heads,
-            ffn: c.encoder_ffn_dim,
-            n_mels: c.num_mel_bins,
-            max_source_positions: c.max_source_positions,
-        };
         Ok(Self {
-            tower: WhisperEncoder::load(&shape, ScaleAt::Queries, tower.clone())?,
+            tower: WhisperEncoder::load(c, ScaleAt::Queries, tower.clone())?,
             projector: candle_nn::linear(c.d_model, text_hidden, projector.pp("linear"))?,
             n_mels: c.num_mel_bins,
-            frames: 2 * c.max_source_positions,
+            frames: c.max_frames(),
             dtype: tower.dtype(),
         })
     }

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem};
 use crate::models::common::files::{mmap_weights, weight_files, weight_prefix};
 use crate::models::common::llama::Llama;
-use crate::models::common::mel::{LogMel, MelExtractor, Padding};
+use crate::models::common::mel::{Fit, LogMel, MelExtractor};
 use crate::models::{EncodedItem, Expansion, LoadContext, Model, ModelInfo, ProcessorKwargs};
 
 /// A loaded Qwen2-Audio checkpoint.
@@ -103,14 +103,7 @@ impl Qwen2AudioModel {
     /// resampled to the extractor's rate with soxr HQ (as transformers' `load_audio` does), then
     /// padded or truncated to 30 s; `valid_frames` is the sum of `feature_attention_mask`.
     pub fn log_mel(&self, audio: &Audio) -> Result<LogMel> {
-        let rate = self.mel.config().sampling_rate;
-        if audio.sample_rate == rate {
-            return self
-                .mel
-                .compute(&audio.samples, Padding::MaxLength, "audio");
-        }
-        let samples = crate::media::resample::resample(&audio.samples, audio.sample_rate, rate)?;
-        self.mel.compute(&samples, Padding::MaxLength, "audio")
+        self.mel.log_mel(audio, Fit::MaxLength)
     }
 
     /// How an audio with `valid_frames` feature frames appears in the prompt: its `<|AUDIO|>`

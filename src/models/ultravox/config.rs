@@ -6,53 +6,35 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::models::common::llama::LlamaConfig;
+use crate::models::common::whisper_encoder::WhisperEncoderConfig;
 
-/// The encoder fields of `audio_config` (a Whisper config; its decoder is not used).
-/// Defaults are transformers' `WhisperConfig` defaults.
+/// transformers' `WhisperConfig` defaults for the encoder keys an `audio_config` lacks (its
+/// decoder is not used).
+fn audio_defaults() -> WhisperEncoderConfig {
+    WhisperEncoderConfig {
+        d_model: 384,
+        encoder_layers: 4,
+        encoder_attention_heads: 6,
+        encoder_ffn_dim: 1536,
+        num_mel_bins: 80,
+        max_source_positions: 1500,
+        activation_function: "gelu".into(),
+    }
+}
+
+/// The `audio_config` keys besides the encoder's.
 #[derive(Debug, Clone, Deserialize)]
-pub struct AudioConfig {
-    #[serde(default = "defaults::d_model")]
-    pub d_model: usize,
-    #[serde(default = "defaults::encoder_layers")]
-    pub encoder_layers: usize,
-    #[serde(default = "defaults::encoder_attention_heads")]
-    pub encoder_attention_heads: usize,
-    #[serde(default = "defaults::encoder_ffn_dim")]
-    pub encoder_ffn_dim: usize,
-    #[serde(default = "defaults::num_mel_bins")]
-    pub num_mel_bins: usize,
-    #[serde(default = "defaults::max_source_positions")]
-    pub max_source_positions: usize,
-    #[serde(default = "defaults::activation")]
-    pub activation_function: String,
+struct AudioKind {
     #[serde(default)]
-    pub scale_embedding: bool,
+    model_type: Option<String>,
+    /// Not used (the encoder does not scale its input); parsed so that a malformed value is
+    /// refused.
     #[serde(default)]
-    pub model_type: Option<String>,
+    #[allow(dead_code)]
+    scale_embedding: bool,
 }
 
 mod defaults {
-    pub fn d_model() -> usize {
-        384
-    }
-    pub fn encoder_layers() -> usize {
-        4
-    }
-    pub fn encoder_attention_heads() -> usize {
-        6
-    }
-    pub fn encoder_ffn_dim() -> usize {
-        1536
-    }
-    pub fn num_mel_bins() -> usize {
-        80
-    }
-    pub fn max_source_positions() -> usize {
-        1500
-    }
-    pub fn activation() -> String {
-        "gelu".into()
-    }
     pub fn stack_factor() -> usize {
         8
     }
@@ -88,7 +70,7 @@ struct Top {
 /// A parsed Ultravox configuration.
 #[derive(Debug, Clone)]
 pub struct UltravoxConfig {
-    pub audio: AudioConfig,
+    pub audio: WhisperEncoderConfig,
     /// `None` when `config.json` names the language model by `text_model_id` instead of
     /// embedding `text_config` (the hub checkpoints do: their weights hold no `language_model.*`).
     pub text: Option<LlamaConfig>,
@@ -123,12 +105,14 @@ impl UltravoxConfig {
             };
             bad(what, problem, "an Ultravox config.json with audio_config")
         })?;
-        let audio: AudioConfig = serde_json::from_value(audio_value.clone())
-            .map_err(|e| bad(what, format!("audio_config: {e}"), "a Whisper audio_config"))?;
-        if audio.model_type.as_deref().is_some_and(|t| t != "whisper") {
+        let audio_error = |e| bad(what, format!("audio_config: {e}"), "a Whisper audio_config");
+        let audio = WhisperEncoderConfig::from_value(audio_value, &audio_defaults())
+            .map_err(audio_error)?;
+        let kind: AudioKind = serde_json::from_value(audio_value.clone()).map_err(audio_error)?;
+        if kind.model_type.as_deref().is_some_and(|t| t != "whisper") {
             return Err(bad(
                 what,
-                format!("audio_config.model_type {:?}", audio.model_type),
+                format!("audio_config.model_type {:?}", kind.model_type),
                 "a Whisper audio encoder (the only one Ultravox v0.5 uses)",
             ));
         }

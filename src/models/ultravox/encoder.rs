@@ -6,9 +6,9 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-use super::config::{AudioConfig, UltravoxConfig};
+use super::config::UltravoxConfig;
 use crate::error::Result;
-use crate::models::common::whisper_encoder::{EncoderShape, ScaleAt, WhisperEncoder};
+use crate::models::common::whisper_encoder::{ScaleAt, WhisperEncoder, WhisperEncoderConfig};
 /// `RMSNorm(eps=1e-6)` in ultravox_model.py.
 const PROJ_RMS_EPS: f64 = 1e-6;
 
@@ -27,17 +27,9 @@ pub struct AudioEncoder {
 
 impl AudioEncoder {
     /// Loads from `vb` at the prefix holding `conv1`, `layers`, `layer_norm` (`audio_tower`).
-    pub fn load(c: &AudioConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let shape = EncoderShape {
-            d_model: c.d_model,
-            layers: c.encoder_layers,
-            heads: c.encoder_attention_heads,
-            ffn: c.encoder_ffn_dim,
-            n_mels: c.num_mel_bins,
-            max_source_positions: c.max_source_positions,
-        };
+    pub fn load(c: &WhisperEncoderConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            tower: WhisperEncoder::load(&shape, ScaleAt::Scores, vb)?,
+            tower: WhisperEncoder::load(c, ScaleAt::Scores, vb)?,
         })
     }
 

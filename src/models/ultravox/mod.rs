@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem, Modality};
 use crate::models::common::files::{mmap_weights, read_json, weight_files};
 use crate::models::common::llama::{Llama, LlamaConfig};
-use crate::models::common::mel::{LogMel, MelConfig, MelExtractor, Padding};
+use crate::models::common::mel::{Fit, LogMel, MelConfig, MelExtractor};
 use crate::models::{
     EncodedItem, Expansion, ExtraModel, Family, FamilyDefaults, LoadContext, Model, ModelInfo,
     ProcessorKwargs, PromptStyle,
@@ -226,18 +226,7 @@ impl UltravoxModel {
     /// resampling otherwise, as for Whisper), at least two hops of samples, padded to a whole
     /// hop, never truncated.
     pub fn log_mel(&self, audio: &Audio) -> Result<LogMel> {
-        let cfg = self.mel.config();
-        let mut samples = if audio.sample_rate == cfg.sampling_rate {
-            audio.samples.clone()
-        } else {
-            crate::media::resample::resample(&audio.samples, audio.sample_rate, cfg.sampling_rate)?
-        };
-        let hop = cfg.hop_length;
-        if samples.len() < 2 * hop {
-            samples.resize(2 * hop, 0.0);
-        }
-        let len = samples.len().div_ceil(hop) * hop;
-        self.mel.compute(&samples, Padding::ToLength(len), "audio")
+        self.mel.log_mel(audio, Fit::WholeHops)
     }
 
     /// The encoder passes for features of `valid_frames` real frames.

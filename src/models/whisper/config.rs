@@ -6,35 +6,29 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::models::common::whisper_encoder::WhisperEncoderConfig;
 
-/// The architecture fields of `config.json`.
+/// The architecture fields of `config.json`: the encoder's (every key required but
+/// `activation_function`) and the decoder's.
 #[derive(Debug, Clone, Deserialize)]
 pub struct WhisperConfig {
-    pub d_model: usize,
-    pub encoder_layers: usize,
+    /// `d_model`, the encoder sizes, `num_mel_bins`, `max_source_positions` and
+    /// `activation_function` (shared by the decoder).
+    #[serde(flatten)]
+    pub encoder: WhisperEncoderConfig,
     pub decoder_layers: usize,
-    pub encoder_attention_heads: usize,
     pub decoder_attention_heads: usize,
-    pub encoder_ffn_dim: usize,
     pub decoder_ffn_dim: usize,
-    pub num_mel_bins: usize,
     pub vocab_size: usize,
-    pub max_source_positions: usize,
     pub max_target_positions: usize,
     #[serde(default)]
     pub scale_embedding: bool,
-    #[serde(default = "default_activation")]
-    pub activation_function: String,
     #[serde(default = "default_true")]
     pub tie_word_embeddings: bool,
     #[serde(default)]
     pub decoder_start_token_id: Option<u32>,
     #[serde(default)]
     pub eos_token_id: Option<Value>,
-}
-
-fn default_activation() -> String {
-    "gelu".into()
 }
 
 fn default_true() -> bool {
@@ -50,25 +44,26 @@ impl WhisperConfig {
                 "a Whisper config.json",
             )
         })?;
-        if c.d_model == 0
-            || c.encoder_attention_heads == 0
+        let e = &c.encoder;
+        if e.d_model == 0
+            || e.encoder_attention_heads == 0
             || c.decoder_attention_heads == 0
-            || !c.d_model.is_multiple_of(c.encoder_attention_heads)
-            || !c.d_model.is_multiple_of(c.decoder_attention_heads)
+            || !e.d_model.is_multiple_of(e.encoder_attention_heads)
+            || !e.d_model.is_multiple_of(c.decoder_attention_heads)
         {
             return Err(Error::input(
                 what,
                 format!(
                     "d_model {} is not divisible by the attention heads ({}, {})",
-                    c.d_model, c.encoder_attention_heads, c.decoder_attention_heads
+                    e.d_model, e.encoder_attention_heads, c.decoder_attention_heads
                 ),
                 "d_model a multiple of encoder/decoder_attention_heads",
             ));
         }
-        if c.activation_function != "gelu" {
+        if e.activation_function != "gelu" {
             return Err(Error::input(
                 what,
-                format!("activation_function {:?}", c.activation_function),
+                format!("activation_function {:?}", e.activation_function),
                 "\"gelu\" (the only activation Whisper checkpoints use)",
             ));
         }
@@ -361,6 +356,23 @@ mod tests {
         let err = g.decoder_prompt(Task::Transcribe, Some("zz")).unwrap_err();
         assert!(err.to_string().contains("one of en, fr"), "{err}");
         assert!(g.decoder_prompt(Task::Transcribe, None).is_err());
+    }
+
+    #[test]
+    fn encoder_keys_are_required_and_shared_with_the_decoder() {
+        let mut cfg = json!({
+            "d_model": 384, "encoder_layers": 4, "decoder_layers": 4,
+            "encoder_attention_heads": 6, "decoder_attention_heads": 6,
+            "encoder_ffn_dim": 1536, "decoder_ffn_dim": 1536, "num_mel_bins": 80,
+            "vocab_size": 51864, "max_source_positions": 1500, "max_target_positions": 448
+        });
+        let c = WhisperConfig::from_value(&cfg, "config.json").unwrap();
+        assert_eq!(c.encoder.d_model, 384);
+        assert_eq!(c.encoder.activation_function, "gelu");
+        assert_eq!(c.decoder_layers, 4);
+        cfg.as_object_mut().unwrap().remove("num_mel_bins");
+        let err = WhisperConfig::from_value(&cfg, "config.json").unwrap_err();
+        assert!(err.to_string().contains("num_mel_bins"), "{err}");
     }
 
     #[test]

@@ -24,8 +24,8 @@ pub use config::{GenerationConfig, Task, WhisperConfig};
 use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem, Modality};
 use crate::models::common::files::{mmap_weights, read_json, weight_files};
-use crate::models::common::mel::{LogMel, MelConfig, MelExtractor, Padding};
-use crate::models::common::whisper_encoder::{EncoderShape, ScaleAt, WhisperEncoder};
+use crate::models::common::mel::{Fit, LogMel, MelConfig, MelExtractor};
+use crate::models::common::whisper_encoder::{ScaleAt, WhisperEncoder};
 use crate::models::kv::KvCache;
 use crate::models::{
     EncodedItem, Expansion, Family, FamilyDefaults, LoadContext, Model, ModelInfo, ProcessorKwargs,
@@ -132,8 +132,10 @@ impl WhisperModel {
         let config = WhisperConfig::from_value(config_value, "config.json")?;
         let generation =
             GenerationConfig::from_values(generation, config_value, "generation_config.json")?;
-        let expected_samples = config.max_source_positions * 2 * mel_config.hop_length;
-        if mel_config.n_mels != config.num_mel_bins || mel_config.n_samples != expected_samples {
+        let expected_samples = config.encoder.max_frames() * mel_config.hop_length;
+        if mel_config.n_mels != config.encoder.num_mel_bins
+            || mel_config.n_samples != expected_samples
+        {
             return Err(Error::input(
                 "preprocessor_config.json",
                 format!(
@@ -142,20 +144,16 @@ impl WhisperModel {
                 ),
                 format!(
                     "{} mel bins over {expected_samples} samples, as config.json says",
-                    config.num_mel_bins
+                    config.encoder.num_mel_bins
                 ),
             ));
         }
         let vb = mmap_weights(weights, dtype, device)?;
-        let shape = EncoderShape {
-            d_model: config.d_model,
-            layers: config.encoder_layers,
-            heads: config.encoder_attention_heads,
-            ffn: config.encoder_ffn_dim,
-            n_mels: config.num_mel_bins,
-            max_source_positions: config.max_source_positions,
-        };
-        let encoder = WhisperEncoder::load(&shape, ScaleAt::Scores, vb.pp("model").pp("encoder"))?;
+        let encoder = WhisperEncoder::load(
+            &config.encoder,
+            ScaleAt::Scores,
+            vb.pp("model").pp("encoder"),
+        )?;
         let proj_out = if !config.tie_word_embeddings && vb.contains_tensor("proj_out.weight") {
             Some(vb.pp("proj_out"))
         } else {
@@ -163,7 +161,7 @@ impl WhisperModel {
         };
         let decoder = model::Decoder::load(&config, vb.pp("model").pp("decoder"), proj_out)?;
         let info = ModelInfo {
-            hidden_size: config.d_model,
+            hidden_size: config.encoder.d_model,
             vocab_size: config.vocab_size,
             max_positions: config.max_target_positions,
         };
@@ -209,14 +207,7 @@ impl WhisperModel {
     /// resampled to the feature extractor's rate with soxr HQ, as transformers' `load_audio`
     /// (librosa) does.
     pub fn log_mel(&self, audio: &Audio) -> Result<LogMel> {
-        let rate = self.mel.config().sampling_rate;
-        if audio.sample_rate == rate {
-            return self
-                .mel
-                .compute(&audio.samples, Padding::MaxLength, "audio");
-        }
-        let samples = crate::media::resample::resample(&audio.samples, audio.sample_rate, rate)?;
-        self.mel.compute(&samples, Padding::MaxLength, "audio")
+        self.mel.log_mel(audio, Fit::MaxLength)
     }
 
     /// Encoder output `(max_source_positions, d_model)` for `input_features`
@@ -225,11 +216,11 @@ impl WhisperModel {
         // Whisper always takes the full 30 s window.
         let dims = input_features.dims();
         let frames = self.encoder.max_frames();
-        if dims != [1, self.config.num_mel_bins, frames] {
+        if dims != [1, self.config.encoder.num_mel_bins, frames] {
             return Err(Error::input(
                 "input_features",
                 format!("shape {dims:?}"),
-                format!("(1, {}, {frames})", self.config.num_mel_bins),
+                format!("(1, {}, {frames})", self.config.encoder.num_mel_bins),
             ));
         }
         let x = self.encoder.embed(&input_features.to_dtype(self.dtype)?)?;
@@ -244,11 +235,11 @@ impl WhisperModel {
         cache: &mut KvCache,
     ) -> Result<()> {
         let (n, d) = encoder_states.dims2()?;
-        if d != self.config.d_model || n == 0 {
+        if d != self.config.encoder.d_model || n == 0 {
             return Err(Error::input(
                 "encoder output",
                 format!("shape ({n}, {d})"),
-                format!("(positions, {})", self.config.d_model),
+                format!("(positions, {})", self.config.encoder.d_model),
             ));
         }
         cache.cross = self.decoder.cross_kv(encoder_states)?;
@@ -382,7 +373,7 @@ impl Model for WhisperModel {
         Ok(KvCache::new(
             self.config.decoder_layers,
             heads,
-            self.config.d_model / heads,
+            self.config.encoder.d_model / heads,
             capacity,
             self.dtype,
             self.decoder.device(),

@@ -143,7 +143,7 @@ impl Decoder {
         vb: VarBuilder,
         proj_out: Option<VarBuilder>,
     ) -> candle_core::Result<Self> {
-        let d = c.d_model;
+        let d = c.encoder.d_model;
         let embed = candle_nn::embedding(c.vocab_size, d, vb.pp("embed_tokens"))?;
         let layers = (0..c.decoder_layers)
             .map(|i| {
