@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use mmllm::media::image::{decode_image, ImageLimits};
+use mmllm::media::video::{decode_video, FrameSampling};
 use mmllm::media::{MediaItem, Modality, RgbImage, Video};
 use mmllm::models::llava_onevision::{self, preprocessor, Config, LlavaOnevisionModel, Processors};
 use mmllm::models::{EncodedItem, Expansion, Model, ProcessorKwargs};
@@ -32,6 +33,7 @@ const IMAGE_CASES: [&str; 7] = [
     "tiny_image",
     "two_images",
 ];
+const VIDEO_CASES: [&str; 2] = ["video", "video_mp4"];
 
 fn dir() -> PathBuf {
     repo().join("tests/fixtures/llava-onevision-tiny")
@@ -66,6 +68,11 @@ fn media(meta: &Value) -> Vec<MediaItem> {
             .iter()
             .map(|f| MediaItem::Image(image(&data(f.as_str().unwrap()))))
             .collect();
+    }
+    if let Some(file) = meta["video_file"].as_str() {
+        let n = meta["num_frames"].as_u64().unwrap() as usize;
+        let video = decode_video(&data(file), file, &FrameSampling::NumFrames(n)).unwrap();
+        return vec![MediaItem::Video(video)];
     }
     let frames_dir = data(meta["frames_dir"].as_str().unwrap());
     let frames: Vec<RgbImage> = (0..8)
@@ -162,26 +169,30 @@ fn pixel_values_match_transformers() {
         eprintln!("{name}: pixel max abs err {err:.2e}");
         assert!(err <= PIXEL_ATOL, "{name}: pixel values differ by {err}");
     }
-    let (want, meta) = case("video");
-    let MediaItem::Video(video) = &media(&meta)[0] else {
-        unreachable!()
-    };
-    let ours = flat(&model.video_pixels(&video.frames).unwrap());
-    let err = max_abs_diff(&ours, &flat(&want["pixel_values_videos"]));
-    eprintln!("video: pixel max abs err {err:.2e}");
-    assert!(err <= PIXEL_ATOL, "video: pixel values differ by {err}");
+    // Frames of 56x56 from PNGs, and of 64x48 decoded from an MP4 by ffmpeg: both resized by
+    // torchvision's filter.
+    for name in VIDEO_CASES {
+        let (want, meta) = case(name);
+        let MediaItem::Video(video) = &media(&meta)[0] else {
+            unreachable!()
+        };
+        let ours = flat(&model.video_pixels(&video.frames).unwrap());
+        let err = max_abs_diff(&ours, &flat(&want["pixel_values_videos"]));
+        eprintln!("{name}: pixel max abs err {err:.2e}");
+        assert!(err <= PIXEL_ATOL, "{name}: pixel values differ by {err}");
+    }
 }
 
 #[test]
 fn packed_and_pooled_features_match_transformers() {
     let model = load();
-    for name in IMAGE_CASES.iter().chain(&["video"]) {
+    for name in IMAGE_CASES.iter().chain(&VIDEO_CASES) {
         let (want, meta) = case(name);
         let items = media(&meta);
         let encoded = encode_all(&model, &items);
         let ours =
             Tensor::cat(&encoded.iter().map(|e| &e.features).collect::<Vec<_>>(), 0).unwrap();
-        let key = if *name == "video" {
+        let key = if name.starts_with("video") {
             "video_features"
         } else {
             "image_features"
@@ -214,7 +225,7 @@ fn logits_and_greedy_ids_match_transformers() {
     let model = load();
     let cfg = model.config();
     let tok = tokenizers::Tokenizer::from_file(dir().join("tokenizer.json")).unwrap();
-    for name in IMAGE_CASES.iter().chain(&["video"]) {
+    for name in IMAGE_CASES.iter().chain(&VIDEO_CASES) {
         let (want, meta) = case(name);
         let ids = tok.encode(meta["text"].as_str().unwrap(), false).unwrap();
         assert_eq!(
@@ -364,8 +375,9 @@ fn cli_video_frames_reproduce_hugging_face() {
 }
 
 #[test]
-fn cli_video_file_with_num_frames() {
-    // counter.mp4: 50 frames of 64x48, 8 of them sampled and resized to the tower's 42x42.
+fn cli_video_file_reproduces_hugging_face() {
+    // counter.mp4: 8 of its 50 frames of 64x48, sampled as transformers does and resized to the
+    // tower's 42x42.
     let clip = data("video/counter.mp4");
     let got = cli(
         "video",
@@ -376,11 +388,49 @@ fn cli_video_file_with_num_frames() {
             "What happens in this video?",
         ],
     );
-    assert_eq!(got["usage"]["completion_tokens"], 16);
-    // The frame-directory case's prompt: 8 frames of 2x2 pooled patches and one newline.
-    let (want, _) = case("video");
-    assert_eq!(
-        got["usage"]["prompt_tokens"],
-        want["input_ids"].dim(0).unwrap()
-    );
+    assert_reproduces("video_mp4", &got);
+}
+
+/// What the family does not take is refused with exit 2 before any weights load: the model
+/// directory here has no weights at all.
+#[test]
+fn cli_refuses_before_loading_what_the_family_does_not_take() {
+    let bare = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(dir().join(f), bare.path().join(f)).unwrap();
+    }
+    let photo = data("ov_china_83x59.jpg");
+    let photo = photo.to_str().unwrap();
+    let clip = data("video/counter.mp4");
+    let clip = clip.to_str().unwrap();
+    let wav = data("speech_16k.wav");
+    let embeds = data("embeds/single.safetensors");
+    let cases: [(&[&str], &str); 5] = [
+        (&["image", photo, photo, "x"], "image"),
+        (&["video", clip, clip, "x"], "video"),
+        (&["image", "--max-pixels", "1000", photo, "x"], "max_pixels"),
+        (&["audio", wav.to_str().unwrap(), "x"], "audio"),
+        (&["embeds", embeds.to_str().unwrap(), "x"], "embeddings"),
+    ];
+    for (args, named) in cases {
+        let out = mmllm()
+            .arg(args[0])
+            .arg("--model")
+            .arg(bare.path())
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("safetensors"),
+            "{args:?} reached the weights: {stderr}"
+        );
+    }
 }
