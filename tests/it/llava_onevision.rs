@@ -434,3 +434,43 @@ fn cli_refuses_before_loading_what_the_family_does_not_take() {
         );
     }
 }
+
+/// A batch whose jobs hold one and two images: each job's images are tiled or padded by the
+/// count in its own prompt, as one-shot runs do, while they are encoded together.
+#[test]
+fn batch_jobs_tile_by_their_own_image_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, two) = case("two_images");
+    let files: Vec<String> = two["image_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| data(f.as_str().unwrap()).display().to_string())
+        .collect();
+    let manifest = json!({
+        "defaults": {"model": dir(), "max_tokens": 16, "ignore_eos": true},
+        "jobs": [
+            {"id": "two", "prompt": "Compare the two pictures.", "images": files,
+             "limit_mm_per_prompt": "image=2"},
+            {"id": "one", "prompt": "What is in this image?", "images": [files[0]]},
+        ]
+    });
+    // JSON is YAML.
+    let path = tmp.path().join("jobs.yaml");
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    let out = mmllm().arg("batch").arg(&path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (line, name) in lines.iter().zip(["two_images", "one_image"]) {
+        assert_reproduces(name, line);
+    }
+}
