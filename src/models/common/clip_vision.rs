@@ -443,6 +443,41 @@ mod tests {
         assert!(siglip_config(&serde_json::json!({"hidden_act": "tanh_cubed"})).is_err());
     }
 
+    /// SigLIP's "valid" convolution ignores the pixels past the last whole patch (384 px in
+    /// patches of 14): a 44 px tower sees exactly what a 42 px one sees of the same image.
+    #[test]
+    fn siglip_drops_the_pixels_past_the_last_patch() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let (h, p) = (8, 14);
+        let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev);
+        let weights = std::collections::HashMap::from([
+            (
+                "embeddings.patch_embedding.weight".to_string(),
+                randn(&[h, 3, p, p])?,
+            ),
+            ("embeddings.patch_embedding.bias".to_string(), randn(&[h])?),
+            (
+                "embeddings.position_embedding.weight".to_string(),
+                randn(&[9, h])?,
+            ),
+        ]);
+        let tower = |size: usize| -> Result<ClipVisionTower> {
+            let cfg = siglip_config(&serde_json::json!({
+                "hidden_size": h, "num_attention_heads": 2, "image_size": size, "patch_size": p
+            }))?;
+            let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &dev);
+            ClipVisionTower::load_siglip(&cfg, 0, vb)
+        };
+        let pixels = randn(&[1, 3, 44, 44])?;
+        let wide = tower(44)?.hidden_states(&pixels, &[0])?.remove(0);
+        let cropped = pixels.narrow(2, 0, 42)?.narrow(3, 0, 42)?;
+        let exact = tower(42)?.hidden_states(&cropped, &[0])?.remove(0);
+        assert_eq!(wide.dims(), [1, 9, h]);
+        let diff: f32 = (wide - exact)?.abs()?.max_all()?.to_scalar()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
+    }
+
     #[test]
     fn rejects_image_size_not_multiple_of_patch() {
         let cfg: ClipVisionConfig =
