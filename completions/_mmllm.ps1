@@ -30,6 +30,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('audio', 'audio', [CompletionResultType]::ParameterValue, 'Prompt a model with audio (WAV, mp3, flac, ogg, m4a, .npy)')
             [CompletionResult]::new('embeds', 'embeds', [CompletionResultType]::ParameterValue, 'Prompt a model with precomputed embeddings instead of raw media')
             [CompletionResult]::new('batch', 'batch', [CompletionResultType]::ParameterValue, 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job')
+            [CompletionResult]::new('merge', 'merge', [CompletionResultType]::ParameterValue, 'Join the outputs of sharded batch runs into one JSONL file, in manifest order')
             [CompletionResult]::new('profile-decode', 'profile-decode', [CompletionResultType]::ParameterValue, 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line')
             [CompletionResult]::new('generate-docs', 'generate-docs', [CompletionResultType]::ParameterValue, 'Write the man pages and shell completions (for packagers)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
@@ -159,14 +160,24 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             break
         }
         'mmllm;batch' {
-            [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'Write results here (JSONL) instead of stdout')
-            [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Write results here (JSONL) instead of stdout')
+            [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'Write results here (JSONL) instead of stdout; {shard} in the path becomes the shard, K-of-N with K zero-padded (out-{shard}.jsonl: out-03-of-12.jsonl)')
+            [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Write results here (JSONL) instead of stdout; {shard} in the path becomes the shard, K-of-N with K zero-padded (out-{shard}.jsonl: out-03-of-12.jsonl)')
+            [CompletionResult]::new('--shard', '--shard', [CompletionResultType]::ParameterName, 'Run only shard K of N (0-based): the jobs whose id hashes to K (FNV-1a 64 of the id, mod N). The whole manifest is still validated. Overrides the environment')
+            [CompletionResult]::new('--shards', '--shards', [CompletionResultType]::ParameterName, 'Number of shards when the shard index comes from the environment: Kubernetes'' JOB_COMPLETION_INDEX, or a Slurm task whose SLURM_ARRAY_TASK_ID is then the index itself (to rerun some tasks: --array=3,7). Also MMLLM_SHARDS=N. Without --shard or --shards, a Slurm array task takes shard ID-MIN of SLURM_ARRAY_TASK_COUNT')
             [CompletionResult]::new('--max-seqs', '--max-seqs', [CompletionResultType]::ParameterName, 'Most sequences of one model generated at once (continuous batching)')
             [CompletionResult]::new('--device', '--device', [CompletionResultType]::ParameterName, 'Device: auto, cpu, cuda or cuda:N')
             [CompletionResult]::new('--dtype', '--dtype', [CompletionResultType]::ParameterName, 'Weights dtype: auto (bf16 on CUDA, f32 on CPU), bf16, f16 or f32')
             [CompletionResult]::new('--strict', '--strict', [CompletionResultType]::ParameterName, 'Check every job''s media before running any, and fail listing all problems')
             [CompletionResult]::new('--resume', '--resume', [CompletionResultType]::ParameterName, 'Skip jobs whose id already has a result in the output file, and append')
             [CompletionResult]::new('--unordered', '--unordered', [CompletionResultType]::ParameterName, 'Write results in completion order instead of manifest order')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'mmllm;merge' {
+            [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'Write the merged JSONL here instead of stdout')
+            [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Write the merged JSONL here instead of stdout')
+            [CompletionResult]::new('--manifest', '--manifest', [CompletionResultType]::ParameterName, 'The manifest the runs came from: lines follow its order, and jobs with no result (missing, or only error lines) are listed with exit status 1. Without it, ids keep the order in which the inputs first name them')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
@@ -194,6 +205,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('audio', 'audio', [CompletionResultType]::ParameterValue, 'Prompt a model with audio (WAV, mp3, flac, ogg, m4a, .npy)')
             [CompletionResult]::new('embeds', 'embeds', [CompletionResultType]::ParameterValue, 'Prompt a model with precomputed embeddings instead of raw media')
             [CompletionResult]::new('batch', 'batch', [CompletionResultType]::ParameterValue, 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job')
+            [CompletionResult]::new('merge', 'merge', [CompletionResultType]::ParameterValue, 'Join the outputs of sharded batch runs into one JSONL file, in manifest order')
             [CompletionResult]::new('profile-decode', 'profile-decode', [CompletionResultType]::ParameterValue, 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line')
             [CompletionResult]::new('generate-docs', 'generate-docs', [CompletionResultType]::ParameterValue, 'Write the man pages and shell completions (for packagers)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
@@ -212,6 +224,9 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             break
         }
         'mmllm;help;batch' {
+            break
+        }
+        'mmllm;help;merge' {
             break
         }
         'mmllm;help;profile-decode' {

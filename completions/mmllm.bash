@@ -34,6 +34,9 @@ _mmllm() {
             mmllm,image)
                 cmd="mmllm__subcmd__image"
                 ;;
+            mmllm,merge)
+                cmd="mmllm__subcmd__merge"
+                ;;
             mmllm,profile-decode)
                 cmd="mmllm__subcmd__profile__subcmd__decode"
                 ;;
@@ -58,6 +61,9 @@ _mmllm() {
             mmllm__subcmd__help,image)
                 cmd="mmllm__subcmd__help__subcmd__image"
                 ;;
+            mmllm__subcmd__help,merge)
+                cmd="mmllm__subcmd__help__subcmd__merge"
+                ;;
             mmllm__subcmd__help,profile-decode)
                 cmd="mmllm__subcmd__help__subcmd__profile__subcmd__decode"
                 ;;
@@ -71,7 +77,7 @@ _mmllm() {
 
     case "${cmd}" in
         mmllm)
-            opts="-h -V --help --version image video audio embeds batch profile-decode generate-docs help"
+            opts="-h -V --help --version image video audio embeds batch merge profile-decode generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -183,7 +189,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__batch)
-            opts="-o -h --output --strict --resume --unordered --max-seqs --device --dtype --help"
+            opts="-o -h --output --shard --shards --strict --resume --unordered --max-seqs --device --dtype --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -194,6 +200,14 @@ _mmllm() {
                     return 0
                     ;;
                 -o)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --shard)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --shards)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -341,7 +355,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__help)
-            opts="image video audio embeds batch profile-decode generate-docs help"
+            opts="image video audio embeds batch merge profile-decode generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -425,6 +439,20 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__help__subcmd__image)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        mmllm__subcmd__help__subcmd__merge)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -558,6 +586,32 @@ _mmllm() {
                     return 0
                     ;;
                 --max-pixels)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        mmllm__subcmd__merge)
+            opts="-o -h --output --manifest --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --output)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -o)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --manifest)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

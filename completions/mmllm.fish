@@ -31,6 +31,7 @@ complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "video" -d 'Prompt a mod
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "audio" -d 'Prompt a model with audio (WAV, mp3, flac, ogg, m4a, .npy)'
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "embeds" -d 'Prompt a model with precomputed embeddings instead of raw media'
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "batch" -d 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job'
+complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "merge" -d 'Join the outputs of sharded batch runs into one JSONL file, in manifest order'
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "profile-decode" -d 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line'
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "generate-docs" -d 'Write the man pages and shell completions (for packagers)'
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
@@ -147,7 +148,9 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l raw -d 'Send the 
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l ignore-eos -d 'Keep generating past the end-of-sequence token (for benchmarks)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l dry-run -d 'Decode the inputs and print the validated plan as JSON without loading weights'
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -s h -l help -d 'Print help'
-complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -s o -l output -d 'Write results here (JSONL) instead of stdout' -r -F
+complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -s o -l output -d 'Write results here (JSONL) instead of stdout; {shard} in the path becomes the shard, K-of-N with K zero-padded (out-{shard}.jsonl: out-03-of-12.jsonl)' -r -F
+complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l shard -d 'Run only shard K of N (0-based): the jobs whose id hashes to K (FNV-1a 64 of the id, mod N). The whole manifest is still validated. Overrides the environment' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l shards -d 'Number of shards when the shard index comes from the environment: Kubernetes\' JOB_COMPLETION_INDEX, or a Slurm task whose SLURM_ARRAY_TASK_ID is then the index itself (to rerun some tasks: --array=3,7). Also MMLLM_SHARDS=N. Without --shard or --shards, a Slurm array task takes shard ID-MIN of SLURM_ARRAY_TASK_COUNT' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l max-seqs -d 'Most sequences of one model generated at once (continuous batching)' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l device -d 'Device: auto, cpu, cuda or cuda:N' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l dtype -d 'Weights dtype: auto (bf16 on CUDA, f32 on CPU), bf16, f16 or f32' -r -f -a "auto\t''
@@ -158,6 +161,9 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l strict -d 'Check e
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l resume -d 'Skip jobs whose id already has a result in the output file, and append'
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l unordered -d 'Write results in completion order instead of manifest order'
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -s h -l help -d 'Print help'
+complete -c mmllm -n "__fish_mmllm_using_subcommand merge" -s o -l output -d 'Write the merged JSONL here instead of stdout' -r -F
+complete -c mmllm -n "__fish_mmllm_using_subcommand merge" -l manifest -d 'The manifest the runs came from: lines follow its order, and jobs with no result (missing, or only error lines) are listed with exit status 1. Without it, ids keep the order in which the inputs first name them' -r -F
+complete -c mmllm -n "__fish_mmllm_using_subcommand merge" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l model -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l device -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l dtype -r -f -a "auto\t''
@@ -170,11 +176,12 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l image -d 
 complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand generate-docs" -l out-dir -d 'Directory under which `man/` and `completions/` are written' -r -F
 complete -c mmllm -n "__fish_mmllm_using_subcommand generate-docs" -s h -l help -d 'Print help'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "image" -d 'Prompt a model with one or more images'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "video" -d 'Prompt a model with a video file or a directory of frames'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "audio" -d 'Prompt a model with audio (WAV, mp3, flac, ogg, m4a, .npy)'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "embeds" -d 'Prompt a model with precomputed embeddings instead of raw media'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "batch" -d 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "profile-decode" -d 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "generate-docs" -d 'Write the man pages and shell completions (for packagers)'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch profile-decode generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "image" -d 'Prompt a model with one or more images'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "video" -d 'Prompt a model with a video file or a directory of frames'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "audio" -d 'Prompt a model with audio (WAV, mp3, flac, ogg, m4a, .npy)'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "embeds" -d 'Prompt a model with precomputed embeddings instead of raw media'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "batch" -d 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "merge" -d 'Join the outputs of sharded batch runs into one JSONL file, in manifest order'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "profile-decode" -d 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "generate-docs" -d 'Write the man pages and shell completions (for packagers)'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -15,6 +15,7 @@ fn main() -> ExitCode {
             mmllm::cli::generate_docs(out_dir).map_err(Error::from)
         }
         Command::Batch(args) => mmllm::app::batch::run(args),
+        Command::Merge(args) => mmllm::app::merge::run(args),
         Command::ProfileDecode {
             model,
             device,

@@ -2,7 +2,9 @@
 //! decoded together by the engine's continuous-batching scheduler), one JSONL
 //! line per job written whole and flushed, in manifest order (or completion order with
 //! `--unordered`). A failed job gets an error line and the batch goes on; `--resume` keeps the
-//! finished results of an earlier run (repairing a line cut by a kill) and runs the rest.
+//! finished results of an earlier run (repairing a line cut by a kill) and runs the rest. With a
+//! shard (`--shard K/N` or an array task's environment, see `shard`) only that shard's jobs run,
+//! after the whole manifest is validated.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::Path;
@@ -10,18 +12,28 @@ use std::time::Instant;
 
 use super::pipeline::{self, Resolved};
 use super::plan::{MediaInput, Plan};
+use super::shard;
 use crate::cli::BatchArgs;
 use crate::engine::device::DeviceChoice;
 use crate::engine::generate::Request;
 use crate::engine::scheduler::{self, SchedulerConfig};
 use crate::error::{Error, Result};
 use crate::manifest::{self, Job};
-use crate::sink::batch::{error_line, Output, Progress};
+use crate::sink::batch::{error_line, Output, Progress, ResultsFile};
 use crate::sink::JsonResult;
 
-/// Runs the manifest; exit status 1 (as a runtime error) when any job failed.
+/// Runs the manifest (or this task's shard of it); exit status 1 (as a runtime error) when
+/// any job failed.
 pub fn run(args: &BatchArgs) -> Result<()> {
     let started = Instant::now();
+    let selected = shard::select(args.shard.as_deref(), args.shards, |name| {
+        std::env::var(name).ok()
+    })?;
+    let output = args
+        .output
+        .as_deref()
+        .map(|path| shard::output_path(path, selected.as_ref().map(|s| s.shard)))
+        .transpose()?;
     let jobs = manifest::load(&args.manifest)?;
     let device = DeviceChoice::parse(&args.device)?;
     let name = args.manifest.display().to_string();
@@ -41,18 +53,21 @@ pub fn run(args: &BatchArgs) -> Result<()> {
         )));
     }
 
-    let done: HashSet<String> = match (&args.output, args.resume) {
+    let mine = shard::jobs_of(selected.as_ref(), &jobs, output.as_deref());
+    let done: HashSet<String> = match (&output, args.resume) {
         (Some(path), true) => repair_and_read(path)?,
         _ => HashSet::new(),
     };
-    let todo: Vec<usize> = (0..jobs.len())
+    let todo: Vec<usize> = mine
+        .iter()
+        .copied()
         .filter(|&i| !done.contains(&jobs[i].id))
         .collect();
     if !done.is_empty() {
         eprintln!(
             "mmllm: resuming: {} of {} job(s) already have results",
-            jobs.len() - todo.len(),
-            jobs.len()
+            mine.len() - todo.len(),
+            mine.len()
         );
     }
 
@@ -95,7 +110,7 @@ pub fn run(args: &BatchArgs) -> Result<()> {
     }
 
     let order = (!args.unordered).then(|| todo.clone());
-    let out = Output::open(args.output.as_deref(), args.resume, order)?;
+    let out = Output::open(output.as_deref(), args.resume, order)?;
     let mut tally = Tally {
         out,
         progress: Progress::new(todo.len()),
@@ -124,7 +139,7 @@ pub fn run(args: &BatchArgs) -> Result<()> {
     eprintln!(
         "mmllm: batch: {} job(s) run, {failed} failed, {} skipped; {tokens} tokens in {secs:.1} s ({:.1} tokens/s)",
         todo.len(),
-        jobs.len() - todo.len(),
+        mine.len() - todo.len(),
         tokens as f64 / secs.max(1e-9)
     );
     if failed > 0 {
@@ -284,11 +299,12 @@ impl Tally {
 }
 
 /// Reads an earlier output for `--resume`: cuts a last line left unfinished by a kill, drops
-/// error lines (those jobs run again), and returns the ids that have results. The file is
-/// rewritten through a temporary file and a rename, so a second kill cannot lose lines.
+/// error lines (those jobs run again) and repeated ids, and returns the ids that have results.
+/// The file is rewritten through a temporary file and a rename, so a second kill cannot lose
+/// lines.
 fn repair_and_read(path: &Path) -> Result<HashSet<String>> {
-    let text = match std::fs::read(path) {
-        Ok(bytes) => bytes,
+    let file = match ResultsFile::read(path) {
+        Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
         Err(e) => {
             return Err(Error::input(
@@ -298,22 +314,14 @@ fn repair_and_read(path: &Path) -> Result<HashSet<String>> {
             ))
         }
     };
-    let complete = match text.iter().rposition(|&b| b == b'\n') {
-        Some(end) => &text[..=end],
-        None => &text[..0],
-    };
-    let mut keep = Vec::with_capacity(complete.len());
+    let mut keep = Vec::with_capacity(file.bytes.len());
     let mut ids = HashSet::new();
-    for line in complete.split_inclusive(|&b| b == b'\n') {
-        let Ok(value) = serde_json::from_slice::<serde_json::Value>(line) else {
-            continue;
-        };
-        match (value.get("id").and_then(|v| v.as_str()), value.get("error")) {
-            (Some(id), None) if ids.insert(id.to_string()) => keep.extend_from_slice(line),
-            _ => {}
+    for line in &file.lines {
+        if !line.error && ids.insert(line.id.clone()) {
+            keep.extend_from_slice(file.line(line));
         }
     }
-    if keep != text {
+    if keep != file.bytes {
         let tmp = path.with_extension("jsonl.resume-tmp");
         std::fs::write(&tmp, &keep)?;
         std::fs::rename(&tmp, path)?;

@@ -300,6 +300,20 @@ impl Plan {
                 )));
             }
         }
+        if defaults.prompt.own_prompt {
+            let given = [
+                ("--system", self.system.is_some()),
+                ("--chat-template", self.chat_template.is_some()),
+                ("--raw", self.raw),
+            ];
+            if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+                return Err(Error::usage(format!(
+                    "{flag}: model {} ({}) builds its own prompt from the text, with no chat \
+                     template (expected only the prompt text)",
+                    self.model, defaults.family
+                )));
+            }
+        }
         for name in self.kwargs.given() {
             if !defaults.processor_kwargs.contains(&name) {
                 return Err(Error::usage(format!(

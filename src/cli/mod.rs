@@ -26,7 +26,9 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or input error, 130 interrupte
 mmllm video --model qwen2-vl --as-images --num-frames 4 clip.mp4 \"Describe these frames\"\n  \
 mmllm audio --model ultravox speech.wav \"What is said?\"\n  \
 mmllm embeds --model llava image_embeds.safetensors \"What is in this image?\"\n  \
-mmllm batch jobs.yaml -o results.jsonl"
+mmllm batch jobs.yaml -o results.jsonl\n  \
+mmllm batch jobs.yaml --shard 2/8 -o 'out-{shard}.jsonl'\n  \
+mmllm merge out-*.jsonl --manifest jobs.yaml -o results.jsonl"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -45,6 +47,8 @@ pub enum Command {
     Embeds(EmbedsArgs),
     /// Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job.
     Batch(BatchArgs),
+    /// Join the outputs of sharded batch runs into one JSONL file, in manifest order.
+    Merge(MergeArgs),
     /// Time single-token decode steps of a model (for bench/gpu.py): step wall time, host
     /// time to enqueue a step and GPU time to run it. Prints a JSON line.
     #[command(hide = true)]
@@ -249,9 +253,20 @@ pub struct EmbedsArgs {
 pub struct BatchArgs {
     /// The manifest: YAML (defaults + jobs) or JSONL (one job per line).
     pub manifest: PathBuf,
-    /// Write results here (JSONL) instead of stdout.
+    /// Write results here (JSONL) instead of stdout; {shard} in the path becomes the shard,
+    /// K-of-N with K zero-padded (out-{shard}.jsonl: out-03-of-12.jsonl).
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Run only shard K of N (0-based): the jobs whose id hashes to K (FNV-1a 64 of the id,
+    /// mod N). The whole manifest is still validated. Overrides the environment.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<String>,
+    /// Number of shards when the shard index comes from the environment: Kubernetes'
+    /// JOB_COMPLETION_INDEX, or a Slurm task whose SLURM_ARRAY_TASK_ID is then the index itself
+    /// (to rerun some tasks: --array=3,7). Also MMLLM_SHARDS=N. Without --shard or --shards,
+    /// a Slurm array task takes shard ID-MIN of SLURM_ARRAY_TASK_COUNT.
+    #[arg(long, value_name = "N", value_parser = at_least_one, conflicts_with = "shard")]
+    pub shards: Option<usize>,
     /// Check every job's media before running any, and fail listing all problems.
     #[arg(long)]
     pub strict: bool,
@@ -270,6 +285,21 @@ pub struct BatchArgs {
     /// Weights dtype: auto (bf16 on CUDA, f32 on CPU), bf16, f16 or f32.
     #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
     pub dtype: DTypeArg,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct MergeArgs {
+    /// Results files of `mmllm batch` runs (e.g. out-*.jsonl), read in this order.
+    #[arg(required = true, value_name = "FILE")]
+    pub inputs: Vec<PathBuf>,
+    /// Write the merged JSONL here instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// The manifest the runs came from: lines follow its order, and jobs with no result
+    /// (missing, or only error lines) are listed with exit status 1. Without it, ids keep the
+    /// order in which the inputs first name them.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -75,7 +75,7 @@ impl Source {
     pub fn display(&self) -> String {
         match self {
             Source::Path(p) => p.display().to_string(),
-            Source::Url(u) => u.clone(),
+            Source::Url(u) => redact_userinfo(u),
             Source::DataUrl { mime, bytes } => format!("data:{mime},… ({} bytes)", bytes.len()),
             Source::Stdin => "<stdin>".to_string(),
         }
@@ -423,9 +423,50 @@ fn is_io_timeout(e: &std::io::Error) -> bool {
         .is_some_and(is_timeout)
 }
 
+/// A URL as errors and results may show it: a password (`user:secret@`) becomes `***`.
+fn redact_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let shown = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_string()
+            };
+            format!("{scheme}://{shown}@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_in_urls_are_not_shown() {
+        for (url, shown) in [
+            (
+                "https://me:secret@example.org/a@b.jpg?x=1",
+                "https://me:***@example.org/a@b.jpg?x=1",
+            ),
+            (
+                "https://me@example.org/p.jpg",
+                "https://me@example.org/p.jpg",
+            ),
+            (
+                "http://example.org/u:p@x.jpg",
+                "http://example.org/u:p@x.jpg",
+            ),
+        ] {
+            assert_eq!(Source::Url(url.into()).display(), shown);
+        }
+    }
 
     #[test]
     fn classifies_arguments() {

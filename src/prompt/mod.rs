@@ -24,6 +24,9 @@ pub struct PromptStyle {
     /// `message['content'] | trim`) rather than a list of typed parts: the user turn is then
     /// one placeholder line per media item followed by the text, as vLLM writes it.
     pub string_content: bool,
+    /// The family builds its prompt itself (Whisper's task and language tokens): no chat
+    /// template, so `--system`, `--chat-template` and `--raw` have nothing to act on.
+    pub own_prompt: bool,
 }
 
 /// How one media item appears in the token stream: `before`, then `slots` copies of

@@ -1,9 +1,10 @@
 //! Batch output: result lines in manifest order (or completion order), error lines for failed
-//! jobs, and the progress bar on stderr.
+//! jobs, results files read back (for `--resume` and `merge`), and the progress bar on stderr.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::{IsTerminal, Write};
+use std::ops::Range;
 use std::path::Path;
 use std::time::Instant;
 
@@ -81,6 +82,80 @@ impl Output {
     }
 }
 
+/// A results file read back: its complete lines (each naming its job id and whether it is an
+/// error line), the complete lines that are not results, and the bytes after the last newline
+/// (a line left unfinished by a kill, which every reader ignores).
+#[derive(Debug)]
+pub struct ResultsFile {
+    pub bytes: Vec<u8>,
+    pub lines: Vec<ResultLine>,
+    /// 1-based numbers of complete lines that are not a JSON object with a string `id`.
+    pub malformed: Vec<usize>,
+    /// Length of the unfinished last line (0 when the file ends with a newline).
+    pub unfinished: usize,
+}
+
+/// One complete result line of a [`ResultsFile`].
+#[derive(Debug)]
+pub struct ResultLine {
+    pub id: String,
+    /// An `{"id", "error"}` line: the job failed.
+    pub error: bool,
+    /// 1-based line number in the file.
+    pub number: usize,
+    range: Range<usize>,
+}
+
+impl ResultsFile {
+    /// Reads the results file at `path`.
+    pub fn read(path: &Path) -> std::io::Result<Self> {
+        Ok(Self::parse(std::fs::read(path)?))
+    }
+
+    /// Splits `bytes` into result lines.
+    pub fn parse(bytes: Vec<u8>) -> Self {
+        #[derive(serde::Deserialize)]
+        struct Head {
+            id: String,
+            error: Option<serde::de::IgnoredAny>,
+        }
+        let complete = bytes
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |end| end + 1);
+        let mut lines = Vec::new();
+        let mut malformed = Vec::new();
+        let mut start = 0;
+        for (n, line) in bytes[..complete]
+            .split_inclusive(|&b| b == b'\n')
+            .enumerate()
+        {
+            let range = start..start + line.len();
+            start = range.end;
+            match serde_json::from_slice::<Head>(line) {
+                Ok(head) => lines.push(ResultLine {
+                    id: head.id,
+                    error: head.error.is_some(),
+                    number: n + 1,
+                    range,
+                }),
+                Err(_) => malformed.push(n + 1),
+            }
+        }
+        Self {
+            unfinished: bytes.len() - complete,
+            bytes,
+            lines,
+            malformed,
+        }
+    }
+
+    /// The bytes of `line`, with its newline.
+    pub fn line(&self, line: &ResultLine) -> &[u8] {
+        &self.bytes[line.range.clone()]
+    }
+}
+
 /// Jobs done / total, tokens/s and ETA on stderr, only on a terminal.
 pub struct Progress(Option<indicatif::ProgressBar>);
 
@@ -111,5 +186,35 @@ impl Progress {
         if let Some(bar) = &self.0 {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_files_split_into_results_errors_bad_and_unfinished_lines() {
+        let text = "{\"id\":\"a\",\"text\":\"x\"}\n\
+                    {\"id\":\"b\",\"error\":{\"kind\":\"input\",\"message\":\"m\"}}\n\
+                    not json\n\
+                    {\"id\":7}\n\
+                    {\"id\":\"c\",\"text\":\"y\"}\n\
+                    {\"id\":\"d\",\"te";
+        let file = ResultsFile::parse(text.as_bytes().to_vec());
+        let got: Vec<(&str, bool, usize)> = file
+            .lines
+            .iter()
+            .map(|l| (l.id.as_str(), l.error, l.number))
+            .collect();
+        assert_eq!(got, [("a", false, 1), ("b", true, 2), ("c", false, 5)]);
+        assert_eq!(file.malformed, [3, 4]);
+        assert_eq!(file.unfinished, "{\"id\":\"d\",\"te".len());
+        assert_eq!(
+            file.line(&file.lines[2]),
+            b"{\"id\":\"c\",\"text\":\"y\"}\n"
+        );
+        let empty = ResultsFile::parse(Vec::new());
+        assert!(empty.lines.is_empty() && empty.unfinished == 0);
     }
 }

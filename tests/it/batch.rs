@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 
-use crate::util::{mmllm, repo};
+use crate::util::{mmllm, read_jsonl, repo};
 
 fn batch(manifest: &Path, extra: &[&str]) -> Output {
     mmllm()
@@ -13,14 +13,6 @@ fn batch(manifest: &Path, extra: &[&str]) -> Output {
         .args(extra)
         .output()
         .unwrap()
-}
-
-fn lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// A manifest in a temp dir with the tiny LLaVA as default model and photos copied beside it.
@@ -76,7 +68,7 @@ fn bad_jobs_fail_alone_and_lines_follow_the_manifest() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("3 of 5 job(s) failed"), "{stderr}");
-    let got = lines(&results);
+    let got = read_jsonl(&results);
     let ids: Vec<&str> = got.iter().map(|l| l["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["good1", "corrupt", "missing", "toomany", "good2"]);
     for bad in &got[1..4] {
@@ -181,7 +173,7 @@ fn kill_then_resume_keeps_one_result_per_job() {
         after.starts_with(whole_before),
         "lines finished before the kill are kept byte for byte"
     );
-    let got = lines(&results);
+    let got = read_jsonl(&results);
     let mut ids: Vec<String> = got
         .iter()
         .map(|l| l["id"].as_str().unwrap().to_string())
@@ -190,7 +182,7 @@ fn kill_then_resume_keeps_one_result_per_job() {
     let mut want: Vec<String> = (0..8).map(|i| format!("job{i}")).collect();
     want.sort();
     assert_eq!(ids, want, "exactly one line per job id");
-    let clean = lines(&clean);
+    let clean = read_jsonl(&clean);
     for line in &got {
         let twin = clean.iter().find(|c| c["id"] == line["id"]).unwrap();
         assert_eq!(line["token_ids"], twin["token_ids"], "{}", line["id"]);

@@ -272,7 +272,14 @@ fn help_documents_every_flag() {
     }
     let out = run(&["batch", "--help"]);
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--output", "--strict", "--resume", "--unordered"] {
+    for flag in [
+        "--output",
+        "--strict",
+        "--resume",
+        "--unordered",
+        "--shard",
+        "--shards",
+    ] {
         assert!(help.contains(flag), "batch --help lacks {flag}");
     }
 }

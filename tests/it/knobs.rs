@@ -104,7 +104,7 @@ fn settings_a_family_cannot_use_are_refused_before_loading() {
     let (features, grid) = split_embeds(dir.path());
     let photo = repo().join("tests/data/llava_photo_1.jpg");
     let llava = repo().join("tests/fixtures/llava-tiny");
-    let cases: Vec<(Vec<String>, &str)> = vec![
+    let mut cases: Vec<(Vec<String>, &str)> = vec![
         (
             vec![
                 "embeds".into(),
@@ -154,6 +154,24 @@ fn settings_a_family_cannot_use_are_refused_before_loading() {
             "--min-pixels",
         ),
     ];
+    let whisper = repo().join("tests/fixtures/whisper-tiny-random");
+    let speech = repo().join("tests/data/speech_16k.wav");
+    let template = repo().join("tests/fixtures/qwen2-vl-tiny/chat_template.jinja");
+    for (flag, value) in [
+        ("--system", Some("Be brief.")),
+        ("--chat-template", template.to_str()),
+        ("--raw", None),
+    ] {
+        let mut args = vec![
+            "audio".to_string(),
+            "--model".into(),
+            whisper.display().to_string(),
+            flag.into(),
+        ];
+        args.extend(value.map(str::to_string));
+        args.extend([speech.display().to_string(), String::new()]);
+        cases.push((args, flag));
+    }
     for (args, flag) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = run_mmllm(&args);

@@ -20,11 +20,25 @@ pub fn repo() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
-/// The built `mmllm` binary, offline (`HF_HUB_OFFLINE=1`: nothing is ever downloaded) and with
-/// stdin closed; callers override either where a test needs to.
+/// Variables from which `mmllm batch` takes its shard: cleared for every test run, so tests run
+/// inside a Slurm array or a Kubernetes Indexed Job behave as anywhere else.
+pub const SHARD_VARS: &[&str] = &[
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_MAX",
+    "SLURM_ARRAY_TASK_COUNT",
+    "JOB_COMPLETION_INDEX",
+    "MMLLM_SHARDS",
+];
+
+/// The built `mmllm` binary, offline (`HF_HUB_OFFLINE=1`: nothing is ever downloaded), with
+/// stdin closed and no shard variables; callers override these where a test needs to.
 pub fn mmllm() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mmllm"));
     c.env("HF_HUB_OFFLINE", "1").stdin(Stdio::null());
+    for var in SHARD_VARS {
+        c.env_remove(var);
+    }
     c
 }
 
@@ -57,6 +71,15 @@ pub fn input_error(r: Result<impl std::fmt::Debug, Error>) -> (String, String, S
         }) => (input, problem, expected),
         other => panic!("expected an input error, got {other:?}"),
     }
+}
+
+/// The lines of a JSONL file, parsed; panics naming the file.
+pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display())))
+        .collect()
 }
 
 /// A JSON file, parsed; panics naming the file.

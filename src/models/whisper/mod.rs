@@ -29,7 +29,7 @@ use crate::models::common::whisper_encoder::{ScaleAt, WhisperEncoder};
 use crate::models::kv::KvCache;
 use crate::models::{
     EncodedItem, Expansion, Family, FamilyDefaults, LoadContext, Model, ModelInfo, ProcessorKwargs,
-    Spliced,
+    PromptStyle, Spliced,
 };
 
 /// Whisper's entry in the family table.
@@ -78,6 +78,10 @@ pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
     Ok(FamilyDefaults {
         family: "whisper",
         limits: BTreeMap::from([(Modality::Audio, 1)]),
+        prompt: PromptStyle {
+            own_prompt: true,
+            ..Default::default()
+        },
         ..Default::default()
     })
 }
