@@ -172,9 +172,14 @@ pub fn requests_batched(
     batch: &[(&Plan, &[MediaInput])],
 ) -> Vec<Result<Request>> {
     let started = Instant::now();
+    let kwargs: Vec<ProcessorKwargs> = batch
+        .iter()
+        .map(|(plan, media)| plan.kwargs.for_prompt(media.iter().map(|m| &m.item)))
+        .collect();
     let all: Vec<(&MediaInput, &ProcessorKwargs)> = batch
         .iter()
-        .flat_map(|(plan, media)| media.iter().map(|m| (m, &plan.kwargs)))
+        .zip(&kwargs)
+        .flat_map(|((_, media), kwargs)| media.iter().map(move |m| (m, kwargs)))
         .collect();
     let items: Vec<(&MediaItem, &ProcessorKwargs)> =
         all.iter().map(|(m, kwargs)| (&m.item, *kwargs)).collect();
@@ -252,6 +257,7 @@ fn encode_media(
     media: &[MediaInput],
     kwargs: &ProcessorKwargs,
 ) -> Result<Vec<EncodedItem>> {
+    let kwargs = &kwargs.for_prompt(media.iter().map(|m| &m.item));
     media
         .iter()
         .map(|m| {

@@ -225,6 +225,7 @@ impl Plan {
             kwargs: ProcessorKwargs {
                 min_pixels: s.min_pixels,
                 max_pixels: s.max_pixels,
+                ..Default::default()
             },
             gen: gen_settings(s)?,
             output: run.output,

@@ -61,10 +61,26 @@ pub struct ProcessorKwargs {
     pub min_pixels: Option<u64>,
     /// Upper bound of an image's (or frame's) pixel count after resizing.
     pub max_pixels: Option<u64>,
+    /// How many images the item's prompt holds (0: not known, taken as 1). Not a user setting
+    /// (never in [`ProcessorKwargs::given`]): the app fills it per prompt, because Hugging Face
+    /// processors see a prompt's images together (`batch_num_images`) and some tile an image
+    /// differently when it is not alone (LLaVA-OneVision).
+    pub prompt_images: usize,
 }
 
 impl ProcessorKwargs {
-    /// The names of the settings given, as the manifest spells them.
+    /// These settings for an item of a prompt whose media are `items`.
+    pub fn for_prompt<'a>(&self, items: impl IntoIterator<Item = &'a MediaItem>) -> Self {
+        Self {
+            prompt_images: items
+                .into_iter()
+                .filter(|item| matches!(item, MediaItem::Image(_)))
+                .count(),
+            ..*self
+        }
+    }
+
+    /// The names of the user settings given, as the manifest spells them.
     pub fn given(&self) -> Vec<&'static str> {
         [
             ("min_pixels", self.min_pixels.is_some()),
@@ -276,4 +292,32 @@ pub fn splice_embeddings<M: Model + ?Sized>(
         pieces.push(model.embed_tokens(&ids[at..])?);
     }
     Ok(Tensor::cat(&pieces, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::{RgbImage, Video};
+
+    #[test]
+    fn for_prompt_counts_images_and_keeps_the_user_settings() {
+        let image = || MediaItem::Image(RgbImage::new(2, 2));
+        let video = MediaItem::Video(Video {
+            frames: vec![RgbImage::new(2, 2)],
+            timestamps: vec![0.0],
+            source_fps: 1.0,
+            duration: 1.0,
+        });
+        let user = ProcessorKwargs {
+            min_pixels: Some(4),
+            ..Default::default()
+        };
+        let items = [image(), video, image()];
+        let k = user.for_prompt(&items);
+        assert_eq!(k.prompt_images, 2);
+        assert_eq!((k.min_pixels, k.max_pixels), (Some(4), None));
+        // Not a user setting: never reported as given.
+        assert_eq!(k.given(), ["min_pixels"]);
+        assert_eq!(user.for_prompt(&[]).prompt_images, 0);
+    }
 }

@@ -8,6 +8,7 @@ pub mod common;
 pub mod family;
 pub mod kv;
 pub mod llava;
+pub mod llava_onevision;
 pub mod qwen2_audio;
 pub mod qwen2_vl;
 pub mod registry;

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 /// Every family mmllm runs.
 pub static FAMILIES: &[Family] = &[
     super::llava::FAMILY,
+    super::llava_onevision::FAMILY,
     super::qwen2_vl::FAMILY,
     super::qwen2_audio::FAMILY,
     super::whisper::FAMILY,

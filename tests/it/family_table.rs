@@ -12,6 +12,12 @@ use crate::util::{json_line, repo};
 const STAND_INS: &[(&str, &str, &str, &str)] = &[
     ("llava", "llava-tiny", "image", "llava_photo_1.jpg"),
     (
+        "llava-onevision",
+        "llava-onevision-tiny",
+        "image",
+        "qwen_china_517x333.jpg",
+    ),
+    (
         "qwen2-vl",
         "qwen2-vl-tiny",
         "image",

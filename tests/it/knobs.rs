@@ -240,6 +240,7 @@ fn pixel_kwargs_give_transformers_grids() {
         let kwargs = ProcessorKwargs {
             min_pixels: row["kwargs"]["min_pixels"].as_u64(),
             max_pixels: row["kwargs"]["max_pixels"].as_u64(),
+            ..Default::default()
         };
         let name = row["media"][0].as_str().unwrap();
         let bytes = std::fs::read(repo().join("tests/data").join(name)).unwrap();

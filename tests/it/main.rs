@@ -11,6 +11,7 @@ mod image;
 mod knobs;
 mod layering;
 mod llava_e2e;
+mod llava_onevision;
 mod llava_parity;
 mod media_av;
 mod qwen2_audio;

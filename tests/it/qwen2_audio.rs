@@ -15,12 +15,11 @@ use mmllm::prompt::template::{ChatTemplate, ContentPart, Message, TemplateFiles}
 use serde_json::Value;
 
 use crate::util::{
-    argmax, json_line, read_json, read_wav, repo, run_mmllm, tensor_ids, tensor_rel_err, tensors,
-    token_ids,
+    check_generation, json_line, read_json, read_wav, repo, run_mmllm, tensor_ids, tensor_rel_err,
+    tensors, token_ids, LOGITS_RTOL,
 };
 
 /// First-step and per-step logits: relative to the largest |logit| (f32, CPU).
-const LOGITS_RTOL: f32 = 1e-4;
 /// Log-mel features: absolute.
 const FEATURES_ATOL: f32 = 1e-5;
 
@@ -199,34 +198,8 @@ fn check_case(model: &Qwen2AudioModel, name: &str) {
         .spans,
     };
     let mut cache = model.new_cache(prompt.ids.len() + 16).unwrap();
-    let mut logits = model.prefill(&prompt, &items, &mut cache).unwrap();
-    let err = tensor_rel_err(&logits, &want["logits"]);
-    eprintln!("{name}: first-step logits rel err {err:.2e}");
-    assert!(
-        err <= LOGITS_RTOL,
-        "{name}: first-step logits rel err {err}"
-    );
-
-    let want_ids = token_ids(&meta["greedy_ids"]);
-    let mut got = Vec::new();
-    let mut worst = 0f32;
-    for step in 0..want_ids.len() {
-        worst = worst.max(tensor_rel_err(
-            &logits,
-            &want["step_logits"].get(step).unwrap(),
-        ));
-        let id = argmax(&logits.to_vec1::<f32>().unwrap());
-        got.push(id);
-        if step + 1 < want_ids.len() {
-            logits = model.decode(id, &mut cache).unwrap();
-        }
-    }
-    eprintln!("{name}: worst per-step logits rel err {worst:.2e}");
-    assert_eq!(got, want_ids, "{name}: greedy ids");
-    assert!(
-        worst <= LOGITS_RTOL,
-        "{name}: per-step logits rel err {worst}"
-    );
+    let first = model.prefill(&prompt, &items, &mut cache).unwrap();
+    check_generation(model, first, &mut cache, &want, &meta, name);
 }
 
 #[test]

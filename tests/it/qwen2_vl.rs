@@ -8,16 +8,16 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use mmllm::media::{Embeds, MediaItem, Modality, RgbImage, Video};
-use mmllm::models::kv::KvCache;
 use mmllm::models::qwen2_vl::preprocessor::{preprocess_image, preprocess_video};
 use mmllm::models::qwen2_vl::{self, ItemGrid, ProcessorConfig, Qwen2VlModel};
 use mmllm::models::{EncodedItem, Expansion, Model};
 use mmllm::prompt::{splice, Spliced};
 use serde_json::Value;
 
-use crate::util::{argmax, max_abs_diff, read_json, repo, tensor_rel_err, tensors, token_ids};
+use crate::util::{
+    argmax, check_generation, max_abs_diff, read_json, repo, tensor_rel_err, tensors, token_ids,
+};
 
-const LOGITS_RTOL: f32 = 1e-4;
 const PIXEL_ATOL: f32 = 1e-5;
 const MODELS: [&str; 2] = ["qwen2-vl-tiny", "qwen2_5-vl-tiny"];
 
@@ -286,42 +286,6 @@ fn spliced(model: &Qwen2VlModel, meta: &Value, items: &[(Modality, EncodedItem)]
         "prompt",
     )
     .unwrap()
-}
-
-/// Greedy decoding after a prefill; checks every step's logits and the ids.
-fn check_generation(
-    model: &Qwen2VlModel,
-    first: Tensor,
-    cache: &mut KvCache,
-    want: &HashMap<String, Tensor>,
-    meta: &Value,
-    what: &str,
-) {
-    let err = tensor_rel_err(&first, &want["logits"]);
-    eprintln!("{what}: first-step logits rel err {err:.3e}");
-    assert!(
-        err <= LOGITS_RTOL,
-        "{what}: first-step logits rel err {err}"
-    );
-    let want_ids = token_ids(&meta["greedy_ids"]);
-    let step_logits = &want["step_logits"];
-    let mut ids = Vec::new();
-    let mut logits = first;
-    let mut worst = 0f32;
-    for step in 0..want_ids.len() {
-        worst = worst.max(tensor_rel_err(&logits, &step_logits.get(step).unwrap()));
-        let id = argmax(&logits.to_vec1::<f32>().unwrap());
-        ids.push(id);
-        if step + 1 < want_ids.len() {
-            logits = model.decode(id, cache).unwrap();
-        }
-    }
-    eprintln!("{what}: worst per-step logits rel err {worst:.3e}");
-    assert_eq!(ids, want_ids, "{what}: greedy ids");
-    assert!(
-        worst <= LOGITS_RTOL,
-        "{what}: per-step logits rel err {worst}"
-    );
 }
 
 fn run_hf_pixels_case(model_name: &str, case_name: &str) {

@@ -8,6 +8,8 @@ use std::process::{Command, Output, Stdio};
 use candle_core::{DType, Device, Tensor};
 use mmllm::error::Error;
 use mmllm::media::Audio;
+use mmllm::models::kv::KvCache;
+use mmllm::models::Model;
 use serde_json::Value;
 
 /// The repository root: `CARGO_MANIFEST_DIR` at run time when set (so a test binary built
@@ -169,4 +171,44 @@ pub fn argmax(v: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// The parity bar for logits: relative to the largest reference logit (f32, CPU).
+pub const LOGITS_RTOL: f32 = 1e-4;
+
+/// Greedy decoding after a prefill: checks the first-step logits (`want["logits"]`), every
+/// step's (`want["step_logits"]`), both within [`LOGITS_RTOL`], and the ids (`meta["greedy_ids"]`).
+pub fn check_generation(
+    model: &dyn Model,
+    first: Tensor,
+    cache: &mut KvCache,
+    want: &HashMap<String, Tensor>,
+    meta: &Value,
+    what: &str,
+) {
+    let err = tensor_rel_err(&first, &want["logits"]);
+    eprintln!("{what}: first-step logits rel err {err:.3e}");
+    assert!(
+        err <= LOGITS_RTOL,
+        "{what}: first-step logits rel err {err}"
+    );
+    let want_ids = token_ids(&meta["greedy_ids"]);
+    let step_logits = &want["step_logits"];
+    let mut ids = Vec::new();
+    let mut logits = first;
+    let mut worst = 0f32;
+    for step in 0..want_ids.len() {
+        worst = worst.max(tensor_rel_err(&logits, &step_logits.get(step).unwrap()));
+        let id = argmax(&logits.to_vec1::<f32>().unwrap());
+        ids.push(id);
+        if step + 1 < want_ids.len() {
+            logits = model.decode(id, cache).unwrap();
+        }
+    }
+    eprintln!("{what}: worst per-step logits rel err {worst:.3e}");
+    assert_eq!(ids, want_ids, "{what}: greedy ids");
+    assert!(
+        worst <= LOGITS_RTOL,
+        "{what}: per-step logits rel err {worst}"
+    );
 }

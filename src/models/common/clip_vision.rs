@@ -2,12 +2,39 @@
 //! embedding, learned positions, `pre_layrnorm`, pre-norm encoder layers. Returns the hidden
 //! states a caller selects (`hidden_states[i]` with HF's numbering: 0 is the embedding output
 //! after `pre_layrnorm`, `i` the output of layer `i`). Knows no LLM and no preprocessing.
+//!
+//! The same tower also runs SigLIP (`SiglipVisionModel`): the same encoder layers, but a biased
+//! patch convolution, no class token and no `pre_layrnorm` ([`ClipVisionTower::load_siglip`],
+//! configured by [`siglip_config`]). Its `post_layernorm` and pooling head are not loaded:
+//! `hidden_states` stop before them, as in transformers.
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{layer_norm, linear_b, LayerNorm, LayerNormConfig, Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+
+/// A `SiglipVisionConfig` (`config.json`'s `vision_config`) as the tower's config, with
+/// transformers' SigLIP defaults for missing keys.
+pub fn siglip_config(value: &serde_json::Value) -> Result<ClipVisionConfig> {
+    let mut merged = serde_json::json!({
+        "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+        "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 16,
+        "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+    });
+    if let (Some(out), Some(given)) = (merged.as_object_mut(), value.as_object()) {
+        out.extend(given.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    let cfg: ClipVisionConfig = serde_json::from_value(merged).map_err(|e| {
+        Error::input(
+            "config.json",
+            format!("vision_config: {e}"),
+            "a SigLIP vision config",
+        )
+    })?;
+    cfg.validate(true)?;
+    Ok(cfg)
+}
 
 /// `CLIPVisionConfig` with transformers' defaults for missing keys.
 #[derive(Debug, Clone, Deserialize)]
@@ -84,8 +111,28 @@ impl ClipVisionConfig {
         Ok(g * g)
     }
 
-    fn validate(&self) -> Result<()> {
-        self.grid()?;
+    /// Patches per side of SigLIP's "valid" patch convolution, which drops the pixels past the
+    /// last whole patch (384 px in patches of 14: 27 per side).
+    pub fn valid_grid(&self) -> Result<usize> {
+        if self.patch_size == 0 || self.image_size < self.patch_size {
+            return Err(Error::input(
+                "config.json",
+                format!(
+                    "vision_config.image_size {} is smaller than patch_size {}",
+                    self.image_size, self.patch_size
+                ),
+                "a non-zero patch_size no larger than image_size",
+            ));
+        }
+        Ok(self.image_size / self.patch_size)
+    }
+
+    fn validate(&self, siglip: bool) -> Result<()> {
+        if siglip {
+            self.valid_grid()?;
+        } else {
+            self.grid()?;
+        }
         if self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)
         {
@@ -213,14 +260,18 @@ impl EncoderLayer {
     }
 }
 
-/// A loaded CLIP vision tower. Only the layers a caller needs are loaded and run.
+/// A loaded CLIP (or SigLIP) vision tower. Only the layers a caller needs are loaded and run.
 pub struct ClipVisionTower {
     cfg: ClipVisionConfig,
     /// Patch convolution as a matrix `(hidden, channels * patch * patch)`.
     patch_weight: Tensor,
-    class_embedding: Tensor,
+    /// SigLIP's patch convolution has a bias; CLIP's has none.
+    patch_bias: Option<Tensor>,
+    /// CLIP's class token; SigLIP has none.
+    class_embedding: Option<Tensor>,
     position_embedding: Tensor,
-    pre_layrnorm: LayerNorm,
+    /// CLIP normalises the embeddings before the encoder; SigLIP does not.
+    pre_layrnorm: Option<LayerNorm>,
     layers: Vec<EncoderLayer>,
 }
 
@@ -228,7 +279,22 @@ impl ClipVisionTower {
     /// Loads the embeddings, `pre_layrnorm` and the first `layers` encoder layers from `vb`
     /// (the prefix holding `embeddings.*`, `pre_layrnorm.*`, `encoder.layers.*`).
     pub fn load(cfg: &ClipVisionConfig, layers: usize, vb: VarBuilder) -> Result<Self> {
-        cfg.validate()?;
+        Self::load_kind(cfg, layers, vb, false)
+    }
+
+    /// Loads a SigLIP tower's embeddings and first `layers` encoder layers from `vb` (the
+    /// prefix holding `embeddings.*` and `encoder.layers.*`).
+    pub fn load_siglip(cfg: &ClipVisionConfig, layers: usize, vb: VarBuilder) -> Result<Self> {
+        Self::load_kind(cfg, layers, vb, true)
+    }
+
+    fn load_kind(
+        cfg: &ClipVisionConfig,
+        layers: usize,
+        vb: VarBuilder,
+        siglip: bool,
+    ) -> Result<Self> {
+        cfg.validate(siglip)?;
         if layers > cfg.num_hidden_layers {
             return Err(Error::input(
                 "config.json",
@@ -245,17 +311,29 @@ impl ClipVisionTower {
         let patch_weight = emb
             .get((h, cfg.num_channels, p, p), "patch_embedding.weight")?
             .reshape((h, cfg.num_channels * p * p))?;
-        let positions = cfg.num_patches()? + 1;
+        let grid = if siglip {
+            cfg.valid_grid()?
+        } else {
+            cfg.grid()?
+        };
+        let positions = grid * grid + usize::from(!siglip);
+        let (patch_bias, class_embedding, pre_layrnorm) = if siglip {
+            (Some(emb.get(h, "patch_embedding.bias")?), None, None)
+        } else {
+            let ln = LayerNormConfig::from(cfg.layer_norm_eps);
+            (
+                None,
+                Some(emb.get(h, "class_embedding")?),
+                Some(layer_norm(h, ln, vb.pp("pre_layrnorm"))?),
+            )
+        };
         Ok(Self {
             cfg: cfg.clone(),
             patch_weight,
-            class_embedding: emb.get(h, "class_embedding")?,
+            patch_bias,
+            class_embedding,
             position_embedding: emb.get((positions, h), "position_embedding.weight")?,
-            pre_layrnorm: layer_norm(
-                h,
-                LayerNormConfig::from(cfg.layer_norm_eps),
-                vb.pp("pre_layrnorm"),
-            )?,
+            pre_layrnorm,
             layers: (0..layers)
                 .map(|i| EncoderLayer::new(cfg, vb.pp("encoder").pp("layers").pp(i)))
                 .collect::<Result<_>>()?,
@@ -267,7 +345,8 @@ impl ClipVisionTower {
     }
 
     /// Runs the tower on `pixel_values` `(B, C, S, S)` and returns `hidden_states[i]` for each
-    /// requested `i` (HF numbering, `0..=layers loaded`), each `(B, 1 + patches, hidden)`.
+    /// requested `i` (HF numbering, `0..=layers loaded`), each `(B, 1 + patches, hidden)` (CLIP)
+    /// or `(B, patches, hidden)` (SigLIP).
     pub fn hidden_states(&self, pixel_values: &Tensor, wanted: &[usize]) -> Result<Vec<Tensor>> {
         let (b, c, hgt, wid) = pixel_values.dims4()?;
         let (s, p) = (self.cfg.image_size, self.cfg.patch_size);
@@ -281,21 +360,34 @@ impl ClipVisionTower {
         let g = s / p;
         let h = self.cfg.hidden_size;
         let dtype = self.patch_weight.dtype();
-        // A stride-p, kernel-p, bias-free convolution is a matmul over flattened patches,
-        // with the (channel, row, column) order of the convolution weight.
+        // A stride-p, kernel-p convolution is a matmul over flattened patches, with the
+        // (channel, row, column) order of the convolution weight; pixels past the last whole
+        // patch are not seen (SigLIP's "valid" padding; CLIP sizes are multiples of p).
         let patches = pixel_values
+            .narrow(2, 0, g * p)?
+            .narrow(3, 0, g * p)?
             .to_dtype(dtype)?
             .reshape((b, c, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b * g * g, c * p * p))?;
-        let patch_embeds = patches
-            .matmul(&self.patch_weight.t()?)?
-            .reshape((b, g * g, h))?;
-        let cls = self.class_embedding.reshape((1, 1, h))?.repeat((b, 1, 1))?;
-        let xs = Tensor::cat(&[&cls, &patch_embeds], 1)?
-            .broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
-        let mut xs = self.pre_layrnorm.forward(&xs)?;
+        let mut patch_embeds = patches.matmul(&self.patch_weight.t()?)?;
+        if let Some(bias) = &self.patch_bias {
+            patch_embeds = patch_embeds.broadcast_add(bias)?;
+        }
+        let patch_embeds = patch_embeds.reshape((b, g * g, h))?;
+        let xs = match &self.class_embedding {
+            Some(class) => {
+                let cls = class.reshape((1, 1, h))?.repeat((b, 1, 1))?;
+                Tensor::cat(&[&cls, &patch_embeds], 1)?
+            }
+            None => patch_embeds,
+        };
+        let xs = xs.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+        let mut xs = match &self.pre_layrnorm {
+            Some(norm) => norm.forward(&xs)?,
+            None => xs,
+        };
 
         let mut out: Vec<Option<Tensor>> = vec![None; wanted.len()];
         let mut store = |i: usize, xs: &Tensor| {
@@ -338,6 +430,52 @@ mod tests {
         );
         assert_eq!(cfg.num_patches().unwrap(), 49);
         assert_eq!(cfg.hidden_act, "quick_gelu");
+    }
+
+    #[test]
+    fn siglip_config_takes_siglip_defaults_and_a_valid_grid() {
+        let cfg = siglip_config(&serde_json::json!({"image_size": 384, "patch_size": 14})).unwrap();
+        assert_eq!((cfg.hidden_size, cfg.num_hidden_layers), (768, 12));
+        assert_eq!(cfg.hidden_act, "gelu_pytorch_tanh");
+        assert_eq!(cfg.layer_norm_eps, 1e-6);
+        assert_eq!(cfg.valid_grid().unwrap(), 27);
+        assert!(siglip_config(&serde_json::json!({"image_size": 10, "patch_size": 14})).is_err());
+        assert!(siglip_config(&serde_json::json!({"hidden_act": "tanh_cubed"})).is_err());
+    }
+
+    /// SigLIP's "valid" convolution ignores the pixels past the last whole patch (384 px in
+    /// patches of 14): a 44 px tower sees exactly what a 42 px one sees of the same image.
+    #[test]
+    fn siglip_drops_the_pixels_past_the_last_patch() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let (h, p) = (8, 14);
+        let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev);
+        let weights = std::collections::HashMap::from([
+            (
+                "embeddings.patch_embedding.weight".to_string(),
+                randn(&[h, 3, p, p])?,
+            ),
+            ("embeddings.patch_embedding.bias".to_string(), randn(&[h])?),
+            (
+                "embeddings.position_embedding.weight".to_string(),
+                randn(&[9, h])?,
+            ),
+        ]);
+        let tower = |size: usize| -> Result<ClipVisionTower> {
+            let cfg = siglip_config(&serde_json::json!({
+                "hidden_size": h, "num_attention_heads": 2, "image_size": size, "patch_size": p
+            }))?;
+            let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &dev);
+            ClipVisionTower::load_siglip(&cfg, 0, vb)
+        };
+        let pixels = randn(&[1, 3, 44, 44])?;
+        let wide = tower(44)?.hidden_states(&pixels, &[0])?.remove(0);
+        let cropped = pixels.narrow(2, 0, 42)?.narrow(3, 0, 42)?;
+        let exact = tower(42)?.hidden_states(&cropped, &[0])?.remove(0);
+        assert_eq!(wide.dims(), [1, 9, h]);
+        let diff: f32 = (wide - exact)?.abs()?.max_all()?.to_scalar()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
     }
 
     #[test]

@@ -91,3 +91,25 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(files)
 }
+
+/// The first of `candidates` under which `probe` exists: checkpoints saved by transformers 4
+/// (`language_model.model.`, `vision_tower.`) and 5 (`model.language_model.`, …) name their
+/// parts differently. `part` names the part in the error when none holds it.
+pub fn weight_prefix(
+    vb: &VarBuilder,
+    candidates: &[&'static str],
+    probe: &str,
+    part: &str,
+) -> Result<&'static str> {
+    candidates
+        .iter()
+        .copied()
+        .find(|p| vb.contains_tensor(&format!("{p}.{probe}")))
+        .ok_or_else(|| {
+            Error::input(
+                "model weights",
+                format!("no {part} tensor {probe:?} under any known prefix"),
+                format!("one of {candidates:?}"),
+            )
+        })
+}

@@ -6,4 +6,5 @@ pub mod files;
 pub mod llama;
 pub mod mel;
 pub mod resize;
+pub mod tv_resize;
 pub mod whisper_encoder;

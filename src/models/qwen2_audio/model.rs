@@ -5,14 +5,13 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 
 use super::config::{mel_config, Qwen2AudioConfig};
 use super::encoder::AudioEncoder;
 use super::output_lengths;
 use crate::error::{Error, Result};
 use crate::media::{Audio, MediaItem};
-use crate::models::common::files::{mmap_weights, weight_files};
+use crate::models::common::files::{mmap_weights, weight_files, weight_prefix};
 use crate::models::common::llama::Llama;
 use crate::models::common::mel::{Fit, LogMel, MelExtractor};
 use crate::models::{EncodedItem, Expansion, LoadContext, Model, ModelInfo, ProcessorKwargs};
@@ -25,27 +24,6 @@ pub struct Qwen2AudioModel {
     encoder: AudioEncoder,
     lm: Llama,
     device: Device,
-}
-
-/// The first of `candidates` under which `probe` exists: checkpoints saved by transformers 4
-/// (`audio_tower.`, `language_model.model.`) and 5 (`model.audio_tower.`, …) differ.
-fn prefix(
-    vb: &VarBuilder,
-    candidates: &[&'static str],
-    probe: &str,
-    part: &str,
-) -> Result<&'static str> {
-    candidates
-        .iter()
-        .copied()
-        .find(|p| vb.contains_tensor(&format!("{p}.{probe}")))
-        .ok_or_else(|| {
-            Error::input(
-                "model weights",
-                format!("no {part} tensor {probe:?} under any known prefix"),
-                format!("one of {candidates:?}"),
-            )
-        })
 }
 
 impl Qwen2AudioModel {
@@ -61,19 +39,19 @@ impl Qwen2AudioModel {
         let mel = mel_config(dir, &config)?;
         let files = weight_files(dir)?;
         let vb = mmap_weights(&files, dtype, device)?;
-        let tower = prefix(
+        let tower = weight_prefix(
             &vb,
             &["audio_tower", "model.audio_tower"],
             "conv1.weight",
             "audio tower",
         )?;
-        let projector = prefix(
+        let projector = weight_prefix(
             &vb,
             &["multi_modal_projector", "model.multi_modal_projector"],
             "linear.weight",
             "projector",
         )?;
-        let text = prefix(
+        let text = weight_prefix(
             &vb,
             &[
                 "language_model.model",
@@ -83,7 +61,7 @@ impl Qwen2AudioModel {
             "embed_tokens.weight",
             "language model",
         )?;
-        let head = prefix(
+        let head = weight_prefix(
             &vb,
             &["language_model.lm_head", "lm_head"],
             "weight",

@@ -9,8 +9,7 @@
 pub mod config;
 pub mod model;
 pub mod preprocessor;
-// TEMPORARY: replaced by `crate::models::common::resize` at integration.
-pub mod tv_resize;
+pub use crate::models::common::tv_resize;
 pub mod vision;
 
 use std::collections::BTreeMap;

@@ -8,11 +8,10 @@
 use candle_core::{Device, Tensor};
 
 use super::config::ProcessorConfig;
-// TEMPORARY: switch to `crate::models::common::resize::{resize, Filter}` once it lands.
-use super::tv_resize;
 use crate::error::{Error, Result};
 use crate::media::RgbImage;
 use crate::models::common::resize::{resize, Filter};
+use crate::models::common::tv_resize;
 
 const VIDEO: &str = "video";
 
