@@ -37,6 +37,11 @@ macro_rules! settings {
                 true
             }
 
+            /// Bytes of text these settings hold (what merging them into a job copies).
+            fn text_bytes(&self) -> usize {
+                0 $(+ self.$key.as_ref().map_or(0, TextBytes::text_bytes))*
+            }
+
             /// These settings, each falling back to `defaults` where unset.
             pub fn or(&self, defaults: &Settings) -> Settings {
                 Settings {
@@ -98,15 +103,52 @@ impl Job {
     }
 }
 
+/// Text a value holds, for the expansion cap.
+trait TextBytes {
+    fn text_bytes(&self) -> usize;
+}
+
+impl TextBytes for String {
+    fn text_bytes(&self) -> usize {
+        self.len()
+    }
+}
+
+impl TextBytes for Vec<String> {
+    fn text_bytes(&self) -> usize {
+        self.iter().map(String::len).sum()
+    }
+}
+
+macro_rules! no_text {
+    ($($t:ty),*) => { $(impl TextBytes for $t { fn text_bytes(&self) -> usize { 0 } })* };
+}
+no_text!(u64, f64, bool);
+
+/// Largest manifest file read.
+pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+/// Most bytes of job settings a manifest may expand to once `defaults` are copied into every
+/// job (a large `defaults` text times many jobs would otherwise take gigabytes).
+pub const MAX_EXPANDED_BYTES: usize = 1 << 30;
+
 /// Reads and validates the manifest at `path` (YAML, or JSONL when it ends in `.jsonl`).
 pub fn load(path: &Path) -> Result<Vec<Job>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let unreadable = |e: std::io::Error| {
         Error::input(
             path.display().to_string(),
             format!("cannot read the manifest: {e}"),
             "a readable YAML or JSONL file",
         )
-    })?;
+    };
+    let size = std::fs::metadata(path).map_err(unreadable)?.len();
+    if size > MAX_MANIFEST_BYTES {
+        return Err(Error::input(
+            path.display().to_string(),
+            format!("the manifest is {size} bytes"),
+            format!("a manifest of at most {MAX_MANIFEST_BYTES} bytes (split it)"),
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(unreadable)?;
     let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
     let name = path.display().to_string();
     let jsonl = path.extension().is_some_and(|e| e == "jsonl");
@@ -121,6 +163,23 @@ pub fn parse(text: &str, name: &str, base: &Path, jsonl: bool) -> Result<Vec<Job
     } else {
         yaml_jobs(text, &mut problems)
     };
+    let expanded: usize = jobs
+        .iter()
+        .map(|(job, _)| job.settings.text_bytes() + defaults.text_bytes())
+        .sum();
+    if expanded > MAX_EXPANDED_BYTES {
+        return Err(Error::input(
+            name,
+            format!(
+                "{} jobs with `defaults` copied into each would hold {expanded} bytes of settings",
+                jobs.len()
+            ),
+            format!(
+                "at most {MAX_EXPANDED_BYTES} bytes: move long text out of `defaults`, or split \
+                 the manifest"
+            ),
+        ));
+    }
     let mut out: Vec<Job> = Vec::new();
     // First line of each id, for duplicate errors in linear time.
     let mut first_line: std::collections::HashMap<String, usize> = std::collections::HashMap::new();

@@ -172,3 +172,20 @@ fn results_are_never_written_over_the_manifest() {
     refused(&out, &["jobs.yaml", "manifest itself"]);
     assert_eq!(std::fs::read_to_string(&manifest).unwrap(), text);
 }
+
+#[test]
+fn defaults_copied_into_many_jobs_are_capped_before_expanding() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("jobs.yaml");
+    let mut text = format!(
+        "defaults:\n  model: {}\n  system: \"{}\"\njobs:\n",
+        llava(),
+        "x".repeat(300_000)
+    );
+    for i in 0..4000 {
+        text.push_str(&format!("  - id: j{i}\n    prompt: hi\n"));
+    }
+    std::fs::write(&manifest, text).unwrap();
+    let out = run_mmllm(&["batch", manifest.to_str().unwrap()]);
+    refused(&out, &["jobs.yaml", "4000 jobs", "defaults"]);
+}
