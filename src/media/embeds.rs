@@ -365,7 +365,8 @@ fn tensor_from_storage(
     let layout = &info.layout;
     let elem = info.dtype.size_in_bytes();
     let numel = layout.shape().elem_count();
-    let start = layout.start_offset().saturating_mul(elem);
+    // candle's pickle reader records torch's storage offset already in bytes.
+    let start = layout.start_offset();
     let data = numel
         .checked_mul(elem)
         .and_then(|n| start.checked_add(n))
@@ -401,6 +402,21 @@ fn tensor_from_storage(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `torch.save(torch.arange(24.).reshape(6, 4)[2:], …)`: a view 8 elements into its storage.
+    #[test]
+    fn torch_views_with_a_storage_offset_load() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/embeds/view_offset.pt"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        let e = load_embeds(&bytes, "view_offset.pt", Modality::Image).unwrap();
+        let t = &e.tensors["image_embeds"];
+        assert_eq!(t.dims(), &[4, 4]);
+        let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(values, (8..24).map(|x| x as f32).collect::<Vec<_>>());
+    }
 
     #[test]
     fn sniffs_magic_bytes() {
