@@ -133,7 +133,15 @@ pub fn load(
                         "--sample-rate HZ with .npy audio",
                     ))
                 }
-                (false, _) => audio::decode_audio(&bytes, &input, None)?,
+                (false, Some(_)) => {
+                    return Err(crate::error::Error::input(
+                        &input,
+                        "--sample-rate is given but this file is not a .npy array (its \
+                         header has the rate)",
+                        "--sample-rate only with .npy audio",
+                    ))
+                }
+                (false, None) => audio::decode_audio(&bytes, &input, None)?,
             };
             Ok(MediaItem::Audio(audio))
         }

@@ -266,3 +266,36 @@ fn the_readme_lists_every_manifest_key() {
         assert!(readme.contains(&format!("`{key}`")), "README lacks `{key}`");
     }
 }
+
+/// `--sample-rate` gives a `.npy` array its rate (the dry run reports it) and is refused for a
+/// file whose header already has one.
+#[test]
+fn sample_rate_applies_to_npy_audio_only() {
+    let model = repo().join("tests/fixtures/qwen2-audio-tiny");
+    let model = model.to_str().unwrap();
+    let npy = repo().join("tests/data/audio/sine440_44k.npy");
+    let wav = repo().join("tests/data/speech_16k.wav");
+    let plan = json_line(&run_mmllm(&[
+        "audio",
+        "--model",
+        model,
+        "--dry-run",
+        "--sample-rate",
+        "44100",
+        npy.to_str().unwrap(),
+        "hi",
+    ]));
+    assert_eq!(plan["media"][0]["sample_rate"], 44100);
+    let out = run_mmllm(&[
+        "audio",
+        "--model",
+        model,
+        "--dry-run",
+        "--sample-rate",
+        "16000",
+        wav.to_str().unwrap(),
+        "hi",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--sample-rate"));
+}
