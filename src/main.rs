@@ -8,7 +8,11 @@ use mmllm::error::Error;
 
 fn main() -> ExitCode {
     // Ctrl-C: stop at once with the conventional status; finished output was already flushed.
-    let _ = ctrlc::set_handler(|| std::process::exit(130));
+    let _ = ctrlc::set_handler(|| {
+        // Destructors do not run on exit: remove the temp copies of media ffmpeg is reading.
+        mmllm::media::remove_temp_files();
+        std::process::exit(130)
+    });
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::GenerateDocs { out_dir } => {

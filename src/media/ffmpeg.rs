@@ -258,9 +258,23 @@ pub(crate) fn last_line(stderr: &str) -> &str {
         .unwrap_or("no diagnostic from ffmpeg")
 }
 
-/// A file in the system temp folder holding media bytes, removed on drop.
+/// A file in the system temp folder holding media bytes, readable by the user alone (0600),
+/// removed on drop, or by [`remove_temp_files`] when the process is interrupted.
 pub(crate) struct TempFile {
     path: PathBuf,
+}
+
+/// Temp files alive now, for [`remove_temp_files`].
+static LIVE_TEMP_FILES: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes every temp file still alive: for the Ctrl-C handler, which ends the process
+/// without running destructors.
+pub fn remove_temp_files() {
+    if let Ok(live) = LIVE_TEMP_FILES.lock() {
+        for path in live.iter() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 impl TempFile {
@@ -277,12 +291,15 @@ impl TempFile {
                 "mmllm-{}-{n}-{nanos:08x}{suffix}",
                 std::process::id()
             ));
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            match options.open(&path) {
                 Ok(mut f) => {
+                    if let Ok(mut live) = LIVE_TEMP_FILES.lock() {
+                        live.push(path.clone());
+                    }
                     let file = TempFile { path };
                     std::io::Write::write_all(&mut f, bytes)?;
                     return Ok(file);
@@ -305,6 +322,9 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        if let Ok(mut live) = LIVE_TEMP_FILES.lock() {
+            live.retain(|p| p != &self.path);
+        }
     }
 }
 
@@ -351,7 +371,20 @@ mod tests {
     }
 
     #[test]
-    fn temp_file_is_removed_on_drop() {
+    fn temp_file_is_private_and_removed_on_drop_or_interrupt() {
+        let kept = TempFile::with_bytes(b"xyz", ".bin").expect("temp file");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(kept.path()).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        remove_temp_files();
+        assert!(
+            !kept.path().exists(),
+            "interrupt cleanup removes live files"
+        );
+        drop(kept);
         let f = TempFile::with_bytes(b"abc", ".bin").expect("temp file");
         let p = f.path().to_path_buf();
         assert_eq!(std::fs::read(&p).expect("read back"), b"abc");

@@ -13,6 +13,7 @@ pub mod video;
 use std::collections::BTreeMap;
 
 pub use ::image::RgbImage;
+pub use ffmpeg::remove_temp_files;
 
 /// The kind of a media item, as counted by `--limit-mm-per-prompt`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
