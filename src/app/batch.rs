@@ -19,7 +19,7 @@ use crate::engine::generate::Request;
 use crate::engine::scheduler::{self, SchedulerConfig};
 use crate::error::{Error, Result};
 use crate::manifest::{self, Job};
-use crate::sink::batch::{error_line, Output, Progress, ResultsFile};
+use crate::sink::batch::{error_line, spool_path, Output, Progress, ResultsFile};
 use crate::sink::JsonResult;
 
 /// Runs the manifest (or this task's shard of it); exit status 1 (as a runtime error) when
@@ -315,28 +315,70 @@ impl Tally {
 /// The file is rewritten through a temporary file and a rename, so a second kill cannot lose
 /// lines.
 fn repair_and_read(path: &Path) -> Result<HashSet<String>> {
-    let file = match ResultsFile::read(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
-        Err(e) => {
-            return Err(Error::input(
-                path.display().to_string(),
-                format!("cannot read for --resume: {e}"),
-                "a readable JSONL results file",
-            ))
-        }
+    let read = |path: &Path| match ResultsFile::read(path) {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::input(
+            path.display().to_string(),
+            format!("cannot read for --resume: {e}"),
+            "a readable JSONL results file",
+        )),
     };
-    let mut keep = Vec::with_capacity(file.bytes.len());
+    let spool = spool_path(path);
+    let files = [read(path)?, read(&spool)?];
+    let mut keep = Vec::new();
     let mut ids = HashSet::new();
-    for line in &file.lines {
-        if !line.error && ids.insert(line.id.clone()) {
-            keep.extend_from_slice(file.line(line));
+    // The output's lines first, then those an ordered run finished early (its spool).
+    for file in files.iter().flatten() {
+        for line in &file.lines {
+            if !line.error && ids.insert(line.id.clone()) {
+                keep.extend_from_slice(file.line(line));
+            }
         }
     }
-    if keep != file.bytes {
+    let unchanged = matches!(&files, [Some(out), None] if out.bytes == keep);
+    if !unchanged && (files[0].is_some() || !keep.is_empty()) {
         let tmp = path.with_extension("jsonl.resume-tmp");
         std::fs::write(&tmp, &keep)?;
         std::fs::rename(&tmp, path)?;
     }
+    if files[1].is_some() {
+        std::fs::remove_file(&spool)?;
+    }
     Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(id: &str) -> String {
+        format!("{{\"id\":\"{id}\",\"text\":\"t\"}}")
+    }
+
+    #[test]
+    fn results_finished_early_survive_a_kill_and_resume_takes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let mut out = Output::open(Some(&path), false, Some(vec![0, 1, 2])).unwrap();
+        out.finished(2, line("c")).unwrap();
+        out.finished(1, line("b")).unwrap();
+        // Killed here: job 0 never finished, nothing is in the output yet.
+        std::mem::forget(out);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        let ids = repair_and_read(&path).unwrap();
+        assert_eq!(ids, HashSet::from(["b".to_string(), "c".to_string()]));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, format!("{}\n{}\n", line("c"), line("b")));
+        assert!(!spool_path(&path).exists());
+
+        // A run that finishes leaves no spool behind.
+        let mut out = Output::open(Some(&path), true, Some(vec![0, 1])).unwrap();
+        out.finished(1, line("e")).unwrap();
+        out.finished(0, line("d")).unwrap();
+        drop(out);
+        assert!(!spool_path(&path).exists());
+        let ids = repair_and_read(&path).unwrap();
+        assert_eq!(ids.len(), 4);
+    }
 }

@@ -33,6 +33,17 @@ pub struct Output {
     order: Option<Vec<usize>>,
     next: usize,
     pending: BTreeMap<usize, String>,
+    /// Ordered output to a file: lines finished before their turn also go, at once, to this
+    /// spool beside it ([`spool_path`]), so a kill loses no finished result; `--resume`
+    /// takes them back. Removed once every line is in the output.
+    spool: Option<(std::path::PathBuf, std::fs::File)>,
+}
+
+/// Where ordered output to `path` keeps the lines that finished before their turn.
+pub fn spool_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".pending");
+    std::path::PathBuf::from(name)
 }
 
 impl Output {
@@ -57,11 +68,30 @@ impl Output {
             ),
             None => Box::new(std::io::stdout()),
         };
+        let spool = match (path, &order) {
+            (Some(path), Some(_)) => {
+                let spool = spool_path(path);
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&spool)
+                    .map_err(|e| {
+                        Error::input(
+                            spool.display().to_string(),
+                            format!("cannot open for writing: {e}"),
+                            "a writable folder for the results",
+                        )
+                    })?;
+                Some((spool, file))
+            }
+            _ => None,
+        };
         Ok(Self {
             writer,
             order,
             next: 0,
             pending: BTreeMap::new(),
+            spool,
         })
     }
 
@@ -78,7 +108,21 @@ impl Output {
             write_line(&mut self.writer, &line)?;
             self.next += 1;
         }
+        if let (Some(line), Some((_, spool))) = (self.pending.get(&index), &mut self.spool) {
+            write_line(spool, line)?;
+        }
         Ok(())
+    }
+}
+
+impl Drop for Output {
+    /// The spool is no longer needed once nothing waits for its turn.
+    fn drop(&mut self) {
+        if let Some((path, _)) = &self.spool {
+            if self.pending.is_empty() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
     }
 }
 
