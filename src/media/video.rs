@@ -58,7 +58,7 @@ pub fn sample_indices(
         return Err(Error::input(input, "the video has no frames", EXPECTED));
     }
     let num = match *sampling {
-        FrameSampling::Default => return Ok((0..total_frames).collect()),
+        FrameSampling::Default => total_frames,
         FrameSampling::NumFrames(n) => n,
         FrameSampling::Fps(f) => {
             if !(f.is_finite() && f > 0.0) {
@@ -93,7 +93,23 @@ pub fn sample_indices(
             "--num-frames / --fps asking for at most as many frames as the video has",
         ));
     }
+    let max = max_frames()?;
+    if num > max {
+        return Err(Error::input(
+            input,
+            format!("{num} frames would be decoded (at most {max} per video)"),
+            "--num-frames N or --fps F choosing fewer frames, or a larger MMLLM_MAX_VIDEO_FRAMES",
+        ));
+    }
     Ok((0..num).map(|i| i * total_frames / num).collect())
+}
+
+/// Frames decoded per video at most: `MMLLM_MAX_VIDEO_FRAMES`, else 1024. Checked before any
+/// frame is decoded, so a long clip costs a probe, not gigabytes.
+pub const DEFAULT_MAX_VIDEO_FRAMES: usize = 1024;
+
+fn max_frames() -> Result<usize> {
+    Ok(super::env_u64("MMLLM_MAX_VIDEO_FRAMES")?.map_or(DEFAULT_MAX_VIDEO_FRAMES, |n| n as usize))
 }
 
 /// Reads the first video stream's (attached cover pictures excluded) size, frame count and frame
@@ -226,11 +242,30 @@ fn parse_rate(s: &str) -> Option<f64> {
         .filter(|r| r.is_finite())
 }
 
+/// Bytes of decoded RGB frames one video may take (8 GiB).
+const MAX_DECODED_VIDEO_BYTES: usize = 8 << 30;
+
 /// Decodes the sampled frames of the video at `path` to RGB8.
 pub fn decode_video(path: &Path, input: &str, sampling: &FrameSampling) -> Result<Video> {
     let info = probe_video(path, input)?;
     let indices = sample_indices(info.total_frames, info.fps, sampling, input)?;
     let frame_bytes = info.width as usize * info.height as usize * 3;
+    let total = frame_bytes.saturating_mul(indices.len());
+    if total > MAX_DECODED_VIDEO_BYTES {
+        return Err(Error::input(
+            input,
+            format!(
+                "{} frames of {}x{} would decode to {total} bytes",
+                indices.len(),
+                info.width,
+                info.height
+            ),
+            format!(
+                "at most {MAX_DECODED_VIDEO_BYTES} bytes of frames: --num-frames N or --fps F \
+                 choosing fewer frames"
+            ),
+        ));
+    }
     // `-fps_mode` is ffmpeg >= 5.1; older releases only know `-vsync` (same meaning).
     let mut out = run_decoder(path, input, "-fps_mode", &indices, frame_bytes)?;
     if !out.success && out.value.is_empty() && out.stderr.contains("fps_mode") {

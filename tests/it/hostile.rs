@@ -189,3 +189,30 @@ fn defaults_copied_into_many_jobs_are_capped_before_expanding() {
     let out = run_mmllm(&["batch", manifest.to_str().unwrap()]);
     refused(&out, &["jobs.yaml", "4000 jobs", "defaults"]);
 }
+
+#[test]
+fn videos_are_refused_before_decoding_more_frames_than_the_cap() {
+    let model = repo().join("tests/fixtures/qwen2-vl-tiny");
+    let model = model.to_str().unwrap();
+    let clip = repo().join("tests/data/video/counter.mp4");
+    let frames = repo().join("tests/data/qwen_video");
+    for input in [&clip, &frames] {
+        let run = |extra: &[&str]| {
+            mmllm()
+                .args(["video", "--model", model, "--dry-run"])
+                .args(extra)
+                .arg(input)
+                .arg("hi")
+                .env("MMLLM_MAX_VIDEO_FRAMES", "4")
+                .output()
+                .unwrap()
+        };
+        // Every frame by default: more than 4, refused before any is decoded.
+        refused(
+            &run(&[]),
+            &["frames would be decoded", "MMLLM_MAX_VIDEO_FRAMES"],
+        );
+        let plan = json_line(&run(&["--num-frames", "4"]));
+        assert_eq!(plan["media"][0]["frames"], 4);
+    }
+}
