@@ -152,17 +152,24 @@ pub(crate) fn run<T: Send + 'static>(
 
 /// One ffmpeg or ffprobe command line over a media file, with what every run shares: only
 /// errors on stderr (no banner, no stats), no stdin, JSON from ffprobe, the output on stdout
-/// for ffmpeg, the executable from [`Tool::path`] and the [`timeout`] limit.
+/// for ffmpeg, the executable from [`Tool::path`] and the [`timeout`] limit. Inputs may use
+/// only the `file` and `pipe` protocols: a crafted playlist or concat file cannot make ffmpeg
+/// fetch URLs ([`INPUT_PROTOCOLS`]).
 pub(crate) struct Invocation {
     tool: Tool,
     args: Vec<OsString>,
 }
 
+/// The protocols an input may open (`-protocol_whitelist`).
+const INPUT_PROTOCOLS: &str = "file,pipe";
+
 impl Invocation {
-    /// `ffprobe -v error -select_streams <streams> -show_entries <entries> -of json <path>`.
+    /// `ffprobe -v error -protocol_whitelist file,pipe -select_streams <streams>
+    /// -show_entries <entries> -of json <path>`.
     pub(crate) fn probe(path: &Path, streams: &str, entries: &str) -> Invocation {
-        let mut args: Vec<OsString> = ["-v", "error", "-select_streams", streams]
+        let mut args: Vec<OsString> = ["-v", "error", "-protocol_whitelist", INPUT_PROTOCOLS]
             .into_iter()
+            .chain(["-select_streams", streams])
             .chain(["-show_entries", entries, "-of", "json"])
             .map(OsString::from)
             .collect();
@@ -173,11 +180,13 @@ impl Invocation {
         }
     }
 
-    /// `ffmpeg -nostdin -hide_banner -loglevel error -i <path> -map <stream> <output…> pipe:1`:
-    /// `output` holds the output options (format, codec, pixel format, …).
+    /// `ffmpeg -nostdin -hide_banner -loglevel error -protocol_whitelist file,pipe -i <path>
+    /// -map <stream> <output…> pipe:1`: `output` holds the output options (format, codec, pixel
+    /// format, …).
     pub(crate) fn decode(path: &Path, stream: &str, output: &[&str]) -> Invocation {
-        let mut args: Vec<OsString> = ["-nostdin", "-hide_banner", "-loglevel", "error", "-i"]
+        let mut args: Vec<OsString> = ["-nostdin", "-hide_banner", "-loglevel", "error"]
             .into_iter()
+            .chain(["-protocol_whitelist", INPUT_PROTOCOLS, "-i"])
             .map(OsString::from)
             .collect();
         args.push(path.into());

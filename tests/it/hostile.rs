@@ -216,3 +216,39 @@ fn videos_are_refused_before_decoding_more_frames_than_the_cap() {
         assert_eq!(plan["media"][0]["frames"], 4);
     }
 }
+
+/// A playlist naming a URL is media a user may be handed; ffmpeg must not fetch what it names.
+#[test]
+fn ffmpeg_never_fetches_urls_named_inside_media() {
+    let server = crate::util_http::Server::start(|_| crate::util_http::Reply::ok(vec![0u8; 188]));
+    let dir = tempfile::tempdir().unwrap();
+    let playlist = dir.path().join("clip.m3u8");
+    std::fs::write(
+        &playlist,
+        format!(
+            "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{}\n#EXT-X-ENDLIST\n",
+            server.url("/segment.ts")
+        ),
+    )
+    .unwrap();
+    let model = repo().join("tests/fixtures/qwen2-vl-tiny");
+    let out = run_mmllm(&[
+        "video",
+        "--model",
+        model.to_str().unwrap(),
+        "--dry-run",
+        playlist.to_str().unwrap(),
+        "hi",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        server.requests().is_empty(),
+        "ffmpeg fetched {:?}",
+        server.requests()
+    );
+}
