@@ -13,7 +13,7 @@ use mmllm::media::image::{decode_image, ImageLimits};
 use mmllm::media::video::{decode_video, FrameSampling};
 use mmllm::media::{MediaItem, Modality, RgbImage, Video};
 use mmllm::models::llava_onevision::{self, preprocessor, Config, LlavaOnevisionModel, Processors};
-use mmllm::models::{EncodedItem, Expansion, Model, ProcessorKwargs};
+use mmllm::models::{EncodedItem, Expansion, LoadContext, Model, ProcessorKwargs};
 use mmllm::prompt::splice;
 use serde_json::{json, Value};
 
@@ -40,7 +40,8 @@ fn dir() -> PathBuf {
 }
 
 fn load() -> LlavaOnevisionModel {
-    llava_onevision::load(&dir(), &Device::Cpu, DType::F32).expect("load the tiny checkpoint")
+    let ctx = LoadContext::from_dir(&dir(), &Device::Cpu, DType::F32).expect("config.json");
+    llava_onevision::load(&ctx).expect("load the tiny checkpoint")
 }
 
 fn case(name: &str) -> (HashMap<String, Tensor>, Value) {

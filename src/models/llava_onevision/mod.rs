@@ -28,7 +28,7 @@ pub const FAMILY: Family = Family {
         "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
     )],
     defaults,
-    load: |ctx| Ok(Box::new(model::load_from(ctx)?)),
+    load: |ctx| Ok(Box::new(model::load(ctx)?)),
 };
 
 /// The chat template llava-hf/llava-onevision-qwen2-0.5b-ov-hf ships, for checkpoints without

@@ -3,8 +3,6 @@
 //! shared Llama decoder with q/k/v biases). Mirrors transformers' `LlavaOnevisionModel`
 //! (`get_image_features`, `pack_image_features`, `get_video_features`, `apply_pooling`).
 
-use std::path::Path;
-
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear_b, Linear, VarBuilder};
 
@@ -115,14 +113,10 @@ pub struct LlavaOnevisionModel {
     dtype: DType,
 }
 
-/// Loads a LLaVA-OneVision model directory (`config.json`, `model.safetensors` or a sharded
-/// index, processor configs), memory-mapping the weights.
-pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LlavaOnevisionModel> {
-    load_from(&LoadContext::from_dir(dir, device, dtype)?)
-}
-
-/// [`load`] with the parsed `config.json` of `ctx`.
-pub fn load_from(ctx: &LoadContext) -> Result<LlavaOnevisionModel> {
+/// Loads a LLaVA-OneVision model directory (`config.json` already parsed in `ctx`,
+/// `model.safetensors` or a sharded index, processor configs), memory-mapping the weights.
+/// Outside the CLI: `load(&LoadContext::from_dir(dir, device, dtype)?)`.
+pub fn load(ctx: &LoadContext) -> Result<LlavaOnevisionModel> {
     let (dir, device, dtype) = (ctx.dir.as_path(), &ctx.device, ctx.dtype);
     let cfg = Config::from_value(&ctx.config)?;
     let processors = Processors::load(dir)?;
