@@ -68,6 +68,19 @@ pub fn run(args: &BatchArgs) -> Result<()> {
     let mine = shard::jobs_of(selected.as_ref(), &jobs, output.as_deref());
     let done: HashSet<String> = match (&output, args.resume) {
         (Some(path), true) => repair_and_read(path)?,
+        (Some(path), false) => {
+            // Overwriting is what -o means; say so when it throws results away.
+            if let Ok(old) = ResultsFile::read(path) {
+                if !old.lines.is_empty() {
+                    eprintln!(
+                        "mmllm: {}: replacing {} earlier result line(s) (--resume keeps them)",
+                        path.display(),
+                        old.lines.len()
+                    );
+                }
+            }
+            HashSet::new()
+        }
         _ => HashSet::new(),
     };
     let todo: Vec<usize> = mine
@@ -330,6 +343,14 @@ fn repair_and_read(path: &Path) -> Result<HashSet<String>> {
     let mut ids = HashSet::new();
     // The output's lines first, then those an ordered run finished early (its spool).
     for file in files.iter().flatten() {
+        if !file.malformed.is_empty() {
+            eprintln!(
+                "mmllm: {}: --resume drops {} line(s) that are not results (lines {:?})",
+                path.display(),
+                file.malformed.len(),
+                file.malformed
+            );
+        }
         for line in &file.lines {
             if !line.error && ids.insert(line.id.clone()) {
                 keep.extend_from_slice(file.line(line));

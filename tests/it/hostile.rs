@@ -252,3 +252,47 @@ fn ffmpeg_never_fetches_urls_named_inside_media() {
         server.requests()
     );
 }
+
+#[test]
+fn results_thrown_away_are_reported_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("jobs.yaml");
+    let out = dir.path().join("out.jsonl");
+    std::fs::write(
+        &manifest,
+        format!(
+            "defaults:\n  model: {}\n  max_tokens: 1\njobs:\n  - id: a\n    prompt: hi\n    images: [{}]\n",
+            llava(),
+            photo()
+        ),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        mmllm()
+            .args([
+                "batch",
+                manifest.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    assert!(run(&[]).status.success());
+    let again = run(&[]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("replacing 1 earlier result line"));
+
+    // A corrupt line in the middle is dropped by --resume, and said.
+    let good = std::fs::read_to_string(&out).unwrap();
+    std::fs::write(&out, format!("not json\n{good}")).unwrap();
+    let resumed = run(&["--resume"]);
+    assert!(resumed.status.success());
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(
+        stderr.contains("drops 1 line(s) that are not results (lines [1])"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), good);
+}
