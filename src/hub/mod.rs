@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::json::read_json;
 use remote::{Fetched, Remote};
 
+pub use remote::join_url;
 pub use resolve::repo_folder_name;
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";

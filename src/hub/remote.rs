@@ -459,7 +459,7 @@ fn origin(url: &str) -> String {
 }
 
 /// Resolves a `Location` header against the URL that sent it.
-fn join_url(base: &str, location: &str) -> String {
+pub fn join_url(base: &str, location: &str) -> String {
     if location.contains("://") {
         return location.to_string();
     }

@@ -346,6 +346,9 @@ fn format_secs(d: Duration) -> String {
     }
 }
 
+/// Redirects a media URL may take.
+const MAX_REDIRECTS: usize = 5;
+
 fn fetch_url(url: &str, modality: Modality, cap: u64, timeout: Duration) -> Result<Vec<u8>> {
     let timed_out = || {
         let secs = format_secs(timeout);
@@ -363,13 +366,55 @@ fn fetch_url(url: &str, modality: Modality, cap: u64, timeout: Duration) -> Resu
         // Zero means "no limit", for callers that resolved none.
         .timeout_global(Some(timeout).filter(|t| !t.is_zero()))
         .http_status_as_error(false)
+        // Redirects are followed here, one hop at a time, so each target is checked.
+        .max_redirects(0)
+        .max_redirects_will_error(false)
         .user_agent(concat!("mmllm/", env!("CARGO_PKG_VERSION")))
         .build()
         .into();
-    let mut response = match agent.get(url).call() {
-        Ok(r) => r,
-        Err(e) if is_timeout(&e) => return Err(timed_out()),
-        Err(e) => return Err(Error::input(url, format!("fetch failed: {e}"), expected)),
+    let shown = Source::Url(url.to_string()).display();
+    let mut current = url.to_string();
+    let mut hops = 0;
+    let mut response = loop {
+        let response = match agent.get(&current).call() {
+            Ok(r) => r,
+            Err(e) if is_timeout(&e) => return Err(timed_out()),
+            Err(e) => return Err(Error::input(&shown, format!("fetch failed: {e}"), expected)),
+        };
+        if !matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
+            break response;
+        }
+        let Some(location) = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+        else {
+            return Err(Error::input(
+                &shown,
+                format!("HTTP {} redirect without a Location", response.status()),
+                format!("a {modality} URL that answers 200 OK"),
+            ));
+        };
+        let next = crate::hub::join_url(&current, location);
+        if !(next.starts_with("http://") || next.starts_with("https://")) {
+            return Err(Error::input(
+                &shown,
+                format!(
+                    "redirected to {}, which is not http(s)",
+                    Source::Url(next).display()
+                ),
+                "redirects to http:// or https:// URLs only",
+            ));
+        }
+        hops += 1;
+        if hops > MAX_REDIRECTS {
+            return Err(Error::input(
+                &shown,
+                format!("more than {MAX_REDIRECTS} redirects"),
+                format!("a {modality} URL that answers within {MAX_REDIRECTS} redirects"),
+            ));
+        }
+        current = next;
     };
     let status = response.status();
     if !status.is_success() {

@@ -216,3 +216,49 @@ fn fetch_timeout_defaults_and_overrides() {
         other => panic!("expected a usage error, got {other:?}"),
     }
 }
+
+/// Redirects are followed one hop at a time: each target must be http(s), at most 5 hops, and
+/// a password in the URL never appears in the error.
+#[test]
+fn redirects_are_checked_at_every_hop() {
+    let png = small_png();
+    let server = Server::start(move |req| match req.path.as_str() {
+        "/start" => Reply::status(302).header("Location", "/middle"),
+        "/middle" => Reply::status(301).header("Location", "end.png"),
+        "/end.png" => Reply::ok(png.clone()),
+        "/file" => Reply::status(302).header("Location", "file:///etc/passwd"),
+        "/loop" => Reply::status(307).header("Location", "/loop"),
+        _ => Reply::status(404),
+    });
+    let get = |path: &str| {
+        let src = Source::parse(&server.url(path)).expect("url");
+        read(&src, CAP, Duration::from_secs(5))
+    };
+    assert_eq!(get("/start").expect("two redirects"), small_png());
+
+    let (_, problem, expected) = input_error(get("/file"));
+    assert!(
+        problem.contains("file:///etc/passwd") && problem.contains("not http(s)"),
+        "{problem}"
+    );
+    assert!(expected.contains("http"), "{expected}");
+
+    let before = server.requests().len();
+    let (_, problem, _) = input_error(get("/loop"));
+    assert!(problem.contains("more than 5 redirects"), "{problem}");
+    assert_eq!(
+        server.requests().len() - before,
+        6,
+        "the first request and 5 hops"
+    );
+
+    let with_password = server
+        .url("/file")
+        .replacen("http://", "http://me:secret@", 1);
+    let src = Source::parse(&with_password).expect("url");
+    let (input, _, _) = input_error(read(&src, CAP, Duration::from_secs(5)));
+    assert!(
+        !input.contains("secret") && input.contains("me:***@"),
+        "{input}"
+    );
+}
