@@ -381,6 +381,8 @@ mod tests {
     fn results_finished_early_survive_a_kill_and_resume_takes_them() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
+        // An old killed run's spool: a fresh run (no --resume) must not inherit it.
+        std::fs::write(spool_path(&path), format!("{}\n", line("z"))).unwrap();
         let mut out = Output::open(Some(&path), false, Some(vec![0, 1, 2])).unwrap();
         out.finished(2, line("c")).unwrap();
         out.finished(1, line("b")).unwrap();

@@ -204,11 +204,16 @@ impl Plan {
                 )));
             }
         }
-        if s.sample_rate == Some(0) {
-            return Err(Error::usage(
-                "--sample-rate: 0 Hz (expected a positive rate such as 16000)",
-            ));
-        }
+        let sample_rate = match s.sample_rate.map(u32::try_from) {
+            Some(Ok(0)) | Some(Err(_)) => {
+                return Err(Error::usage(format!(
+                    "--sample-rate: {} Hz (expected a positive rate such as 16000)",
+                    s.sample_rate.unwrap_or_default()
+                )))
+            }
+            Some(Ok(rate)) => Some(rate),
+            None => None,
+        };
         Ok(Plan {
             model: s.model.clone().unwrap_or_default(),
             id: run.id,
@@ -221,7 +226,7 @@ impl Plan {
             limits,
             frames,
             as_images: s.as_images.unwrap_or(false),
-            sample_rate: s.sample_rate.map(|r| r as u32),
+            sample_rate,
             kwargs: ProcessorKwargs {
                 min_pixels: s.min_pixels,
                 max_pixels: s.max_pixels,

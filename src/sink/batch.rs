@@ -71,9 +71,12 @@ impl Output {
         let spool = match (path, &order) {
             (Some(path), Some(_)) => {
                 let spool = spool_path(path);
+                // Like the output: a fresh run must not inherit an old run's early lines.
                 let file = OpenOptions::new()
                     .create(true)
-                    .append(true)
+                    .append(append)
+                    .write(true)
+                    .truncate(!append)
                     .open(&spool)
                     .map_err(|e| {
                         Error::input(

@@ -298,4 +298,17 @@ fn sample_rate_applies_to_npy_audio_only() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sample-rate"));
+    // A rate past u32 is refused, not wrapped to 1 Hz.
+    let out = run_mmllm(&[
+        "audio",
+        "--model",
+        model,
+        "--dry-run",
+        "--sample-rate",
+        "4294967297",
+        npy.to_str().unwrap(),
+        "hi",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("4294967297 Hz"));
 }
