@@ -86,9 +86,13 @@ pub fn load(resolved: &Resolved, device: DeviceChoice, dtype: DTypeChoice) -> Re
             tokenizer_config: read_optional_json(dir, "tokenizer_config.json")?,
         },
         generation_config: read_optional_json(dir, "generation_config.json")?,
-        config: resolved.config.clone(),
     };
-    let prompt = PromptAssets::new(files, resolved.defaults.prompt.clone(), &tokenizer)?;
+    let prompt = PromptAssets::new(
+        files,
+        &resolved.config,
+        resolved.defaults.prompt.clone(),
+        &tokenizer,
+    )?;
     let (device, dtype) = device::select(device, dtype)?;
     // Resolving the weight files downloads any that are missing before the loader maps them.
     dir.weight_files()?;

@@ -112,7 +112,7 @@ pub fn run(
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).map(|s| s * 1e3)
     };
-    let fused = logits_device.is_cuda() && kernels::fused_decode_requested();
+    let fused = logits_device.is_cuda() && kernels::DecodeOptions::from_env().fused;
     let line = serde_json::json!({
         "model": model,
         "fused_decode": fused,

@@ -72,12 +72,6 @@ impl DecodeOptions {
     }
 }
 
-/// Whether the fused decode kernels are wanted ([`DecodeOptions::fused`] from the
-/// environment), for callers that hold no loaded model.
-pub fn fused_decode_requested() -> bool {
-    DecodeOptions::from_env().fused
-}
-
 /// `(x + residual, rms_norm(x + residual) * weight)` over the last dimension; without a
 /// residual the first output is `x` itself. HF's order: the sum is rounded to the dtype, the
 /// norm is taken in f32 and rounded before the weight multiplies it.

@@ -28,7 +28,6 @@ pub struct PromptAssets {
 pub struct AssetFiles {
     pub templates: TemplateFiles,
     pub generation_config: Option<serde_json::Value>,
-    pub config: serde_json::Value,
 }
 
 /// One prompt to build.
@@ -53,8 +52,13 @@ pub struct PromptItem<'a> {
 }
 
 impl PromptAssets {
-    /// Selects the chat template and reads BOS/EOS from `files`.
-    pub fn new(files: AssetFiles, style: PromptStyle, tokenizer: &Tokenizer) -> Result<Self> {
+    /// Selects the chat template and reads BOS/EOS from `files` and `config.json`.
+    pub fn new(
+        files: AssetFiles,
+        config: &serde_json::Value,
+        style: PromptStyle,
+        tokenizer: &Tokenizer,
+    ) -> Result<Self> {
         let template = ChatTemplate::select(&files.templates, style.fallback_chat_template)?;
         let tokenizer_config = files.templates.tokenizer_config;
         let bos = tokenizer_config
@@ -64,7 +68,7 @@ impl PromptAssets {
             .map(str::to_string);
         let eos = eos_ids(
             files.generation_config.as_ref(),
-            &files.config,
+            config,
             tokenizer_config.as_ref(),
             tokenizer,
         );
