@@ -1,0 +1,193 @@
+//! Caps on the decode paths (issue #15): audio duration enforced while decoding (hound, ffmpeg
+//! and `.npy`), and ffmpeg restricted to single-file demuxers, so a playlist cannot make it
+//! read other files. Every refusal is exit 2 naming the input and the cap's override.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Instant;
+
+use crate::util::{json_line, mmllm, repo};
+
+fn ultravox() -> String {
+    repo()
+        .join("tests/fixtures/ultravox-tiny")
+        .display()
+        .to_string()
+}
+
+/// Runs the system ffmpeg (quietly) to make test media.
+fn ffmpeg(args: &[&str]) {
+    let out = Command::new("ffmpeg")
+        .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y"])
+        .args(args)
+        .output()
+        .expect("ffmpeg runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `mmllm audio --dry-run` on `file` with the ultravox fixture, `MMLLM_MAX_AUDIO_SECONDS` set
+/// when given.
+fn dry_run_audio(file: &Path, max_seconds: Option<&str>, extra: &[&str]) -> Output {
+    let mut cmd = mmllm();
+    cmd.args(["audio", "--model", &ultravox(), "--dry-run"])
+        .args(extra)
+        .arg(file)
+        .arg("hi");
+    match max_seconds {
+        Some(s) => cmd.env("MMLLM_MAX_AUDIO_SECONDS", s),
+        None => cmd.env_remove("MMLLM_MAX_AUDIO_SECONDS"),
+    };
+    cmd.output().unwrap()
+}
+
+fn refused(out: &Output, words: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(out.stdout.is_empty());
+    for w in words {
+        assert!(stderr.contains(w), "{w:?} not in: {stderr}");
+    }
+}
+
+#[test]
+fn compressed_silence_that_decodes_past_an_hour_is_stopped_during_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    let bomb = dir.path().join("two_hours.flac");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "anullsrc=r=8000:cl=mono",
+        "-t",
+        "7300",
+        "-c:a",
+        "flac",
+        bomb.to_str().unwrap(),
+    ]);
+    let size = std::fs::metadata(&bomb).unwrap().len();
+    assert!(size < 4 << 20, "a small file: {size} bytes");
+    let started = Instant::now();
+    let out = dry_run_audio(&bomb, None, &[]);
+    refused(
+        &out,
+        &[
+            "two_hours.flac",
+            "more than 3600 s",
+            "MMLLM_MAX_AUDIO_SECONDS",
+        ],
+    );
+    // One hour at 8 kHz is 115 MB of float32: decoding stops there, not after two hours.
+    assert!(started.elapsed().as_secs() < 60);
+}
+
+#[test]
+fn the_audio_duration_cap_holds_on_every_decode_path_and_can_be_raised() {
+    let dir = tempfile::tempdir().unwrap();
+    let wav = dir.path().join("three_seconds.wav");
+    let mp3 = dir.path().join("three_seconds.mp3");
+    for (path, codec) in [(&wav, "pcm_s16le"), (&mp3, "libmp3lame")] {
+        ffmpeg(&[
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=f=440:r=16000:d=3",
+            "-c:a",
+            codec,
+            path.to_str().unwrap(),
+        ]);
+    }
+    // A (2, 48000) float32 .npy: 3 s at 16 kHz, in two channels.
+    let npy = dir.path().join("three_seconds.npy");
+    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 48000), }";
+    let mut header = header.to_string();
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.resize(bytes.len() + 2 * 48000 * 4, 0);
+    std::fs::write(&npy, bytes).unwrap();
+
+    for (file, extra) in [
+        (&wav, &[][..]),
+        (&mp3, &[][..]),
+        (&npy, &["--sample-rate", "16000"][..]),
+    ] {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        let out = dry_run_audio(file, Some("2"), extra);
+        refused(&out, &[name, "more than 2 s", "MMLLM_MAX_AUDIO_SECONDS"]);
+        let line = json_line(&dry_run_audio(file, Some("4"), extra));
+        let seconds = line["media"][0]["seconds"].as_f64().unwrap();
+        assert!((2.9..3.2).contains(&seconds), "{name}: {seconds} s");
+    }
+    let out = dry_run_audio(&wav, Some("soon"), &[]);
+    refused(&out, &["MMLLM_MAX_AUDIO_SECONDS"]);
+}
+
+#[test]
+fn a_playlist_cannot_make_ffmpeg_read_another_local_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let segment = dir.path().join("secret.aac");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=f=440:d=1",
+        "-c:a",
+        "aac",
+        "-f",
+        "adts",
+        segment.to_str().unwrap(),
+    ]);
+    let hls = format!(
+        "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{}\n#EXT-X-ENDLIST\n",
+        segment.display()
+    );
+    let concat = format!("ffconcat version 1.0\nfile '{}'\n", segment.display());
+    for (name, text) in [
+        ("list.mp3", &hls),
+        ("list.m3u8", &hls),
+        ("list.txt", &concat),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = dry_run_audio(&path, None, &[]);
+        refused(&out, &[name, "not a decodable audio file"]);
+    }
+    // The segment itself, a single-file format, decodes.
+    json_line(&dry_run_audio(&segment, None, &[]));
+
+    let video = dir.path().join("clip.mp4");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=64x48:rate=4:duration=1",
+        "-pix_fmt",
+        "yuv420p",
+        video.to_str().unwrap(),
+    ]);
+    let list = dir.path().join("clips.m3u8");
+    std::fs::write(
+        &list,
+        format!(
+            "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{}\n#EXT-X-ENDLIST\n",
+            video.display()
+        ),
+    )
+    .unwrap();
+    let qwen = repo().join("tests/fixtures/qwen2-vl-tiny");
+    let out = mmllm()
+        .args(["video", "--model", qwen.to_str().unwrap(), "--dry-run"])
+        .arg(&list)
+        .arg("hi")
+        .output()
+        .unwrap();
+    refused(&out, &["clips.m3u8"]);
+}
