@@ -191,3 +191,37 @@ fn a_playlist_cannot_make_ffmpeg_read_another_local_file() {
         .unwrap();
     refused(&out, &["clips.m3u8"]);
 }
+
+#[test]
+fn a_whisper_prompt_is_checked_before_anything_loads() {
+    // A copy of the tiny Whisper fixture whose weights are garbage: a refusal must come before
+    // they are read, and `--dry-run` must refuse what a real run would.
+    let dir = tempfile::tempdir().unwrap();
+    let src = repo().join("tests/fixtures/whisper-tiny-random");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    std::fs::write(dir.path().join("model.safetensors"), b"not weights").unwrap();
+    let speech = repo().join("tests/data/speech_16k.wav");
+    let run = |extra: &[&str], prompt: &str| {
+        mmllm()
+            .args(["audio", "--model", dir.path().to_str().unwrap()])
+            .args(extra)
+            .arg(&speech)
+            .arg(prompt)
+            .output()
+            .unwrap()
+    };
+    for extra in [&["--dry-run"][..], &[][..]] {
+        let out = run(extra, "describe the speaker");
+        refused(
+            &out,
+            &["prompt", "\"describe\" is not a Whisper task or language"],
+        );
+    }
+    let line = json_line(&run(&["--dry-run"], "translate, fr"));
+    assert_eq!(line["family"], "whisper");
+}
