@@ -270,6 +270,11 @@ pub struct BatchArgs {
     /// Check every job's media before running any, and fail listing all problems.
     #[arg(long)]
     pub strict: bool,
+    /// Confine the manifest's local files (media, embeds, extra tensors, chat templates) to
+    /// DIR: each path is resolved (`..` and symlinks followed) and must lie inside it. For
+    /// manifests from an untrusted source; model folders and URLs are not affected.
+    #[arg(long, value_name = "DIR")]
+    pub media_root: Option<PathBuf>,
     /// Skip jobs whose id already has a result in the output file, and append.
     #[arg(long, requires = "output")]
     pub resume: bool,

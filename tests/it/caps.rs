@@ -225,3 +225,72 @@ fn a_whisper_prompt_is_checked_before_anything_loads() {
     let line = json_line(&run(&["--dry-run"], "translate, fr"));
     assert_eq!(line["family"], "whisper");
 }
+
+#[test]
+fn media_root_confines_a_manifest_to_one_folder_after_links_and_dots() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("jobs");
+    let outside = dir.path().join("private");
+    std::fs::create_dir_all(root.join("frames")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    let photo = repo().join("tests/data/llava_photo_1.jpg");
+    std::fs::copy(&photo, root.join("inside.jpg")).unwrap();
+    std::fs::copy(&photo, outside.join("secret.jpg")).unwrap();
+    std::fs::copy(&photo, root.join("frames/0.jpg")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret.jpg"), root.join("link.jpg")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret.jpg"), root.join("frames/1.jpg")).unwrap();
+    std::fs::write(outside.join("template.jinja"), "{{ messages }}").unwrap();
+    let model = repo().join("tests/fixtures/qwen2-vl-tiny");
+    let run = |job: &str| {
+        let manifest = root.join("jobs.jsonl");
+        std::fs::write(&manifest, job).unwrap();
+        mmllm()
+            .args(["batch", "--strict", "--media-root"])
+            .arg(&root)
+            .arg(&manifest)
+            .output()
+            .unwrap()
+    };
+    let m = model.display();
+    for (job, shown) in [
+        (
+            r#""images": ["../private/secret.jpg"]"#,
+            "../private/secret.jpg",
+        ),
+        (r#""images": ["link.jpg"]"#, "link.jpg"),
+        (r#""videos": ["frames"]"#, "1.jpg"),
+        (
+            r#""chat_template": "../private/template.jinja""#,
+            "template.jinja",
+        ),
+        (r#""images": ["missing.jpg"]"#, "cannot be resolved"),
+    ] {
+        let out = run(&format!(
+            r#"{{"id": "a", "model": "{m}", "prompt": "hi", "max_tokens": 2, {job}}}"#
+        ));
+        refused(&out, &[shown, "--media-root"]);
+    }
+    // Inside the root, the job runs; without the flag, the linked file is read as before.
+    let ok = run(&format!(
+        r#"{{"id": "a", "model": "{m}", "prompt": "hi", "max_tokens": 2, "images": ["inside.jpg"]}}"#
+    ));
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let manifest = root.join("jobs.jsonl");
+    std::fs::write(
+        &manifest,
+        format!(r#"{{"id": "a", "model": "{m}", "prompt": "hi", "max_tokens": 2, "images": ["link.jpg"]}}"#),
+    )
+    .unwrap();
+    let free = mmllm().arg("batch").arg(&manifest).output().unwrap();
+    assert_eq!(
+        free.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&free.stderr)
+    );
+}
