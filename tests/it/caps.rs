@@ -104,7 +104,7 @@ fn the_audio_duration_cap_holds_on_every_decode_path_and_can_be_raised() {
     let npy = dir.path().join("three_seconds.npy");
     let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 48000), }";
     let mut header = header.to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');
