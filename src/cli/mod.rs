@@ -25,6 +25,7 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or input error, 130 interrupte
     after_help = "Examples:\n  mmllm image --model llava photo.jpg \"What is in this image?\"\n  \
 mmllm video --model qwen2-vl --as-images --num-frames 4 clip.mp4 \"Describe these frames\"\n  \
 mmllm audio --model ultravox speech.wav \"What is said?\"\n  \
+mmllm image --model llava \"$FILE\" -p \"$PROMPT\"   (in scripts: -p, so no prompt is read as media)\n  \
 mmllm embeds --model llava image_embeds.safetensors \"What is in this image?\"\n  \
 mmllm batch jobs.yaml -o results.jsonl\n  \
 mmllm batch jobs.yaml --shard 2/8 -o 'out-{shard}.jsonl'\n  \

@@ -294,3 +294,18 @@ fn media_root_confines_a_manifest_to_one_folder_after_links_and_dots() {
         String::from_utf8_lossy(&free.stderr)
     );
 }
+
+#[test]
+fn clap_usage_errors_take_the_mmllm_error_form_and_exit_2() {
+    let out = mmllm().args(["image", "--bogus-flag"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("mmllm: error: unexpected argument '--bogus-flag'"),
+        "{stderr}"
+    );
+    // --help still prints on stdout with status 0.
+    let help = mmllm().args(["image", "--help"]).output().unwrap();
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--model"));
+}
