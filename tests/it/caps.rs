@@ -309,3 +309,38 @@ fn clap_usage_errors_take_the_mmllm_error_form_and_exit_2() {
     assert_eq!(help.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&help.stdout).contains("--model"));
 }
+
+#[test]
+fn a_truncated_weights_file_is_named_in_our_error_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = repo().join("tests/fixtures/llava-tiny");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let weights = dir.path().join("model.safetensors");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap();
+    f.set_len(len / 2).unwrap();
+    let photo = repo().join("tests/data/llava_photo_1.jpg");
+    let out = mmllm()
+        .args(["image", "--model", dir.path().to_str().unwrap()])
+        .arg(&photo)
+        .arg("hi")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!(
+            "mmllm: error: {}: not a complete safetensors file",
+            weights.display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(out.status.code(), Some(2));
+}
