@@ -344,3 +344,46 @@ fn a_truncated_weights_file_is_named_in_our_error_form() {
     );
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn embeds_of_the_wrong_width_are_refused_before_load_and_by_dry_run() {
+    use candle_core::{Device, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    for (fixture, hidden) in [
+        ("llava-tiny", "hidden_size"),
+        ("qwen2-vl-tiny", "hidden_size"),
+    ] {
+        let model = repo().join("tests/fixtures").join(fixture);
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+        let width = config
+            .get("text_config")
+            .and_then(|t| t.get(hidden))
+            .or_else(|| config.get(hidden))
+            .and_then(|v| v.as_u64())
+            .unwrap() as usize;
+        let path = dir.path().join(format!("{fixture}.safetensors"));
+        let wrong =
+            Tensor::zeros((1, 4, width + 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("image_embeds".to_string(), wrong)]),
+            &path,
+        )
+        .unwrap();
+        let out = mmllm()
+            .args(["embeds", "--model", model.to_str().unwrap(), "--dry-run"])
+            .arg(&path)
+            .arg("hi")
+            .output()
+            .unwrap();
+        let expected = format!(", {width}) or (1, ");
+        refused(
+            &out,
+            &[
+                path.to_str().unwrap(),
+                "image_embeds has shape [1, 4, ",
+                &expected,
+            ],
+        );
+    }
+}

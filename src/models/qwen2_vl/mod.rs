@@ -68,6 +68,7 @@ pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
         },
         embeds: Some(Modality::Image),
         embeds_tensors: &["image_grid_thw"],
+        embeds_hidden: Some(config::Qwen2VlConfig::from_value(config)?.text.hidden_size),
         processor_kwargs: &["min_pixels", "max_pixels"],
         ..Default::default()
     })
