@@ -387,3 +387,33 @@ fn embeds_of_the_wrong_width_are_refused_before_load_and_by_dry_run() {
         );
     }
 }
+
+#[test]
+fn the_job_count_cap_holds_for_jsonl_and_yaml_manifests() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("jobs.jsonl");
+    let yaml = dir.path().join("jobs.yaml");
+    let job = |i: usize| format!(r#"{{"id": "j{i}", "model": "/nowhere", "prompt": "hi"}}"#);
+    std::fs::write(&jsonl, (0..4).map(|i| job(i) + "\n").collect::<String>()).unwrap();
+    let items: String = (0..4).map(|i| format!("  - {}\n", job(i))).collect();
+    std::fs::write(&yaml, format!("jobs:\n{items}")).unwrap();
+    for manifest in [&jsonl, &yaml] {
+        let run = |cap: &str| {
+            mmllm()
+                .args(["batch", "--strict"])
+                .arg(manifest)
+                .env("MMLLM_MAX_JOBS", cap)
+                .output()
+                .unwrap()
+        };
+        refused(
+            &run("3"),
+            &["holds 4 jobs", "at most 3 jobs", "MMLLM_MAX_JOBS"],
+        );
+        // At the cap, validation goes on to the jobs themselves (here: a model that is missing).
+        let out = run("4");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("MMLLM_MAX_JOBS"), "{stderr}");
+        assert!(stderr.contains("/nowhere"), "{stderr}");
+    }
+}
