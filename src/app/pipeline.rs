@@ -90,6 +90,34 @@ fn check_embeds_shape(m: &MediaInput, tokens: Option<usize>, hidden: usize) -> R
     }
 }
 
+/// For `--dry-run`: refuses a prompt whose text alone (system prompt included, media and
+/// template not counted) takes more tokens than the model has positions. Reads the tokenizer,
+/// never the weights.
+pub fn check_text_length(plan: &Plan, resolved: &Resolved) -> Result<()> {
+    let Some(max) = resolved.defaults.max_positions else {
+        return Ok(());
+    };
+    let tokenizer = load_tokenizer(&resolved.dir)?;
+    let mut tokens = 0;
+    for text in [Some(&plan.prompt), plan.system.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        tokens += tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| Error::Runtime(anyhow::anyhow!("tokenizing the prompt: {e}")))?
+            .len();
+    }
+    if tokens >= max {
+        return Err(Error::input(
+            "prompt",
+            format!("the text alone is {tokens} tokens"),
+            format!("fewer than the model's {max} positions"),
+        ));
+    }
+    Ok(())
+}
+
 /// A model with its weights, tokenizer and prompting facts loaded.
 pub struct Loaded {
     pub model: Box<dyn Model>,

@@ -417,3 +417,23 @@ fn the_job_count_cap_holds_for_jsonl_and_yaml_manifests() {
         assert!(stderr.contains("/nowhere"), "{stderr}");
     }
 }
+
+#[test]
+fn dry_run_refuses_a_prompt_longer_than_the_context() {
+    let model = repo().join("tests/fixtures/llava-tiny");
+    let photo = repo().join("tests/data/llava_photo_1.jpg");
+    let run = |words: usize| {
+        mmllm()
+            .args(["image", "--model", model.to_str().unwrap(), "--dry-run"])
+            .arg(&photo)
+            .args(["-p", &"hello ".repeat(words)])
+            .output()
+            .unwrap()
+    };
+    // The fixture's context is 2048 positions.
+    refused(
+        &run(5000),
+        &["prompt", "tokens", "fewer than the model's 2048 positions"],
+    );
+    json_line(&run(100));
+}

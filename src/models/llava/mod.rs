@@ -47,6 +47,7 @@ pub fn defaults(config: &serde_json::Value) -> Result<FamilyDefaults> {
         embeds: Some(Modality::Image),
         embeds_hidden: Some(parsed.text.hidden_size),
         embeds_tokens: Some(slots),
+        max_positions: Some(parsed.text.max_position_embeddings),
         ..Default::default()
     })
 }
