@@ -437,3 +437,34 @@ fn dry_run_refuses_a_prompt_longer_than_the_context() {
     );
     json_line(&run(100));
 }
+
+#[test]
+fn video_frames_are_held_to_the_image_pixel_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let video = dir.path().join("clip.mp4");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=64x48:rate=4:duration=1",
+        "-pix_fmt",
+        "yuv420p",
+        video.to_str().unwrap(),
+    ]);
+    let qwen = repo().join("tests/fixtures/qwen2-vl-tiny");
+    let run = |cap: &str| {
+        mmllm()
+            .args(["video", "--model", qwen.to_str().unwrap(), "--dry-run"])
+            .arg(&video)
+            .arg("hi")
+            .env("MMLLM_MAX_IMAGE_PIXELS", cap)
+            .output()
+            .unwrap()
+    };
+    refused(
+        &run("3000"),
+        &["clip.mp4", "64x48", "MMLLM_MAX_IMAGE_PIXELS"],
+    );
+    let line = json_line(&run("3072"));
+    assert_eq!(line["media"][0]["width"], 64);
+}
