@@ -91,12 +91,15 @@ fn check_embeds_shape(m: &MediaInput, tokens: Option<usize>, hidden: usize) -> R
 }
 
 /// For `--dry-run`: refuses a prompt whose text alone (system prompt included, media and
-/// template not counted) takes more tokens than the model has positions. Reads the tokenizer,
-/// never the weights.
+/// template not counted) takes more tokens than the model has positions. Reads the tokenizer
+/// when it is on disk (a dry run downloads nothing), never the weights.
 pub fn check_text_length(plan: &Plan, resolved: &Resolved) -> Result<()> {
     let Some(max) = resolved.defaults.max_positions else {
         return Ok(());
     };
+    if !resolved.dir.root.join("tokenizer.json").is_file() {
+        return Ok(());
+    }
     let tokenizer = load_tokenizer(&resolved.dir)?;
     let mut tokens = 0;
     for text in [Some(&plan.prompt), plan.system.as_ref()]

@@ -246,6 +246,7 @@ impl Plan {
         let (settings, gen) = cmd
             .settings()
             .ok_or_else(|| Error::usage("not a prompting command"))?;
+        let exact = cmd.exact_media_paths().map_err(Error::usage)?;
         let run = RunOptions {
             id: gen.id.clone(),
             output: gen.output,
@@ -253,7 +254,14 @@ impl Plan {
             dtype: gen.dtype.into(),
             dry_run: gen.dry_run,
         };
-        Self::from_settings(&settings, run, Some(stdin))
+        let mut plan = Self::from_settings(&settings, run, Some(stdin))?;
+        // One command fills one media list, so positional index k is the plan's item k.
+        for (k, path) in exact {
+            if let Some(arg) = plan.media.get_mut(k) {
+                arg.source = Source::Path(path);
+            }
+        }
+        Ok(plan)
     }
 
     /// Builds the plan of one batch job (its settings already merged with the defaults).
