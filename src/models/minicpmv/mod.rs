@@ -16,8 +16,6 @@ pub mod config;
 pub mod model;
 pub mod preprocessor;
 
-use std::collections::BTreeMap;
-
 pub use config::Config;
 pub use model::{load, MiniCpmVModel};
 
@@ -53,24 +51,27 @@ pub const MAX_NUM_FRAMES: usize = 64;
 /// `max_slice_nums`; any version but 2.6 refused.
 pub fn defaults(config: &serde_json::Value) -> Result<FamilyDefaults> {
     Config::from_value(config)?;
+    // The same placeholder token cannot stand for two modalities: a video's frames take
+    // `<unk>`, which the rendered prompt holds nowhere else.
+    let placeholders = [(Modality::Image, "<image>"), (Modality::Video, "<unk>")];
     Ok(FamilyDefaults {
         family: "minicpmv",
-        limits: BTreeMap::from([
-            (Modality::Image, DEFAULT_LIMIT),
-            (Modality::Video, DEFAULT_LIMIT),
-        ]),
+        embeds: Some(Modality::Image),
+        embeds_tensors: &["image_sizes"],
+        processor_kwargs: &["max_slice_nums"],
+        limits: placeholders
+            .iter()
+            .map(|(m, _)| (*m, DEFAULT_LIMIT))
+            .collect(),
         prompt: PromptStyle {
-            placeholders: BTreeMap::from([
-                (Modality::Image, "<image>".to_string()),
-                (Modality::Video, "<unk>".to_string()),
-            ]),
+            placeholders: placeholders
+                .iter()
+                .map(|(m, p)| (*m, p.to_string()))
+                .collect(),
             fallback_chat_template: Some(FALLBACK_CHAT_TEMPLATE),
             string_content: true,
             ..Default::default()
         },
-        embeds: Some(Modality::Image),
-        embeds_tensors: &["image_sizes"],
-        processor_kwargs: &["max_slice_nums"],
         ..Default::default()
     })
 }

@@ -157,15 +157,23 @@ fn uniform_frames(frames: &[RgbImage], max: usize) -> Vec<RgbImage> {
         .collect()
 }
 
+/// The vision path of one slice: the navit tower (`vpm`), its final norm, the resampler.
+struct Vision {
+    tower: ClipVisionTower,
+    post_layernorm: LayerNorm,
+    resampler: Resampler,
+}
+
 /// A loaded MiniCPM-V 2.6 checkpoint.
 pub struct MiniCpmVModel {
     cfg: Config,
+    /// `MiniCPMVImageProcessor`'s settings.
     processor: Processor,
+    /// The ids placeholders are written with.
     tokens: Tokens,
     info: ModelInfo,
-    vision: ClipVisionTower,
-    post_layernorm: LayerNorm,
-    resampler: Resampler,
+    vision: Vision,
+    /// Qwen2.
     lm: Llama,
     device: Device,
     dtype: DType,
@@ -174,15 +182,16 @@ pub struct MiniCpmVModel {
 /// Loads a MiniCPM-V 2.6 directory (`config.json` parsed in `ctx`, weights, its
 /// `preprocessor_config.json` and `tokenizer.json`), memory-mapping the weights.
 pub fn load(ctx: &LoadContext) -> Result<MiniCpmVModel> {
-    let (dir, device, dtype) = (ctx.dir.as_path(), &ctx.device, ctx.dtype);
+    let (dir, device) = (ctx.dir.as_path(), &ctx.device);
     let cfg = Config::from_value(&ctx.config)?;
-    let processor = Processor::load(dir, &cfg)?;
-    let tokens = Tokens::load(dir)?;
-    let vb = mmap_weights(&weight_files(dir)?, dtype, device)?;
-    let vision = ClipVisionTower::load_siglip(&cfg.vision, cfg.vision_layers, vb.pp("vpm"))?;
+    let (processor, tokens) = (Processor::load(dir, &cfg)?, Tokens::load(dir)?);
+    let vb = mmap_weights(&weight_files(dir)?, ctx.dtype, device)?;
     let ln = LayerNormConfig::from(cfg.vision.layer_norm_eps);
-    let post_layernorm = layer_norm(cfg.vision.hidden_size, ln, vb.pp("vpm.post_layernorm"))?;
-    let resampler = Resampler::load(&cfg, vb.pp("resampler"))?;
+    let vision = Vision {
+        tower: ClipVisionTower::load_siglip(&cfg.vision, cfg.vision_layers, vb.pp("vpm"))?,
+        post_layernorm: layer_norm(cfg.vision.hidden_size, ln, vb.pp("vpm.post_layernorm"))?,
+        resampler: Resampler::load(&cfg, vb.pp("resampler"))?,
+    };
     let lm = Llama::load(
         &cfg.text,
         vb.pp("llm.model"),
@@ -199,11 +208,9 @@ pub fn load(ctx: &LoadContext) -> Result<MiniCpmVModel> {
         processor,
         tokens,
         vision,
-        post_layernorm,
-        resampler,
         lm,
         device: device.clone(),
-        dtype,
+        dtype: ctx.dtype,
     })
 }
 
@@ -280,9 +287,10 @@ impl MiniCpmVModel {
         let ids = navit_position_ids(rows, cols, per_side);
         let ids = Tensor::from_vec(ids, rows * cols, &self.device)?;
         let pixels = self.slice_pixels(slice)?.to_dtype(self.dtype)?;
-        let hidden = self.vision.navit_hidden_state(&pixels, &ids)?;
-        let hidden = self.post_layernorm.forward(&hidden)?.squeeze(0)?;
-        self.resampler.forward(&hidden, rows, cols)
+        let v = &self.vision;
+        let hidden = v.tower.navit_hidden_state(&pixels, &ids)?;
+        let hidden = v.post_layernorm.forward(&hidden)?.squeeze(0)?;
+        v.resampler.forward(&hidden, rows, cols)
     }
 
     /// An image's features, every slice's in order `(slices * query_num, hidden)`, with the
@@ -485,6 +493,17 @@ mod tests {
         assert!(ids.iter().enumerate().all(|(i, &id)| id as usize == i));
         // Two rows of three columns on a 4x4 table: rows 0 and 2, columns 0, 1 and 2.
         assert_eq!(navit_position_ids(2, 3, 4), [0, 1, 2, 8, 9, 10]);
+    }
+
+    #[test]
+    fn long_videos_keep_64_frames_picked_as_the_model_card() {
+        let frames: Vec<RgbImage> = (0..100u32).map(|i| RgbImage::new(i + 1, 1)).collect();
+        let picked = uniform_frames(&frames, 64);
+        assert_eq!(picked.len(), 64);
+        // gap = 100 / 64: frames int(i * gap + gap / 2) = 0, 2, 3, 5, ...
+        let widths: Vec<u32> = picked.iter().take(4).map(|f| f.width() - 1).collect();
+        assert_eq!(widths, [0, 2, 3, 5]);
+        assert_eq!(uniform_frames(&frames[..8], 64).len(), 8);
     }
 
     #[test]
