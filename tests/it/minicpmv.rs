@@ -1,6 +1,6 @@
 //! MiniCPM-V 2.6 against the authors' code (transformers 4.40.2) on a tiny random checkpoint
 //! (tests/fixtures/generate_minicpmv.py): the processor's slices of real photographs (small,
-//! 3x3, very wide; several `max_slice_nums`) byte for byte, placeholder ids for many sizes,
+//! 3x3, very wide, 1:33 and 33:1 strips; several `max_slice_nums`) byte for byte, placeholder ids for many sizes,
 //! vision features, prompt ids, first-step logits (1e-4 relative, f32, CPU) and greedy ids for
 //! one image, two images and 8 video frames; embeddings with `image_sizes` in both forms; then
 //! the same ids through the CLI and a batch manifest, and the refusals.
@@ -21,12 +21,14 @@ use crate::util::{
     tensors, token_ids, LOGITS_RTOL,
 };
 
-const CASES: [&str; 7] = [
+const CASES: [&str; 9] = [
     "small",
     "grid3x3",
     "grid3x3_msn4",
     "grid3x3_msn1",
     "wide",
+    "tall_extreme",
+    "wide_extreme",
     "two_images",
     "video",
 ];
@@ -416,7 +418,7 @@ fn assert_reproduces(name: &str, got: &Value) {
 
 #[test]
 fn cli_images_reproduce_the_reference() {
-    for name in ["small", "grid3x3", "wide"] {
+    for name in ["small", "grid3x3", "wide", "tall_extreme"] {
         let (_, meta) = case(name);
         let f = files(&meta);
         let got = cli("image", &[&f[0], meta["question"].as_str().unwrap()]);
