@@ -50,7 +50,7 @@ pub const MAX_NUM_FRAMES: usize = 64;
 /// What `config.json` alone says: images, video and image embeddings (with `image_sizes`),
 /// `max_slice_nums`; any version but 2.6 refused.
 pub fn defaults(config: &serde_json::Value) -> Result<FamilyDefaults> {
-    Config::from_value(config)?;
+    let parsed = Config::from_value(config)?;
     // The same placeholder token cannot stand for two modalities: a video's frames take
     // `<unk>`, which the rendered prompt holds nowhere else.
     let placeholders = [(Modality::Image, "<image>"), (Modality::Video, "<unk>")];
@@ -59,6 +59,9 @@ pub fn defaults(config: &serde_json::Value) -> Result<FamilyDefaults> {
         embeds: Some(Modality::Image),
         embeds_tensors: &["image_sizes"],
         processor_kwargs: &["max_slice_nums"],
+        // No `embeds_hidden`: the app's early check takes `(tokens, hidden)` forms only, and
+        // this family also takes vLLM's per-slice `(slices, 64, hidden)`; it checks once loaded.
+        max_positions: Some(parsed.text.max_position_embeddings),
         limits: placeholders
             .iter()
             .map(|(m, _)| (*m, DEFAULT_LIMIT))
