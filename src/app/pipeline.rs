@@ -219,8 +219,29 @@ pub fn request(
     media: &[MediaInput],
 ) -> Result<Request> {
     let started = Instant::now();
+    warn_cut_audio(resolved, loaded, media);
     let items = encode_media(loaded, media, &plan.kwargs)?;
     request_with_items(plan, resolved, loaded, media, items, started)
+}
+
+/// Says on stderr when an audio item is longer than the model reads (the rest is dropped, as
+/// the reference processor drops it).
+fn warn_cut_audio(resolved: &Resolved, loaded: &Loaded, media: &[MediaInput]) {
+    let Some(window) = loaded.model.audio_window_s() else {
+        return;
+    };
+    for m in media {
+        if let MediaItem::Audio(a) = &m.item {
+            let seconds = a.samples.len() as f64 / f64::from(a.sample_rate.max(1));
+            if seconds > window {
+                eprintln!(
+                    "mmllm: warning: {}: {seconds:.1} s of audio, but {} reads only the first \
+                     {window} s; the rest is ignored",
+                    m.input, resolved.defaults.family
+                );
+            }
+        }
+    }
 }
 
 /// Encodes the media of several requests together (one encoder pass where the family can
@@ -231,6 +252,9 @@ pub fn requests_batched(
     batch: &[(&Plan, &[MediaInput])],
 ) -> Vec<Result<Request>> {
     let started = Instant::now();
+    for (_, media) in batch {
+        warn_cut_audio(resolved, loaded, media);
+    }
     let kwargs: Vec<Vec<ProcessorKwargs>> = batch
         .iter()
         .map(|(plan, media)| plan.kwargs.for_items(media.iter().map(|m| &m.item)))

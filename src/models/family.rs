@@ -247,6 +247,12 @@ pub trait Model: Send {
     /// already in `cache`; returns the logits of the last position `(vocab,)` as f32.
     fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
 
+    /// Seconds of each audio item the model reads, when it cuts longer audio (Whisper's and
+    /// Qwen2-Audio's 30-second window), so the caller can say so.
+    fn audio_window_s(&self) -> Option<f64> {
+        None
+    }
+
     /// Families prompted without a chat template (Whisper) build their prompt ids from the
     /// user's text and the encoded items; `None` means render the chat template.
     fn own_prompt(&self, _text: &str, _items: &[EncodedItem]) -> Option<Result<Vec<u32>>> {

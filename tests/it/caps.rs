@@ -437,3 +437,86 @@ fn dry_run_refuses_a_prompt_longer_than_the_context() {
     );
     json_line(&run(100));
 }
+
+#[test]
+fn video_frames_are_held_to_the_image_pixel_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let video = dir.path().join("clip.mp4");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=64x48:rate=4:duration=1",
+        "-pix_fmt",
+        "yuv420p",
+        video.to_str().unwrap(),
+    ]);
+    let qwen = repo().join("tests/fixtures/qwen2-vl-tiny");
+    let run = |cap: &str| {
+        mmllm()
+            .args(["video", "--model", qwen.to_str().unwrap(), "--dry-run"])
+            .arg(&video)
+            .arg("hi")
+            .env("MMLLM_MAX_IMAGE_PIXELS", cap)
+            .output()
+            .unwrap()
+    };
+    refused(
+        &run("3000"),
+        &["clip.mp4", "64x48", "MMLLM_MAX_IMAGE_PIXELS"],
+    );
+    let line = json_line(&run("3072"));
+    assert_eq!(line["media"][0]["width"], 64);
+}
+
+#[test]
+fn audio_past_the_models_window_is_reported_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = dir.path().join("long.wav");
+    let short = dir.path().join("short.wav");
+    for (path, secs) in [(&long, "31"), (&short, "29")] {
+        ffmpeg(&[
+            "-f",
+            "lavfi",
+            "-i",
+            &format!("sine=f=440:r=16000:d={secs}"),
+            "-c:a",
+            "pcm_s16le",
+            path.to_str().unwrap(),
+        ]);
+    }
+    for fixture in ["whisper-tiny-random", "qwen2-audio-tiny"] {
+        let model = repo().join("tests/fixtures").join(fixture);
+        let run = |file: &Path| {
+            let out = mmllm()
+                .args([
+                    "audio",
+                    "--model",
+                    model.to_str().unwrap(),
+                    "--max-tokens",
+                    "1",
+                ])
+                .arg(file)
+                .arg(if fixture.starts_with("whisper") {
+                    "transcribe"
+                } else {
+                    "hi"
+                })
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stderr).to_string()
+        };
+        let stderr = run(&long);
+        assert!(
+            stderr.contains("long.wav: 31.0 s of audio") && stderr.contains("only the first 30 s"),
+            "{fixture}: {stderr}"
+        );
+        assert!(!run(&short).contains("warning"), "{fixture}");
+    }
+}

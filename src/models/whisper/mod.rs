@@ -344,6 +344,11 @@ impl Model for WhisperModel {
         &self.info
     }
 
+    fn audio_window_s(&self) -> Option<f64> {
+        let c = self.mel.config();
+        Some(c.n_samples as f64 / f64::from(c.sampling_rate))
+    }
+
     fn own_prompt(&self, text: &str, items: &[EncodedItem]) -> Option<Result<Vec<u32>>> {
         Some(self.prompt_for(text, items))
     }
