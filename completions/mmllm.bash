@@ -499,7 +499,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__image)
-            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --min-pixels --max-pixels --help"
+            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --min-pixels --max-pixels --max-slice-nums --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -590,6 +590,10 @@ _mmllm() {
                     return 0
                     ;;
                 --max-pixels)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-slice-nums)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -665,7 +669,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__video)
-            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --min-pixels --max-pixels --num-frames --fps --as-images --help"
+            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --min-pixels --max-pixels --max-slice-nums --num-frames --fps --as-images --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -756,6 +760,10 @@ _mmllm() {
                     return 0
                     ;;
                 --max-pixels)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-slice-nums)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -258,14 +258,14 @@ pub fn requests_batched(
     for (_, media) in batch {
         warn_cut_audio(resolved, loaded, media);
     }
-    let kwargs: Vec<ProcessorKwargs> = batch
+    let kwargs: Vec<Vec<ProcessorKwargs>> = batch
         .iter()
-        .map(|(plan, media)| plan.kwargs.for_prompt(media.iter().map(|m| &m.item)))
+        .map(|(plan, media)| plan.kwargs.for_items(media.iter().map(|m| &m.item)))
         .collect();
     let all: Vec<(&MediaInput, &ProcessorKwargs)> = batch
         .iter()
         .zip(&kwargs)
-        .flat_map(|((_, media), kwargs)| media.iter().map(move |m| (m, kwargs)))
+        .flat_map(|((_, media), kwargs)| media.iter().zip(kwargs))
         .collect();
     let items: Vec<(&MediaItem, &ProcessorKwargs)> =
         all.iter().map(|(m, kwargs)| (&m.item, *kwargs)).collect();
@@ -343,10 +343,11 @@ fn encode_media(
     media: &[MediaInput],
     kwargs: &ProcessorKwargs,
 ) -> Result<Vec<EncodedItem>> {
-    let kwargs = &kwargs.for_prompt(media.iter().map(|m| &m.item));
+    let kwargs = kwargs.for_items(media.iter().map(|m| &m.item));
     media
         .iter()
-        .map(|m| {
+        .zip(&kwargs)
+        .map(|(m, kwargs)| {
             loaded
                 .model
                 .encode_with(&m.item, kwargs)

@@ -204,6 +204,11 @@ impl Plan {
                 )));
             }
         }
+        if s.max_slice_nums == Some(0) {
+            return Err(Error::usage(
+                "--max-slice-nums: 0 (expected a positive number of slices)",
+            ));
+        }
         let sample_rate = match s.sample_rate.map(u32::try_from) {
             Some(Ok(0)) | Some(Err(_)) => {
                 return Err(Error::usage(format!(
@@ -230,6 +235,7 @@ impl Plan {
             kwargs: ProcessorKwargs {
                 min_pixels: s.min_pixels,
                 max_pixels: s.max_pixels,
+                max_slice_nums: s.max_slice_nums,
                 ..Default::default()
             },
             gen: gen_settings(s)?,

@@ -196,6 +196,10 @@ pub struct VisionArgs {
     /// budget, e.g. Qwen2-VL; default: the model's processor config).
     #[arg(long, value_name = "N")]
     pub max_pixels: Option<u64>,
+    /// The most slices one high-resolution image is cut into (MiniCPM-V's processor kwarg
+    /// `max_slice_nums`; default: the model's processor config).
+    #[arg(long, value_name = "N")]
+    pub max_slice_nums: Option<u64>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -377,6 +381,7 @@ impl Command {
         let vision = |s: &mut Settings, v: &VisionArgs| {
             s.min_pixels = v.min_pixels;
             s.max_pixels = v.max_pixels;
+            s.max_slice_nums = v.max_slice_nums;
         };
         match self {
             Command::Image(a) => {
