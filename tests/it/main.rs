@@ -5,6 +5,7 @@ mod batching;
 mod cli;
 mod engine_pure;
 mod family_table;
+mod fuzz_regressions;
 mod hostile;
 mod hub;
 mod image;
