@@ -69,11 +69,21 @@ pub fn decode_audio(bytes: &[u8], input: &str, target_rate: Option<u32>) -> Resu
     if bytes.is_empty() {
         return Err(Error::input(input, "the audio file is empty", EXPECTED));
     }
-    let decoded = match decode_wav(bytes, input) {
-        Some(result) => result?,
-        None => decode_with_ffmpeg(bytes, input)?,
-    };
-    finish(decoded, input, target_rate)
+    match decode_wav_audio(bytes, input, target_rate) {
+        Some(result) => result,
+        None => finish(decode_with_ffmpeg(bytes, input)?, input, target_rate),
+    }
+}
+
+/// [`decode_audio`]'s native WAV path alone (hound): `None` when the bytes are not a WAV
+/// that hound reads, where `decode_audio` hands them to ffmpeg. Public for the fuzz target.
+pub fn decode_wav_audio(
+    bytes: &[u8],
+    input: &str,
+    target_rate: Option<u32>,
+) -> Option<Result<Audio>> {
+    let decoded = decode_wav(bytes, input)?;
+    Some(decoded.and_then(|d| finish(d, input, target_rate)))
 }
 
 /// Builds audio from a `.npy` float array: 1-D mono, or 2-D channels-first `(channels, samples)`,
@@ -209,6 +219,13 @@ fn decode_wav(bytes: &[u8], input: &str) -> Option<Result<Decoded>> {
     // container size, so anything else (e.g. 24 valid bits in 4 bytes) is left to ffmpeg.
     if spec.channels == 0 || wav_container_bits(bytes, spec.channels) != Some(bits) {
         return None;
+    }
+    if spec.sample_rate == 0 {
+        return Some(Err(Error::input(
+            input,
+            "the WAV header gives a sample rate of 0 Hz",
+            EXPECTED,
+        )));
     }
     let channels = spec.channels as usize;
     // The data chunk's declared length bounds what hound reads, so it is checked first.

@@ -204,15 +204,21 @@ struct ZipEntry {
 }
 
 fn le_u16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        b.get(at..at.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 
 fn le_u32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn le_u64(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(at..at.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 /// Lists the members of a zip held in memory (torch.save writes them uncompressed).
@@ -314,17 +320,15 @@ fn pt_tensors(bytes: &[u8], input: &str) -> Result<Loaded> {
         .ok_or_else(|| pt_error(input, "no data.pkl in the archive"))?;
     let dir = pkl.name.trim_end_matches(".pkl").to_string();
     let mut reader = &bytes[pkl.data_start..pkl.data_start + pkl.size];
-    let mut stack = Stack::empty();
-    stack
-        .read_loop(&mut reader)
-        .map_err(|e| pt_error(input, format!("unreadable pickle: {e}")))?;
-    let obj = stack
-        .finalize()
-        .map_err(|e| pt_error(input, format!("unreadable pickle: {e}")))?;
+    let obj = candle_pickle(input, "unreadable pickle", || {
+        let mut stack = Stack::empty();
+        stack.read_loop(&mut reader)?;
+        stack.finalize()
+    })?;
     let load = |value: Object, name: Object| -> Result<Option<(String, Tensor)>> {
-        let info = value
-            .into_tensor_info(name, std::path::Path::new(&dir))
-            .map_err(|e| pt_error(input, format!("unreadable tensor record: {e}")))?;
+        let info = candle_pickle(input, "unreadable tensor record", || {
+            value.into_tensor_info(name, std::path::Path::new(&dir))
+        })?;
         let Some(info) = info else { return Ok(None) };
         let entry = entries
             .iter()
@@ -353,6 +357,24 @@ fn pt_tensors(bytes: &[u8], input: &str) -> Result<Loaded> {
                 "the file holds neither a tensor nor a dict of tensors",
             )),
         },
+    }
+}
+
+/// Runs candle's pickle reader, which indexes records without checks and panics on some
+/// malformed files (found by fuzzing): a panic becomes an input error, its message kept off
+/// stderr. `what` starts the error's problem.
+fn candle_pickle<T>(
+    input: &str,
+    what: &str,
+    f: impl FnOnce() -> candle_core::Result<T>,
+) -> Result<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    match result {
+        Ok(r) => r.map_err(|e| pt_error(input, format!("{what}: {e}"))),
+        Err(_) => Err(pt_error(input, format!("{what}: malformed records"))),
     }
 }
 

@@ -100,7 +100,12 @@ pub fn probe_image(bytes: &[u8], input: &str, limits: &ImageLimits) -> Result<(u
     let format = check_bytes_and_sniff(bytes, input, limits)?;
     let (w, h) = header_dimensions(format, bytes, input)?;
     check_pixels(w, h, input, limits)?;
-    Ok(if orientation(format, bytes) >= 5 {
+    if format == ImageFormat::Gif {
+        let (cw, ch) = gif_canvas(bytes, (w, h));
+        check_pixels(cw, ch, input, limits)?;
+    }
+    // Only 5..=8 transpose; other values (0, 9, …) leave the image as is, as in Pillow.
+    Ok(if (5..=8).contains(&orientation(format, bytes)) {
         (h, w)
     } else {
         (w, h)
@@ -112,6 +117,10 @@ pub fn decode_image(bytes: &[u8], input: &str, limits: &ImageLimits) -> Result<R
     let format = check_bytes_and_sniff(bytes, input, limits)?;
     let (w, h) = header_dimensions(format, bytes, input)?;
     check_pixels(w, h, input, limits)?;
+    if format == ImageFormat::Gif {
+        let (cw, ch) = gif_canvas(bytes, (w, h));
+        check_pixels(cw, ch, input, limits)?;
+    }
     let rgb = match format {
         ImageFormat::Jpeg => decode_jpeg(bytes, input)?,
         _ => decode_with_image_crate(format, bytes, input)?,
@@ -185,6 +194,47 @@ fn header_dimensions(format: ImageFormat, bytes: &[u8], input: &str) -> Result<(
         ImageFormat::Bmp => dims_of(::image::codecs::bmp::BmpDecoder::new(Cursor::new(bytes))),
     };
     dims.map_err(|e| corrupt(input, format, e))
+}
+
+/// The canvas Pillow opens a GIF at: the logical screen grown to cover the first frame
+/// (`GifImagePlugin._seek`), which its decompression-bomb check sees. Without this check a
+/// tiny GIF whose frame is far larger than its screen was decoded in full (found by fuzzing).
+fn gif_canvas(bytes: &[u8], (w, h): (u32, u32)) -> (u32, u32) {
+    let u16_at = |i: usize| {
+        bytes
+            .get(i..i + 2)
+            .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]])))
+    };
+    // Header (6) and logical screen descriptor (7), then the global colour table if flagged.
+    let mut p = 13usize;
+    if let Some(flags) = bytes.get(10).filter(|f| *f & 0x80 != 0) {
+        p += 3 << ((flags & 7) + 1);
+    }
+    loop {
+        match bytes.get(p) {
+            // Extension: introducer, label, then data sub-blocks up to an empty one.
+            Some(0x21) => {
+                p += 2;
+                loop {
+                    let Some(&n) = bytes.get(p) else {
+                        return (w, h);
+                    };
+                    p += 1 + n as usize;
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+            // Image descriptor: left, top, width, height.
+            Some(0x2C) => {
+                return match (u16_at(p + 1), u16_at(p + 3), u16_at(p + 5), u16_at(p + 7)) {
+                    (Some(x), Some(y), Some(fw), Some(fh)) => (w.max(x + fw), h.max(y + fh)),
+                    _ => (w, h),
+                };
+            }
+            _ => return (w, h),
+        }
+    }
 }
 
 fn dims_of<D: ImageDecoder>(decoder: ::image::ImageResult<D>) -> ::image::ImageResult<(u32, u32)> {

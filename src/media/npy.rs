@@ -126,9 +126,14 @@ pub(crate) fn parse(bytes: &[u8], input: &str) -> Result<Npy> {
         }
     };
 
+    // The product of the non-zero dimensions must fit too: strides multiply them even when
+    // another dimension is 0.
     let count = shape
         .iter()
+        .filter(|&&d| d > 0)
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .and_then(|n| n.checked_mul(dtype.size()))
+        .map(|_| shape.iter().product::<usize>())
         .ok_or_else(|| bad(input, "the .npy shape is too large"))?;
     let nbytes = count
         .checked_mul(dtype.size())

@@ -6,6 +6,7 @@ mod caps;
 mod cli;
 mod engine_pure;
 mod family_table;
+mod fuzz_regressions;
 mod hostile;
 mod hub;
 mod image;

@@ -1,0 +1,4 @@
+//! Fuzz target `manifest_yaml`: see `mmllm_fuzz::manifest_yaml` (fuzz/src/checks.rs) for what it checks.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|bytes: &[u8]| mmllm_fuzz::manifest_yaml(bytes));
