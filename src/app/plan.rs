@@ -204,6 +204,11 @@ impl Plan {
                 )));
             }
         }
+        if let Some(n) = s.num_crops.filter(|n| !(1..=MAX_NUM_CROPS).contains(n)) {
+            return Err(Error::usage(format!(
+                "--num-crops: {n} (expected 1 to {MAX_NUM_CROPS} crops per image)"
+            )));
+        }
         let sample_rate = match s.sample_rate.map(u32::try_from) {
             Some(Ok(0)) | Some(Err(_)) => {
                 return Err(Error::usage(format!(
@@ -230,6 +235,7 @@ impl Plan {
             kwargs: ProcessorKwargs {
                 min_pixels: s.min_pixels,
                 max_pixels: s.max_pixels,
+                num_crops: s.num_crops,
                 ..Default::default()
             },
             gen: gen_settings(s)?,
@@ -377,6 +383,10 @@ impl Plan {
             }
         }
         if self.raw {
+            if let Some(tags) = &defaults.prompt.numbered_tags {
+                let items = counts.get(&tags.modality).copied().unwrap_or(0);
+                tags.check(&self.prompt, items, "--raw prompt")?;
+            }
             for (m, placeholder) in &defaults.prompt.placeholders {
                 let found = crate::prompt::count_placeholders(&self.prompt, placeholder);
                 let want = counts.get(m).copied().unwrap_or(0);
@@ -392,6 +402,9 @@ impl Plan {
         Ok(())
     }
 }
+
+/// Most `--num-crops`: each crop is a 336x336 float tensor and 144 prompt tokens.
+const MAX_NUM_CROPS: u64 = 64;
 
 /// Chat templates are a few kilobytes; a larger file is a mistake (or `/dev/zero`).
 const MAX_TEMPLATE_BYTES: u64 = 1 << 20;

@@ -194,6 +194,10 @@ pub struct VisionArgs {
     /// budget, e.g. Qwen2-VL; default: the model's processor config).
     #[arg(long, value_name = "N")]
     pub max_pixels: Option<u64>,
+    /// Most 336-pixel crops an image is tiled into (models that tile images into a grid of
+    /// crops, e.g. Phi-3-vision; default: the model's processor config).
+    #[arg(long, value_name = "N")]
+    pub num_crops: Option<u64>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -370,6 +374,7 @@ impl Command {
         let vision = |s: &mut Settings, v: &VisionArgs| {
             s.min_pixels = v.min_pixels;
             s.max_pixels = v.max_pixels;
+            s.num_crops = v.num_crops;
         };
         match self {
             Command::Image(a) => {

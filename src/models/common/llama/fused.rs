@@ -41,10 +41,14 @@ impl Llama {
         embeds: &Tensor,
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
+        let freqs = self
+            .fused_freqs(caches)
+            .ok_or_else(|| anyhow::anyhow!("fused decode over both LongRoPE tables"))?
+            .clone();
         let values = self.step_table_values(caches)?;
         let longest = caches.iter().map(|c| c.len() + 1).max().unwrap_or(1);
         let table = kernels::StepTable::upload(&self.device, &values, caches.len(), longest)?;
-        let h = self.fused_layers(embeds.to_dtype(self.dtype)?.contiguous()?, &table)?;
+        let h = self.fused_layers(embeds.to_dtype(self.dtype)?.contiguous()?, &table, &freqs)?;
         for cache in caches.iter_mut() {
             cache.advance(1);
         }
@@ -93,6 +97,7 @@ impl Llama {
         &self,
         mut x: Tensor,
         table: &kernels::StepTable,
+        inv_freqs: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let (heads, kv_heads, hd) = (
             self.cfg.num_attention_heads,
@@ -111,7 +116,7 @@ impl Llama {
             let q = kernels::rope_write_kv(
                 &qkv,
                 attn.qkv_bias.as_ref(),
-                &self.inv_freqs_dev,
+                inv_freqs,
                 table,
                 i,
                 heads,
@@ -180,7 +185,7 @@ impl Llama {
         let step = kernels::StepTable::persistent(&table, 1, GRAPH_KEY_SPLITS);
         let graph = kernels::Graph::capture(dev, &mut || -> candle_core::Result<()> {
             let x = kernels::embedding(self.embed.embeddings(), &ids)?;
-            let h = self.fused_layers(x, &step)?;
+            let h = self.fused_layers(x, &step, &self.inv_freqs_dev)?;
             kernels::copy_to_f32(&self.linear(&self.lm_head, &h)?, &logits)
         })?;
         Ok(DecodeGraph {
