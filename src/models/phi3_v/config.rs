@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 use super::preprocessor::ImageProcessor;
 use crate::error::{Error, Result};
+use crate::models::common::clip_processor::{OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
 use crate::models::common::files::read_optional_json;
 use crate::models::common::llama::LlamaConfig;
 
@@ -204,8 +205,9 @@ pub fn image_processor(dir: &Path) -> Result<ImageProcessor> {
     };
     Ok(ImageProcessor {
         num_crops,
-        mean: triple("image_mean", [0.481_454_66, 0.457_827_5, 0.408_210_73])?,
-        std: triple("image_std", [0.268_629_54, 0.261_302_58, 0.275_777_11])?,
+        // float64 constants cast to float32, as torchvision's Normalize casts them.
+        mean: triple("image_mean", OPENAI_CLIP_MEAN.map(|v| v as f32))?,
+        std: triple("image_std", OPENAI_CLIP_STD.map(|v| v as f32))?,
     })
 }
 
