@@ -514,4 +514,107 @@ mod tests {
         }
         Ok(())
     }
+
+    /// A model whose q/k/v and gate/up projections are stored fused, as Phi-3 stores them,
+    /// gives the same logits as one with them stored apart.
+    #[test]
+    fn stored_fused_projections_equal_separate_ones() -> Result<()> {
+        let cfg = cfg(
+            r#"{"vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": true}"#,
+        );
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let apart = Llama::load(&cfg, vb.pp("model"), vb.pp("lm_head"), true)?;
+        let mut tensors: std::collections::HashMap<String, Tensor> = map
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        for i in 0..2 {
+            let p = format!("model.layers.{i}");
+            let mut take = |names: &[&str], fused: &str| -> Result<()> {
+                let parts = names
+                    .iter()
+                    .map(|n| tensors.remove(&format!("{p}.{n}.weight")).unwrap())
+                    .collect::<Vec<_>>();
+                tensors.insert(format!("{p}.{fused}.weight"), Tensor::cat(&parts, 0)?);
+                Ok(())
+            };
+            take(
+                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                "self_attn.qkv_proj",
+            )?;
+            take(&["mlp.gate_proj", "mlp.up_proj"], "mlp.gate_up_proj")?;
+        }
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let fused = Llama::load(&cfg, vb.pp("model"), vb.pp("lm_head"), true)?;
+        let ids = [3u32, 17, 4, 42];
+        let run = |m: &Llama| -> Result<Tensor> {
+            let mut cache = m.new_cache(ids.len());
+            m.forward_embeds(&m.embed_tokens(&ids)?, &mut cache)
+        };
+        assert_eq!(rel_diff(&run(&apart)?, &run(&fused)?)?, 0.0);
+        Ok(())
+    }
+
+    /// LongRoPE (Phi-3): a forward takes the long factors once its positions pass
+    /// `original_max_position_embeddings` (8 here), and a batched decode decides per sequence,
+    /// as each sequence decoded alone would.
+    #[test]
+    fn long_rope_switches_past_the_original_context() -> Result<()> {
+        let json = |long: &str| {
+            cfg(&format!(
+                r#"{{"vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": true, "max_position_embeddings": 32,
+                "rope_scaling": {{"type": "su", "original_max_position_embeddings": 8,
+                    "short_factor": [1.0, 1.5, 2.0, 1.2], "long_factor": {long}}}}}"#
+            ))
+        };
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let model = Llama::load(
+            &json("[3.0, 5.0, 7.0, 9.0]"),
+            vb.pp("model"),
+            vb.pp("lm_head"),
+            true,
+        )?;
+        let short_only = Llama::load(
+            &json("[1.0, 1.5, 2.0, 1.2]"),
+            vb.pp("model"),
+            vb.pp("lm_head"),
+            true,
+        )?;
+        assert_eq!(model.freqs_until(8), short_only.freqs_until(8));
+        assert_ne!(model.freqs_until(9), short_only.freqs_until(9));
+        let ids: Vec<u32> = (0..10).map(|i| (i * 7 + 3) % 50).collect();
+        // Prompts of 7 and 8 tokens: the next position ends at 8 (short) and 9 (long).
+        let mut alone = Vec::new();
+        let mut caches = Vec::new();
+        for (n, m) in [(7, &model), (8, &model), (7, &short_only), (8, &short_only)] {
+            let mut c = m.new_cache(10);
+            m.forward_embeds(&m.embed_tokens(&ids[..n])?, &mut c)?;
+            caches.push(c.try_clone()?);
+            alone.push(m.forward_embeds(&m.embed_tokens(&[ids[n]])?, &mut c)?);
+        }
+        assert_eq!(rel_diff(&alone[0], &alone[2])?, 0.0, "short side");
+        assert!(rel_diff(&alone[1], &alone[3])? > 1e-3, "long side");
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().take(2).collect();
+        let batched =
+            model.forward_decode_batch(&model.embed_tokens(&[ids[7], ids[8]])?, &mut refs)?;
+        for (i, want) in alone.iter().take(2).enumerate() {
+            assert!(rel_diff(want, &batched.get(i)?)? < 1e-6, "sequence {i}");
+        }
+        // A 9-token prefill is one forward past the switch.
+        let mut c = model.new_cache(9);
+        let full = model.forward_embeds(&model.embed_tokens(&ids[..9])?, &mut c)?;
+        let mut c = short_only.new_cache(9);
+        let short = short_only.forward_embeds(&short_only.embed_tokens(&ids[..9])?, &mut c)?;
+        assert!(rel_diff(&full, &short)? > 1e-3);
+        Ok(())
+    }
 }
