@@ -382,11 +382,20 @@ impl Plan {
                 )));
             }
         }
-        if self.raw {
-            if let Some(tags) = &defaults.prompt.numbered_tags {
-                let items = counts.get(&tags.modality).copied().unwrap_or(0);
+        if let Some(tags) = &defaults.prompt.numbered_tags {
+            let items = counts.get(&tags.modality).copied().unwrap_or(0);
+            if self.raw {
                 tags.check(&self.prompt, items, "--raw prompt")?;
+            } else if let Some((range, _)) = tags.find(&self.prompt).first() {
+                // The processor would take it for a tag, on top of those mmllm writes.
+                return Err(Error::input(
+                    "prompt",
+                    format!("tag {} in a templated prompt", &self.prompt[range.clone()]),
+                    "no tags (mmllm writes them), or --raw with the whole prompt",
+                ));
             }
+        }
+        if self.raw {
             for (m, placeholder) in &defaults.prompt.placeholders {
                 let found = crate::prompt::count_placeholders(&self.prompt, placeholder);
                 let want = counts.get(m).copied().unwrap_or(0);

@@ -447,6 +447,7 @@ fn cli_refuses_before_loading() {
             vec!["--raw", photo, "<|image_1|><|image_2|>"],
             "<|image_2|>",
         ),
+        (vec![photo, "What is <|image_1|>?"], "templated prompt"),
         (vec!["--num-crops", "0", photo, "x"], "--num-crops"),
         (vec!["--num-crops", "65", photo, "x"], "--num-crops"),
         (vec!["--max-pixels", "1000", photo, "x"], "max_pixels"),
