@@ -499,7 +499,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__image)
-            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --min-pixels --max-pixels --max-slice-nums --help"
+            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --min-pixels --max-pixels --max-slice-nums --num-crops --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -594,6 +594,10 @@ _mmllm() {
                     return 0
                     ;;
                 --max-slice-nums)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --num-crops)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -669,7 +673,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__video)
-            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --min-pixels --max-pixels --max-slice-nums --num-frames --fps --as-images --help"
+            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --min-pixels --max-pixels --max-slice-nums --num-crops --num-frames --fps --as-images --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -764,6 +768,10 @@ _mmllm() {
                     return 0
                     ;;
                 --max-slice-nums)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --num-crops)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

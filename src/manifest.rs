@@ -85,6 +85,8 @@ settings! {
     max_pixels: u64 = uint,
     /// MiniCPM-V's `max_slice_nums`: the most slices one image is cut into.
     max_slice_nums: u64 = uint,
+    /// HD crops per image (Phi-3-vision's `num_crops`).
+    num_crops: u64 = uint,
     /// `image=2,video=1` or a mapping `{image: 2}`, normalised to the string form.
     limit_mm_per_prompt: String = limits,
     chat_template: String = string,

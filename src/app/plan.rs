@@ -209,6 +209,11 @@ impl Plan {
                 "--max-slice-nums: 0 (expected a positive number of slices)",
             ));
         }
+        if let Some(n) = s.num_crops.filter(|n| !(1..=MAX_NUM_CROPS).contains(n)) {
+            return Err(Error::usage(format!(
+                "--num-crops: {n} (expected 1 to {MAX_NUM_CROPS} crops per image)"
+            )));
+        }
         let sample_rate = match s.sample_rate.map(u32::try_from) {
             Some(Ok(0)) | Some(Err(_)) => {
                 return Err(Error::usage(format!(
@@ -236,6 +241,7 @@ impl Plan {
                 min_pixels: s.min_pixels,
                 max_pixels: s.max_pixels,
                 max_slice_nums: s.max_slice_nums,
+                num_crops: s.num_crops,
                 ..Default::default()
             },
             gen: gen_settings(s)?,
@@ -393,6 +399,19 @@ impl Plan {
                 )));
             }
         }
+        if let Some(tags) = &defaults.prompt.numbered_tags {
+            let items = counts.get(&tags.modality).copied().unwrap_or(0);
+            if self.raw {
+                tags.check(&self.prompt, items, "--raw prompt")?;
+            } else if let Some((range, _)) = tags.find(&self.prompt).first() {
+                // The processor would take it for a tag, on top of those mmllm writes.
+                return Err(Error::input(
+                    "prompt",
+                    format!("tag {} in a templated prompt", &self.prompt[range.clone()]),
+                    "no tags (mmllm writes them), or --raw with the whole prompt",
+                ));
+            }
+        }
         if self.raw {
             for (m, placeholder) in &defaults.prompt.placeholders {
                 let found = crate::prompt::count_placeholders(&self.prompt, placeholder);
@@ -409,6 +428,9 @@ impl Plan {
         Ok(())
     }
 }
+
+/// Most `--num-crops`: each crop is a 336x336 float tensor and 144 prompt tokens.
+const MAX_NUM_CROPS: u64 = 64;
 
 /// Chat templates are a few kilobytes; a larger file is a mistake (or `/dev/zero`).
 const MAX_TEMPLATE_BYTES: u64 = 1 << 20;

@@ -200,6 +200,10 @@ pub struct VisionArgs {
     /// `max_slice_nums`; default: the model's processor config).
     #[arg(long, value_name = "N")]
     pub max_slice_nums: Option<u64>,
+    /// Most 336-pixel crops an image is tiled into (models that tile images into a grid of
+    /// crops, e.g. Phi-3-vision; default: the model's processor config).
+    #[arg(long, value_name = "N")]
+    pub num_crops: Option<u64>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -382,6 +386,7 @@ impl Command {
             s.min_pixels = v.min_pixels;
             s.max_pixels = v.max_pixels;
             s.max_slice_nums = v.max_slice_nums;
+            s.num_crops = v.num_crops;
         };
         match self {
             Command::Image(a) => {

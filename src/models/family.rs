@@ -61,6 +61,8 @@ pub struct ProcessorKwargs {
     pub min_pixels: Option<u64>,
     /// Upper bound of an image's (or frame's) pixel count after resizing.
     pub max_pixels: Option<u64>,
+    /// Most crops an image is tiled into (Phi-3-vision's `num_crops`).
+    pub num_crops: Option<u64>,
     /// How many images the item's prompt holds (0: not known, taken as 1). Not a user setting
     /// (never in [`ProcessorKwargs::given`]): the app fills it per prompt, because Hugging Face
     /// processors see a prompt's images together (`batch_num_images`) and some tile an image
@@ -113,6 +115,7 @@ impl ProcessorKwargs {
             ("min_pixels", self.min_pixels.is_some()),
             ("max_pixels", self.max_pixels.is_some()),
             ("max_slice_nums", self.max_slice_nums.is_some()),
+            ("num_crops", self.num_crops.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, set)| set.then_some(name))

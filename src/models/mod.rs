@@ -10,6 +10,7 @@ pub mod kv;
 pub mod llava;
 pub mod llava_onevision;
 pub mod minicpmv;
+pub mod phi3_v;
 pub mod qwen2_audio;
 pub mod qwen2_vl;
 pub mod registry;

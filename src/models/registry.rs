@@ -13,6 +13,7 @@ pub static FAMILIES: &[Family] = &[
     super::whisper::FAMILY,
     super::ultravox::FAMILY,
     super::minicpmv::FAMILY,
+    super::phi3_v::FAMILY,
 ];
 
 /// Every `--model` alias with its repo id, from the family table.

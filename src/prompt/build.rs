@@ -166,7 +166,17 @@ impl PromptAssets {
             });
         }
         let mut lines = Vec::with_capacity(items.len() + 1);
+        let mut numbered = 0;
         for item in items {
+            if let Some(tags) = self
+                .style
+                .numbered_tags
+                .filter(|t| t.modality == item.modality)
+            {
+                numbered += 1;
+                lines.push(tags.tag(numbered));
+                continue;
+            }
             let placeholder = self.style.placeholders.get(&item.modality).ok_or_else(|| {
                 Error::input(
                     item.input,
@@ -174,9 +184,9 @@ impl PromptAssets {
                     "media of a modality the model accepts",
                 )
             })?;
-            lines.push(placeholder.as_str());
+            lines.push(placeholder.clone());
         }
-        lines.push(input.text);
+        lines.push(input.text.to_string());
         messages.push(TextMessage {
             role: "user".into(),
             content: lines.join("\n"),
@@ -197,6 +207,33 @@ impl PromptAssets {
             .bos
             .as_deref()
             .is_some_and(|b| !b.is_empty() && text.starts_with(b));
+        let what = if raw {
+            "--raw prompt"
+        } else {
+            "rendered prompt"
+        };
+        if let Some(tags) = &self.style.numbered_tags {
+            let tagged: Vec<(usize, Expansion)> = items
+                .iter()
+                .enumerate()
+                .filter(|(_, item)| item.modality == tags.modality)
+                .map(|(i, item)| (i, item.expansion.clone()))
+                .collect();
+            if let Some(other) = items.iter().find(|item| item.modality != tags.modality) {
+                return Err(Error::input(
+                    other.input,
+                    format!("this model has no tag for {} items", other.modality),
+                    format!("{} items only", tags.modality),
+                ));
+            }
+            return super::splice_numbered(text, tags, &tagged, what, |chunk| {
+                Ok(tokenizer
+                    .encode(chunk, true)
+                    .map_err(|e| Error::Runtime(anyhow::anyhow!("tokenizing the prompt: {e}")))?
+                    .get_ids()
+                    .to_vec())
+            });
+        }
         let encoding = tokenizer
             .encode(text, raw || !starts_with_bos)
             .map_err(|e| Error::Runtime(anyhow::anyhow!("tokenizing the prompt: {e}")))?;
@@ -213,11 +250,6 @@ impl PromptAssets {
             .iter()
             .map(|item| (item.modality, item.expansion.clone()))
             .collect();
-        let what = if raw {
-            "--raw prompt"
-        } else {
-            "rendered prompt"
-        };
         splice(encoding.get_ids(), &placeholders, &expansions, what)
     }
 }

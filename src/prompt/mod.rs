@@ -30,6 +30,100 @@ pub struct PromptStyle {
     /// Checks a prompt text of an `own_prompt` family without weights, so a bad one is refused
     /// (also by `--dry-run`) before anything loads.
     pub check_text: Option<fn(&str) -> Result<()>>,
+    /// Numbered tags instead of one placeholder token (Phi-3-vision's `<|image_1|>`,
+    /// `<|image_2|>`, …): see [`NumberedTags`].
+    pub numbered_tags: Option<NumberedTags>,
+}
+
+/// Media tags numbered per item, `{prefix}{n}{suffix}` for item `n` (1-based) of `modality`,
+/// as Phi-3-vision's processor reads them: the text is split at each tag, every chunk is
+/// tokenized on its own (with the tokenizer's special tokens), and the tag's item goes
+/// between. The tags of a prompt must be 1..N, once each, in order; the chat template's user
+/// turn is one tag per line, then the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NumberedTags {
+    pub modality: Modality,
+    pub prefix: &'static str,
+    pub suffix: &'static str,
+}
+
+/// Most digits a tag number is read with (a longer one is refused by name).
+const MAX_TAG_DIGITS: usize = 9;
+
+impl NumberedTags {
+    /// The tag of item `n` (1-based).
+    pub fn tag(&self, n: usize) -> String {
+        format!("{}{n}{}", self.prefix, self.suffix)
+    }
+
+    /// Every tag in `text`: its byte range and its number (`None` if too long to read).
+    pub fn find(&self, text: &str) -> Vec<(std::ops::Range<usize>, Option<usize>)> {
+        let mut found = Vec::new();
+        let mut at = 0;
+        while let Some(i) = text[at..].find(self.prefix) {
+            let start = at + i;
+            let digits_at = start + self.prefix.len();
+            let digits = text[digits_at..]
+                .bytes()
+                .take_while(u8::is_ascii_digit)
+                .count();
+            let end = digits_at + digits;
+            if digits > 0 && text[end..].starts_with(self.suffix) {
+                let end = end + self.suffix.len();
+                let n = (digits <= MAX_TAG_DIGITS)
+                    .then(|| text[digits_at..digits_at + digits].parse().ok())
+                    .flatten();
+                found.push((start..end, n));
+                at = end;
+            } else {
+                at = digits_at;
+            }
+        }
+        found
+    }
+
+    /// Checks that `text`'s tags are exactly 1..=`items`, once each, in order; `what` names
+    /// the prompt in the error, which names the first wrong tag.
+    pub fn check(&self, text: &str, items: usize, what: &str) -> Result<()> {
+        let found = self.find(text);
+        let expected = match items {
+            0 => format!("no {} tags without {} items", self.tag(1), self.modality),
+            1 => format!("the tag {} once", self.tag(1)),
+            n => format!(
+                "the tags {} to {}, once each, in order, one per {} item",
+                self.tag(1),
+                self.tag(n),
+                self.modality
+            ),
+        };
+        for (i, (range, n)) in found.iter().enumerate() {
+            let tag = &text[range.clone()];
+            if *n != Some(i + 1) || i >= items {
+                let problem = match n {
+                    Some(n) if *n > items => {
+                        format!("tag {tag} but {items} {} item(s) given", self.modality)
+                    }
+                    Some(n) if *n <= i => format!("tag {tag} appears again or out of order"),
+                    Some(_) => format!("tag {tag} where {} was expected", self.tag(i + 1)),
+                    None => format!("tag {tag} has no valid number"),
+                };
+                return Err(Error::input(what, problem, expected));
+            }
+        }
+        if found.len() < items {
+            return Err(Error::input(
+                what,
+                format!(
+                    "{} tag(s) for {items} {} item(s): {} is missing",
+                    found.len(),
+                    self.modality,
+                    self.tag(found.len() + 1)
+                ),
+                expected,
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// How one media item appears in the token stream: `before`, then `slots` copies of
@@ -158,6 +252,39 @@ fn count_error(
         format!("{found} {modality} placeholder(s) in the prompt but {wanted} {modality} item(s)"),
         "one placeholder per media item",
     )
+}
+
+/// Tokenizes `text` as Phi-3-vision's processor does for [`NumberedTags`]: each chunk between
+/// tags on its own with `encode(chunk)` (special tokens added), and item `n`'s expansion in
+/// place of tag `n`. `items` are the expansions of the tagged modality's items, in order.
+pub fn splice_numbered(
+    text: &str,
+    tags: &NumberedTags,
+    items: &[(usize, Expansion)],
+    what: &str,
+    mut encode: impl FnMut(&str) -> Result<Vec<u32>>,
+) -> Result<Spliced> {
+    tags.check(text, items.len(), what)?;
+    let mut out = Spliced {
+        ids: Vec::new(),
+        spans: Vec::with_capacity(items.len()),
+    };
+    let mut at = 0;
+    for ((range, _), (item, exp)) in tags.find(text).into_iter().zip(items) {
+        out.ids.extend(encode(&text[at..range.start])?);
+        out.ids.extend_from_slice(&exp.before);
+        out.spans.push(Span {
+            item: *item,
+            start: out.ids.len(),
+            len: exp.slots,
+        });
+        out.ids
+            .extend(std::iter::repeat_n(exp.slot_token, exp.slots));
+        out.ids.extend_from_slice(&exp.after);
+        at = range.end;
+    }
+    out.ids.extend(encode(&text[at..])?);
+    Ok(out)
 }
 
 /// Counts non-overlapping occurrences of `placeholder` in a `--raw` prompt.

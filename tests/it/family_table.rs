@@ -38,6 +38,7 @@ const STAND_INS: &[(&str, &str, &str, &str)] = &[
         "image",
         "qwen_china_517x333.jpg",
     ),
+    ("phi3v", "phi3v-tiny", "image", "qwen_china_517x333.jpg"),
 ];
 
 /// Lays `fixture`'s files out as huggingface_hub caches `repo_id` (refs, blobs, snapshot links).
@@ -124,10 +125,10 @@ fn aliases_are_unique_and_families_claim_distinct_types() {
 
 #[test]
 fn unknown_model_types_are_refused_naming_the_supported_ones() {
-    let config = serde_json::json!({"model_type": "phi3_v", "architectures": ["Phi3VForCausalLM"]});
+    let config = serde_json::json!({"model_type": "mllama", "architectures": ["MllamaForConditionalGeneration"]});
     let err = match family_for(&config, "some/model") {
         Err(e) => e.to_string(),
-        Ok(f) => panic!("phi3_v claimed by {}", f.name),
+        Ok(f) => panic!("mllama claimed by {}", f.name),
     };
     assert!(err.contains("phi3_v") && err.contains("llava"), "{err}");
 }

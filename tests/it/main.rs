@@ -17,6 +17,7 @@ mod llava_onevision;
 mod llava_parity;
 mod media_av;
 mod minicpmv;
+mod phi3v;
 mod qwen2_audio;
 mod qwen2_vl;
 mod qwen2_vl_e2e;

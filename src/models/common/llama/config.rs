@@ -122,6 +122,15 @@ pub enum RopeScaling {
         high_freq_factor: f32,
         original_max_position_embeddings: f32,
     },
+    /// LongRoPE (`su` / `longrope`, Phi-3): per-frequency divisors, the short ones while a
+    /// forward's positions stay within `original_max_position_embeddings`, the long ones once
+    /// they pass it; cos and sin are scaled by `attention_factor`.
+    LongRope {
+        short_factor: Vec<f32>,
+        long_factor: Vec<f32>,
+        original_max_position_embeddings: usize,
+        attention_factor: f32,
+    },
 }
 
 /// Rotary settings resolved from either config layout.
@@ -174,14 +183,65 @@ impl LlamaConfig {
                 high_freq_factor: need("high_freq_factor")?,
                 original_max_position_embeddings: need("original_max_position_embeddings")?,
             },
+            "su" | "longrope" => self.long_rope(params, kind)?,
             other => {
                 return Err(config_error(
                     format!("unsupported text_config rope scaling type {other:?}"),
-                    "rope_type default, linear or llama3",
+                    "rope_type default, linear, llama3 or longrope",
                 ))
             }
         };
         Ok(Rope { theta, scaling })
+    }
+
+    /// LongRoPE's factors (one per rotary frequency), the pre-training context (in the rotary
+    /// object as transformers >= 4.45 writes it; Phi-3 families with it at the top level of
+    /// `config.json` copy it in) and the attention factor: given, or
+    /// `sqrt(1 + ln(max / original) / ln(original))` when the context is extended, as Phi-3's
+    /// `Phi3SuScaledRotaryEmbedding` computes it (in f64, applied in f32).
+    fn long_rope(&self, params: Option<&serde_json::Value>, kind: &str) -> Result<RopeScaling> {
+        let half = self.head_dim() / 2;
+        let factors = |name: &str| -> Result<Vec<f32>> {
+            let list = params
+                .and_then(|p| p.get(name))
+                .and_then(|v| v.as_array())
+                .map(|a| a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32));
+            match list.map(Iterator::collect::<Vec<f32>>) {
+                Some(v) if v.len() == half && v.iter().all(|f| f.is_finite() && *f > 0.0) => Ok(v),
+                _ => Err(config_error(
+                    format!("rope scaling {kind:?}: {name} is missing or malformed"),
+                    &format!("{half} positive numbers (head_dim / 2)"),
+                )),
+            }
+        };
+        let original = params
+            .and_then(|p| p.get("original_max_position_embeddings"))
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .filter(|&n| n > 1)
+            .ok_or_else(|| {
+                config_error(
+                    format!("rope scaling {kind:?} without original_max_position_embeddings"),
+                    "original_max_position_embeddings above 1",
+                )
+            })?;
+        let scale = self.max_position_embeddings as f64 / original as f64;
+        let attention_factor = match params.and_then(|p| p.get("attention_factor")) {
+            Some(v) => v.as_f64().ok_or_else(|| {
+                config_error(
+                    format!("rope scaling {kind:?}: attention_factor {v} is not a number"),
+                    "a number",
+                )
+            })?,
+            None if scale <= 1.0 => 1.0,
+            None => (1.0 + scale.ln() / (original as f64).ln()).sqrt(),
+        };
+        Ok(RopeScaling::LongRope {
+            short_factor: factors("short_factor")?,
+            long_factor: factors("long_factor")?,
+            original_max_position_embeddings: original,
+            attention_factor: attention_factor as f32,
+        })
     }
 
     pub(super) fn validate(&self) -> Result<()> {

@@ -41,10 +41,14 @@ impl Llama {
         embeds: &Tensor,
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
+        let freqs = self
+            .fused_freqs(caches)
+            .ok_or_else(|| anyhow::anyhow!("fused decode over both LongRoPE tables"))?
+            .clone();
         let values = self.step_table_values(caches)?;
         let longest = caches.iter().map(|c| c.len() + 1).max().unwrap_or(1);
         let table = kernels::StepTable::upload(&self.device, &values, caches.len(), longest)?;
-        let h = self.fused_layers(embeds.to_dtype(self.dtype)?.contiguous()?, &table)?;
+        let h = self.fused_layers(embeds.to_dtype(self.dtype)?.contiguous()?, &table, &freqs)?;
         for cache in caches.iter_mut() {
             cache.advance(1);
         }
@@ -93,6 +97,7 @@ impl Llama {
         &self,
         mut x: Tensor,
         table: &kernels::StepTable,
+        inv_freqs: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let (heads, kv_heads, hd) = (
             self.cfg.num_attention_heads,
@@ -111,7 +116,7 @@ impl Llama {
             let q = kernels::rope_write_kv(
                 &qkv,
                 attn.qkv_bias.as_ref(),
-                &self.inv_freqs_dev,
+                inv_freqs,
                 table,
                 i,
                 heads,
@@ -180,7 +185,7 @@ impl Llama {
         let step = kernels::StepTable::persistent(&table, 1, GRAPH_KEY_SPLITS);
         let graph = kernels::Graph::capture(dev, &mut || -> candle_core::Result<()> {
             let x = kernels::embedding(self.embed.embeddings(), &ids)?;
-            let h = self.fused_layers(x, &step)?;
+            let h = self.fused_layers(x, &step, &self.inv_freqs_dev)?;
             kernels::copy_to_f32(&self.linear(&self.lm_head, &h)?, &logits)
         })?;
         Ok(DecodeGraph {
@@ -351,6 +356,64 @@ mod tests {
             assert!(!graphed
                 .graph_failed
                 .load(std::sync::atomic::Ordering::Relaxed));
+        }
+        Ok(())
+    }
+
+    /// LongRoPE on the fused step: batches wholly before or past the switch take the fused
+    /// kernels with that table; a batch across it takes the plain path; one sequence crossing
+    /// it through `decode` (the CUDA graph holds the short table) matches the plain path.
+    #[test]
+    fn fused_cuda_decode_follows_long_rope() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(candle_core::Error::wrap)?;
+        let cfg = cfg(
+            r#"{"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": true, "max_position_embeddings": 64,
+            "rope_scaling": {"type": "su", "original_max_position_embeddings": 8,
+                "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
+                "long_factor": [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]}}"#,
+        );
+        let file = save_random(&cfg, dir.path())?;
+        let load = |fused: bool| -> Result<Llama> {
+            let mut m = load_saved(&cfg, &file, DType::F32)?;
+            m.fused_decode = fused;
+            Ok(m)
+        };
+        let (fused, plain) = (load(true)?, load(false)?);
+        let ids: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 64).collect();
+        for lens in [[20, 30], [2, 3], [6, 20]] {
+            let mut caches = Vec::new();
+            for model in [&fused, &plain] {
+                let mut cs = Vec::new();
+                for n in lens {
+                    let mut c = model.new_cache(n + 4);
+                    model.forward_embeds(&model.embed_tokens(&ids[..n])?, &mut c)?;
+                    cs.push(c);
+                }
+                caches.push(cs);
+            }
+            for step in 0..4 {
+                let mut outs = Vec::new();
+                for (model, cs) in [&fused, &plain].into_iter().zip(caches.iter_mut()) {
+                    let mut refs: Vec<&mut KvCache> = cs.iter_mut().collect();
+                    outs.push(
+                        model.forward_decode_batch(&model.embed_tokens(&[5, 9])?, &mut refs)?,
+                    );
+                }
+                let diff = rel_diff(&outs[1], &outs[0])?;
+                assert!(diff < 1e-5, "{lens:?} step {step}: {diff}");
+            }
+        }
+        let mut one = [fused.new_cache(12), plain.new_cache(12)];
+        for (model, c) in [&fused, &plain].into_iter().zip(one.iter_mut()) {
+            model.forward_embeds(&model.embed_tokens(&ids[..5])?, c)?;
+        }
+        for step in 0..5 {
+            let want = plain.decode(ids[5 + step], &mut one[1])?;
+            let got = fused.decode(ids[5 + step], &mut one[0])?;
+            let diff = rel_diff(&want, &got)?;
+            assert!(diff < 1e-5, "one sequence, step {step}: {diff}");
         }
         Ok(())
     }

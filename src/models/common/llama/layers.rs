@@ -9,7 +9,8 @@ use super::config::{LlamaConfig, Rope, RopeScaling};
 use crate::kernels;
 use crate::models::kv::KvCache;
 
-/// Inverse rotary frequencies in f32, computed as transformers does (f32 throughout).
+/// Inverse rotary frequencies in f32, computed as transformers does (f32 throughout). For
+/// LongRoPE these are the short factors' (see [`long_inv_freqs`]).
 pub(super) fn inv_freqs(rope: &Rope, head_dim: usize) -> Vec<f32> {
     let dim = head_dim as f32;
     let base: Vec<f32> = (0..head_dim)
@@ -19,6 +20,9 @@ pub(super) fn inv_freqs(rope: &Rope, head_dim: usize) -> Vec<f32> {
     match rope.scaling {
         RopeScaling::Default => base,
         RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
+        RopeScaling::LongRope {
+            ref short_factor, ..
+        } => divided(rope.theta, head_dim, short_factor),
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -43,6 +47,32 @@ pub(super) fn inv_freqs(rope: &Rope, head_dim: usize) -> Vec<f32> {
                 .collect()
         }
     }
+}
+
+/// LongRoPE's long-factor frequencies and the length past which a forward takes them; `None`
+/// for other scalings.
+pub(super) fn long_inv_freqs(rope: &Rope, head_dim: usize) -> Option<(Vec<f32>, usize)> {
+    match &rope.scaling {
+        RopeScaling::LongRope {
+            long_factor,
+            original_max_position_embeddings,
+            ..
+        } => Some((
+            divided(rope.theta, head_dim, long_factor),
+            *original_max_position_embeddings,
+        )),
+        _ => None,
+    }
+}
+
+/// `1 / (factor * theta ^ (i / dim))` in f32, in Phi-3's order of operations.
+fn divided(theta: f32, head_dim: usize, factors: &[f32]) -> Vec<f32> {
+    let dim = head_dim as f32;
+    (0..head_dim)
+        .step_by(2)
+        .zip(factors)
+        .map(|(i, f)| 1.0 / (f * theta.powf(i as f32 / dim)))
+        .collect()
 }
 
 /// RMSNorm, normalised in f32 in HF's order ([`kernels::add_rms_norm`]; one kernel on CUDA).
@@ -84,17 +114,67 @@ fn fuse(parts: &[Linear]) -> candle_core::Result<(Linear, Option<Tensor>)> {
     Ok((Linear::new(Tensor::cat(&weights, 0)?, None), bias))
 }
 
+/// A projection stored already fused (Phi-3's `qkv_proj`, `gate_up_proj`), split as [`fuse`]
+/// returns its parts: the weight, and the bias apart.
+fn stored_fused(l: Linear) -> (Linear, Option<Tensor>) {
+    (Linear::new(l.weight().clone(), None), l.bias().cloned())
+}
+
+/// `l`'s first `rows` output rows (weight and bias) multiplied by `factor`.
+fn scale_rows(
+    l: Linear,
+    bias: Option<Tensor>,
+    rows: usize,
+    factor: f32,
+) -> candle_core::Result<(Linear, Option<Tensor>)> {
+    let scale = |t: &Tensor| -> candle_core::Result<Tensor> {
+        let rest = t.dim(0)? - rows;
+        Tensor::cat(
+            &[
+                t.narrow(0, 0, rows)?.affine(factor as f64, 0.0)?,
+                t.narrow(0, rows, rest)?,
+            ],
+            0,
+        )
+    };
+    Ok((
+        Linear::new(scale(l.weight())?, None),
+        bias.as_ref().map(scale).transpose()?,
+    ))
+}
+
 impl Attention {
-    pub(super) fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    /// `qk_scale` multiplies the q and k projections: LongRoPE's attention factor, which
+    /// transformers applies to cos and sin. Rotation is linear in cos and sin, so scaling q
+    /// and k before it is the same product, and it holds for the fused decode step too.
+    pub(super) fn new(
+        cfg: &LlamaConfig,
+        vb: VarBuilder,
+        qk_scale: f32,
+    ) -> candle_core::Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (heads, kv) = (cfg.num_attention_heads, cfg.kv_heads());
         let bias = cfg.attention_bias;
         let qkv_bias = bias || cfg.qkv_bias;
-        let (qkv, qkv_bias) = fuse(&[
-            linear_b(h, heads * hd, qkv_bias, vb.pp("q_proj"))?,
-            linear_b(h, kv * hd, qkv_bias, vb.pp("k_proj"))?,
-            linear_b(h, kv * hd, qkv_bias, vb.pp("v_proj"))?,
-        ])?;
+        let (qkv, qkv_bias) = if vb.contains_tensor("qkv_proj.weight") {
+            stored_fused(linear_b(
+                h,
+                (heads + 2 * kv) * hd,
+                qkv_bias,
+                vb.pp("qkv_proj"),
+            )?)
+        } else {
+            fuse(&[
+                linear_b(h, heads * hd, qkv_bias, vb.pp("q_proj"))?,
+                linear_b(h, kv * hd, qkv_bias, vb.pp("k_proj"))?,
+                linear_b(h, kv * hd, qkv_bias, vb.pp("v_proj"))?,
+            ])?
+        };
+        let (qkv, qkv_bias) = if qk_scale == 1.0 {
+            (qkv, qkv_bias)
+        } else {
+            scale_rows(qkv, qkv_bias, (heads + kv) * hd, qk_scale)?
+        };
         Ok(Self {
             qkv,
             qkv_bias,
@@ -220,10 +300,14 @@ pub(super) struct Mlp {
 impl Mlp {
     pub(super) fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        let (gate_up, gate_up_bias) = fuse(&[
-            linear_b(h, i, bias, vb.pp("gate_proj"))?,
-            linear_b(h, i, bias, vb.pp("up_proj"))?,
-        ])?;
+        let (gate_up, gate_up_bias) = if vb.contains_tensor("gate_up_proj.weight") {
+            stored_fused(linear_b(h, 2 * i, bias, vb.pp("gate_up_proj"))?)
+        } else {
+            fuse(&[
+                linear_b(h, i, bias, vb.pp("gate_proj"))?,
+                linear_b(h, i, bias, vb.pp("up_proj"))?,
+            ])?
+        };
         Ok(Self {
             gate_up,
             gate_up_bias,

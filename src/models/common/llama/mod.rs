@@ -1,5 +1,6 @@
 //! A Llama decoder (as `LlamaForCausalLM` in transformers) driven by input embeddings:
-//! RMSNorm, rotary positions (HF's rotate-half layout; default, linear and llama3 scaling),
+//! RMSNorm, rotary positions (HF's rotate-half layout; default, linear, llama3 and LongRoPE
+//! scaling), q/k/v and gate/up projections stored apart or fused (Phi-3),
 //! grouped-query attention over the engine-owned [`KvCache`], SwiGLU MLP, tied or untied
 //! `lm_head`. With `qkv_bias` it is also the Qwen2 decoder (biased q/k/v, unbiased `o_proj`).
 //! Knows no vision and no tokenizer.
@@ -15,13 +16,21 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear_b, Embedding, Linear, VarBuilder};
 
 pub use config::{LlamaConfig, Rope, RopeScaling, TokenIds};
-use layers::{causal_mask, inv_freqs, Attention, Block, Mlp, RmsNorm, Rotary};
+use layers::{causal_mask, inv_freqs, long_inv_freqs, Attention, Block, Mlp, RmsNorm, Rotary};
 
 use crate::error::{Error, Result};
 use crate::kernels::DecodeOptions;
 use crate::models::kv::KvCache;
 #[cfg(feature = "cuda")]
 use fused::DecodeGraph;
+
+/// LongRoPE's second table of frequencies.
+struct LongRope {
+    inv_freqs: Vec<f32>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    inv_freqs_dev: Tensor,
+    original: usize,
+}
 
 /// A loaded Llama language model.
 pub struct Llama {
@@ -34,6 +43,9 @@ pub struct Llama {
     /// `inv_freqs` on the device, for the fused decode step.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     inv_freqs_dev: Tensor,
+    /// LongRoPE's long-factor frequencies, taken by a forward whose positions pass
+    /// `original` (`None` for other scalings).
+    long_rope: Option<LongRope>,
     /// Which position row (M-RoPE: temporal, height, width) each frequency rotates by;
     /// all 0 for plain rotary positions.
     row_of: Vec<usize>,
@@ -77,6 +89,13 @@ impl Llama {
         decode: DecodeOptions,
     ) -> Result<Self> {
         cfg.validate()?;
+        let rope = cfg.rope()?;
+        let qk_scale = match rope.scaling {
+            RopeScaling::LongRope {
+                attention_factor, ..
+            } => attention_factor,
+            _ => 1.0,
+        };
         let h = cfg.hidden_size;
         let embed = embedding(cfg.vocab_size, h, vb.pp("embed_tokens"))?;
         let blocks = (0..cfg.num_hidden_layers)
@@ -84,7 +103,7 @@ impl Llama {
                 let vb = vb.pp("layers").pp(i);
                 Ok(Block {
                     norm1: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
-                    attn: Attention::new(cfg, vb.pp("self_attn"))?,
+                    attn: Attention::new(cfg, vb.pp("self_attn"), qk_scale)?,
                     norm2: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
                     mlp: Mlp::new(cfg, vb.pp("mlp"))?,
                 })
@@ -95,7 +114,7 @@ impl Llama {
         } else {
             linear_b(h, cfg.vocab_size, false, lm_head)?
         };
-        let inv_freqs = inv_freqs(&cfg.rope()?, cfg.head_dim());
+        let inv_freqs = inv_freqs(&rope, cfg.head_dim());
         let row_of = match &cfg.mrope_section {
             Some(sections) => sections
                 .iter()
@@ -105,6 +124,14 @@ impl Llama {
             None => vec![0; inv_freqs.len()],
         };
         let device = vb.device().clone();
+        let long_rope = match long_inv_freqs(&rope, cfg.head_dim()) {
+            Some((freqs, original)) => Some(LongRope {
+                inv_freqs_dev: Tensor::new(freqs.as_slice(), &device)?,
+                inv_freqs: freqs,
+                original,
+            }),
+            None => None,
+        };
         let fused_decode = cfg!(feature = "cuda") && device.is_cuda() && decode.fused;
         Ok(Self {
             cfg: cfg.clone(),
@@ -114,6 +141,7 @@ impl Llama {
             lm_head,
             inv_freqs_dev: Tensor::new(inv_freqs.as_slice(), &device)?,
             inv_freqs,
+            long_rope,
             row_of,
             decode,
             fused_decode,
@@ -156,14 +184,50 @@ impl Llama {
         Ok(self.embed.forward(&ids)?)
     }
 
+    /// The frequencies of a forward whose positions end at `end` (exclusive): LongRoPE's long
+    /// ones once `end` passes the pre-training context, as Phi-3's rotary embedding compares
+    /// `max(position_ids) + 1` on every forward (so a generation switches when it crosses).
+    fn freqs_until(&self, end: i64) -> &[f32] {
+        match &self.long_rope {
+            Some(l) if end > l.original as i64 => &l.inv_freqs,
+            _ => &self.inv_freqs,
+        }
+    }
+
+    /// The device table of [`Llama::freqs_until`] shared by every cache of a fused step;
+    /// `None` when LongRoPE puts them on different sides of the switch.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn fused_freqs(&self, caches: &[&mut KvCache]) -> Option<&Tensor> {
+        let Some(l) = &self.long_rope else {
+            return Some(&self.inv_freqs_dev);
+        };
+        let long = |c: &&mut KvCache| Self::next_position(c) + 1 > l.original as i64;
+        if caches.iter().all(long) {
+            Some(&l.inv_freqs_dev)
+        } else if !caches.iter().any(long) {
+            Some(&self.inv_freqs_dev)
+        } else {
+            None
+        }
+    }
+
     /// cos/sin tables for `positions` (one `[temporal, height, width]` row each; frequency
     /// `j` rotates by row `row_of[j]`), shaped `shape` (its product = positions × half).
-    fn rotary_at(&self, positions: &[[i64; 3]], shape: &[usize]) -> candle_core::Result<Rotary> {
+    /// With `per_row` each position is its own forward (one sequence each, for LongRoPE's
+    /// choice of frequencies); else they are one forward's.
+    fn rotary_at(
+        &self,
+        positions: &[[i64; 3]],
+        shape: &[usize],
+        per_row: bool,
+    ) -> candle_core::Result<Rotary> {
         let half = self.inv_freqs.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
+        let whole = positions.iter().map(|p| p[0] + 1).max().unwrap_or(0);
         for pos in positions {
-            for (f, &row) in self.inv_freqs.iter().zip(&self.row_of) {
+            let freqs = self.freqs_until(if per_row { pos[0] + 1 } else { whole });
+            for (f, &row) in freqs.iter().zip(&self.row_of) {
                 // f32 product, as HF computes `position * inv_freq` in float32.
                 let angle = pos[row] as f32 * f;
                 cos.push(angle.cos());
@@ -224,13 +288,17 @@ impl Llama {
                 format!("(1, seq > 0, {}), one position each", self.cfg.hidden_size),
             ));
         }
-        if t == 1 && self.fused_decode && positions[0] == [Self::next_position(cache); 3] {
+        if t == 1
+            && self.fused_decode
+            && positions[0] == [Self::next_position(cache); 3]
+            && self.fused_freqs(&[&mut *cache]).is_some()
+        {
             let logits = self.decode_fused(&embeds.reshape((1, h))?, &mut [cache])?;
             return Ok(logits.flatten_all()?);
         }
         let start = cache.len();
         let half = self.inv_freqs.len();
-        let rot = self.rotary_at(positions, &[t, half])?;
+        let rot = self.rotary_at(positions, &[t, half], false)?;
         let mask = if t > 1 {
             Some(causal_mask(start, t, self.dtype, &self.device)?)
         } else {
@@ -257,7 +325,12 @@ impl Llama {
         crate::models::check_batch(ids, caches)?;
         #[cfg(feature = "cuda")]
         if let ([id], [cache]) = (ids, &mut *caches) {
-            if self.graph_usable() {
+            // The graph holds the first table of frequencies (LongRoPE's short one).
+            let first_table = self
+                .long_rope
+                .as_ref()
+                .is_none_or(|l| Self::next_position(cache) + 1 <= l.original as i64);
+            if self.graph_usable() && first_table {
                 return Ok(vec![self.decode_graph(*id, cache)?]);
             }
         }
@@ -285,12 +358,12 @@ impl Llama {
                 format!("(one row per cache, {})", self.cfg.hidden_size),
             ));
         }
-        if self.fused_decode {
+        if self.fused_decode && self.fused_freqs(caches).is_some() {
             return self.decode_fused(embeds, caches);
         }
         let half = self.inv_freqs.len();
         let positions: Vec<[i64; 3]> = caches.iter().map(|c| [Self::next_position(c); 3]).collect();
-        let rot = self.rotary_at(&positions, &[b, 1, half])?;
+        let rot = self.rotary_at(&positions, &[b, 1, half], true)?;
         let mut xs = embeds.to_dtype(self.dtype)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let attn = block
@@ -439,6 +512,109 @@ mod tests {
                 assert!(diff < 1e-5, "kv_heads {kv_heads}, sequence {i}: {diff}");
             }
         }
+        Ok(())
+    }
+
+    /// A model whose q/k/v and gate/up projections are stored fused, as Phi-3 stores them,
+    /// gives the same logits as one with them stored apart.
+    #[test]
+    fn stored_fused_projections_equal_separate_ones() -> Result<()> {
+        let cfg = cfg(
+            r#"{"vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": true}"#,
+        );
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let apart = Llama::load(&cfg, vb.pp("model"), vb.pp("lm_head"), true)?;
+        let mut tensors: std::collections::HashMap<String, Tensor> = map
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        for i in 0..2 {
+            let p = format!("model.layers.{i}");
+            let mut take = |names: &[&str], fused: &str| -> Result<()> {
+                let parts = names
+                    .iter()
+                    .map(|n| tensors.remove(&format!("{p}.{n}.weight")).unwrap())
+                    .collect::<Vec<_>>();
+                tensors.insert(format!("{p}.{fused}.weight"), Tensor::cat(&parts, 0)?);
+                Ok(())
+            };
+            take(
+                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                "self_attn.qkv_proj",
+            )?;
+            take(&["mlp.gate_proj", "mlp.up_proj"], "mlp.gate_up_proj")?;
+        }
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let fused = Llama::load(&cfg, vb.pp("model"), vb.pp("lm_head"), true)?;
+        let ids = [3u32, 17, 4, 42];
+        let run = |m: &Llama| -> Result<Tensor> {
+            let mut cache = m.new_cache(ids.len());
+            m.forward_embeds(&m.embed_tokens(&ids)?, &mut cache)
+        };
+        assert_eq!(rel_diff(&run(&apart)?, &run(&fused)?)?, 0.0);
+        Ok(())
+    }
+
+    /// LongRoPE (Phi-3): a forward takes the long factors once its positions pass
+    /// `original_max_position_embeddings` (8 here), and a batched decode decides per sequence,
+    /// as each sequence decoded alone would.
+    #[test]
+    fn long_rope_switches_past_the_original_context() -> Result<()> {
+        let json = |long: &str| {
+            cfg(&format!(
+                r#"{{"vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": true, "max_position_embeddings": 32,
+                "rope_scaling": {{"type": "su", "original_max_position_embeddings": 8,
+                    "short_factor": [1.0, 1.5, 2.0, 1.2], "long_factor": {long}}}}}"#
+            ))
+        };
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let model = Llama::load(
+            &json("[3.0, 5.0, 7.0, 9.0]"),
+            vb.pp("model"),
+            vb.pp("lm_head"),
+            true,
+        )?;
+        let short_only = Llama::load(
+            &json("[1.0, 1.5, 2.0, 1.2]"),
+            vb.pp("model"),
+            vb.pp("lm_head"),
+            true,
+        )?;
+        assert_eq!(model.freqs_until(8), short_only.freqs_until(8));
+        assert_ne!(model.freqs_until(9), short_only.freqs_until(9));
+        let ids: Vec<u32> = (0..10).map(|i| (i * 7 + 3) % 50).collect();
+        // Prompts of 7 and 8 tokens: the next position ends at 8 (short) and 9 (long).
+        let mut alone = Vec::new();
+        let mut caches = Vec::new();
+        for (n, m) in [(7, &model), (8, &model), (7, &short_only), (8, &short_only)] {
+            let mut c = m.new_cache(10);
+            m.forward_embeds(&m.embed_tokens(&ids[..n])?, &mut c)?;
+            caches.push(c.try_clone()?);
+            alone.push(m.forward_embeds(&m.embed_tokens(&[ids[n]])?, &mut c)?);
+        }
+        assert_eq!(rel_diff(&alone[0], &alone[2])?, 0.0, "short side");
+        assert!(rel_diff(&alone[1], &alone[3])? > 1e-3, "long side");
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().take(2).collect();
+        let batched =
+            model.forward_decode_batch(&model.embed_tokens(&[ids[7], ids[8]])?, &mut refs)?;
+        for (i, want) in alone.iter().take(2).enumerate() {
+            assert!(rel_diff(want, &batched.get(i)?)? < 1e-6, "sequence {i}");
+        }
+        // A 9-token prefill is one forward past the switch.
+        let mut c = model.new_cache(9);
+        let full = model.forward_embeds(&model.embed_tokens(&ids[..9])?, &mut c)?;
+        let mut c = short_only.new_cache(9);
+        let short = short_only.forward_embeds(&short_only.embed_tokens(&ids[..9])?, &mut c)?;
+        assert!(rel_diff(&full, &short)? > 1e-3);
         Ok(())
     }
 }
