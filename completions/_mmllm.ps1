@@ -62,6 +62,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('--raw', '--raw', [CompletionResultType]::ParameterName, 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item')
             [CompletionResult]::new('--ignore-eos', '--ignore-eos', [CompletionResultType]::ParameterName, 'Keep generating past the end-of-sequence token (for benchmarks)')
             [CompletionResult]::new('--dry-run', '--dry-run', [CompletionResultType]::ParameterName, 'Decode the inputs and print the validated plan as JSON without loading weights')
+            [CompletionResult]::new('--allow-private-media-urls', '--allow-private-media-urls', [CompletionResultType]::ParameterName, 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
@@ -94,6 +95,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('--raw', '--raw', [CompletionResultType]::ParameterName, 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item')
             [CompletionResult]::new('--ignore-eos', '--ignore-eos', [CompletionResultType]::ParameterName, 'Keep generating past the end-of-sequence token (for benchmarks)')
             [CompletionResult]::new('--dry-run', '--dry-run', [CompletionResultType]::ParameterName, 'Decode the inputs and print the validated plan as JSON without loading weights')
+            [CompletionResult]::new('--allow-private-media-urls', '--allow-private-media-urls', [CompletionResultType]::ParameterName, 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)')
             [CompletionResult]::new('--as-images', '--as-images', [CompletionResultType]::ParameterName, 'Send the sampled frames as a multi-image prompt (counted against the image limit)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
@@ -124,6 +126,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('--raw', '--raw', [CompletionResultType]::ParameterName, 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item')
             [CompletionResult]::new('--ignore-eos', '--ignore-eos', [CompletionResultType]::ParameterName, 'Keep generating past the end-of-sequence token (for benchmarks)')
             [CompletionResult]::new('--dry-run', '--dry-run', [CompletionResultType]::ParameterName, 'Decode the inputs and print the validated plan as JSON without loading weights')
+            [CompletionResult]::new('--allow-private-media-urls', '--allow-private-media-urls', [CompletionResultType]::ParameterName, 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
@@ -155,6 +158,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('--raw', '--raw', [CompletionResultType]::ParameterName, 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item')
             [CompletionResult]::new('--ignore-eos', '--ignore-eos', [CompletionResultType]::ParameterName, 'Keep generating past the end-of-sequence token (for benchmarks)')
             [CompletionResult]::new('--dry-run', '--dry-run', [CompletionResultType]::ParameterName, 'Decode the inputs and print the validated plan as JSON without loading weights')
+            [CompletionResult]::new('--allow-private-media-urls', '--allow-private-media-urls', [CompletionResultType]::ParameterName, 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
@@ -170,6 +174,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('--strict', '--strict', [CompletionResultType]::ParameterName, 'Check every job''s media before running any, and fail listing all problems')
             [CompletionResult]::new('--resume', '--resume', [CompletionResultType]::ParameterName, 'Skip jobs whose id already has a result in the output file, and append')
             [CompletionResult]::new('--unordered', '--unordered', [CompletionResultType]::ParameterName, 'Write results in completion order instead of manifest order')
+            [CompletionResult]::new('--allow-private-media-urls', '--allow-private-media-urls', [CompletionResultType]::ParameterName, 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break

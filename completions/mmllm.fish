@@ -61,6 +61,7 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l max-pixels -d 'Max
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l raw -d 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item'
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l ignore-eos -d 'Keep generating past the end-of-sequence token (for benchmarks)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l dry-run -d 'Decode the inputs and print the validated plan as JSON without loading weights'
+complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l allow-private-media-urls -d 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -s p -l prompt -d 'The prompt text (then every positional argument is a media item); - reads stdin' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l system -d 'System prompt, added as a system turn of the chat template' -r
@@ -90,6 +91,7 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l fps -d 'Sample fra
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l raw -d 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item'
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l ignore-eos -d 'Keep generating past the end-of-sequence token (for benchmarks)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l dry-run -d 'Decode the inputs and print the validated plan as JSON without loading weights'
+complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l allow-private-media-urls -d 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l as-images -d 'Send the sampled frames as a multi-image prompt (counted against the image limit)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -s p -l prompt -d 'The prompt text (then every positional argument is a media item); - reads stdin' -r
@@ -117,6 +119,7 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l sample-rate -d 'Sa
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l raw -d 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item'
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l ignore-eos -d 'Keep generating past the end-of-sequence token (for benchmarks)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l dry-run -d 'Decode the inputs and print the validated plan as JSON without loading weights'
+complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l allow-private-media-urls -d 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -s p -l prompt -d 'The prompt text (then every positional argument is a media item); - reads stdin' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l system -d 'System prompt, added as a system turn of the chat template' -r
@@ -147,6 +150,7 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l image-sizes -d 'i
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l raw -d 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item'
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l ignore-eos -d 'Keep generating past the end-of-sequence token (for benchmarks)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l dry-run -d 'Decode the inputs and print the validated plan as JSON without loading weights'
+complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l allow-private-media-urls -d 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -s o -l output -d 'Write results here (JSONL) instead of stdout; {shard} in the path becomes the shard, K-of-N with K zero-padded (out-{shard}.jsonl: out-03-of-12.jsonl)' -r -F
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l shard -d 'Run only shard K of N (0-based): the jobs whose id hashes to K (FNV-1a 64 of the id, mod N). The whole manifest is still validated. Overrides the environment' -r
@@ -160,6 +164,7 @@ f32\t''"
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l strict -d 'Check every job\'s media before running any, and fail listing all problems'
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l resume -d 'Skip jobs whose id already has a result in the output file, and append'
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l unordered -d 'Write results in completion order instead of manifest order'
+complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l allow-private-media-urls -d 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses'
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand merge" -s o -l output -d 'Write the merged JSONL here instead of stdout' -r -F
 complete -c mmllm -n "__fish_mmllm_using_subcommand merge" -l manifest -d 'The manifest the runs came from: lines follow its order, and jobs with no result (missing, or only error lines) are listed with exit status 1. Without it, ids keep the order in which the inputs first name them' -r -F

@@ -49,10 +49,14 @@ pub fn run(args: &BatchArgs) -> Result<()> {
     let jobs = manifest::load(&args.manifest)?;
     let device = DeviceChoice::parse(&args.device)?;
     let name = args.manifest.display().to_string();
+    let fetch = crate::media::source::FetchPolicy {
+        allow_private: args.allow_private_media_urls,
+        ..Default::default()
+    };
     let mut plans = Vec::with_capacity(jobs.len());
     let mut problems = Vec::new();
     for job in &jobs {
-        match Plan::from_job(job, device, args.dtype.into()) {
+        match Plan::from_job(job, device, args.dtype.into(), &fetch) {
             Ok(plan) => plans.push(plan),
             Err(e) => problems.push(format!("  {name}:{}: job {:?}: {e}", job.line, job.id)),
         }

@@ -289,6 +289,7 @@ fn decode_media(plan: &Plan, stdin: &mut dyn std::io::Read) -> Result<Vec<MediaI
         images: media::image::ImageLimits::from_env()?,
         frames: plan.frames.clone(),
         npy_sample_rate: plan.sample_rate,
+        fetch: plan.fetch.clone(),
     };
     let mut out = Vec::new();
     for arg in &plan.media {
@@ -300,7 +301,7 @@ fn decode_media(plan: &Plan, stdin: &mut dyn std::io::Read) -> Result<Vec<MediaI
         let mut item = media::load(&arg.source, modality, embeds, &opts, stdin)?;
         if let MediaItem::Embeds(mut e) = item {
             for (name, source) in &plan.extra_tensors {
-                let bytes = source.read(modality, media::MAX_EMBEDS_BYTES, stdin)?;
+                let bytes = source.read(modality, media::MAX_EMBEDS_BYTES, &plan.fetch, stdin)?;
                 e = media::embeds::merge_embeds(e, name, &bytes, &source.display())?;
             }
             item = MediaItem::Embeds(e);

@@ -12,7 +12,7 @@ use crate::engine::device::{DTypeChoice, DeviceChoice};
 use crate::engine::sampler::SamplingParams;
 use crate::error::{Error, Result};
 use crate::manifest::{Job, Settings};
-use crate::media::source::Source;
+use crate::media::source::{FetchPolicy, Source};
 use crate::media::video::FrameSampling;
 use crate::media::{MediaItem, Modality};
 use crate::models::{FamilyDefaults, ProcessorKwargs};
@@ -83,6 +83,8 @@ pub struct Plan {
     pub device: DeviceChoice,
     pub dtype: DTypeChoice,
     pub dry_run: bool,
+    /// What media URLs may reach.
+    pub fetch: FetchPolicy,
 }
 
 /// What one invocation sets beside its [`Settings`].
@@ -93,6 +95,7 @@ pub struct RunOptions {
     pub device: DeviceChoice,
     pub dtype: DTypeChoice,
     pub dry_run: bool,
+    pub fetch: FetchPolicy,
 }
 
 impl Plan {
@@ -237,6 +240,7 @@ impl Plan {
             device: run.device,
             dtype: run.dtype,
             dry_run: run.dry_run,
+            fetch: run.fetch,
         })
     }
 
@@ -252,18 +256,28 @@ impl Plan {
             device: DeviceChoice::parse(&gen.device)?,
             dtype: gen.dtype.into(),
             dry_run: gen.dry_run,
+            fetch: FetchPolicy {
+                allow_private: gen.allow_private_media_urls,
+                ..FetchPolicy::default()
+            },
         };
         Self::from_settings(&settings, run, Some(stdin))
     }
 
     /// Builds the plan of one batch job (its settings already merged with the defaults).
-    pub fn from_job(job: &Job, device: DeviceChoice, dtype: DTypeChoice) -> Result<Plan> {
+    pub fn from_job(
+        job: &Job,
+        device: DeviceChoice,
+        dtype: DTypeChoice,
+        fetch: &FetchPolicy,
+    ) -> Result<Plan> {
         let run = RunOptions {
             id: job.id.clone(),
             output: OutputFormat::Jsonl,
             device,
             dtype,
             dry_run: false,
+            fetch: fetch.clone(),
         };
         Self::from_settings(&job.settings, run, None)
     }

@@ -170,6 +170,11 @@ pub struct GenArgs {
     /// Decode the inputs and print the validated plan as JSON without loading weights.
     #[arg(long)]
     pub dry_run: bool,
+
+    /// Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused
+    /// by default, as a server must).
+    #[arg(long)]
+    pub allow_private_media_urls: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -285,6 +290,9 @@ pub struct BatchArgs {
     /// Weights dtype: auto (bf16 on CUDA, f32 on CPU), bf16, f16 or f32.
     #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
     pub dtype: DTypeArg,
+    /// Allow media URLs on loopback, private, link-local and cloud-metadata addresses.
+    #[arg(long)]
+    pub allow_private_media_urls: bool,
 }
 
 #[derive(Debug, Args, Clone)]
