@@ -224,6 +224,7 @@ fn request_with_items(
                 system: plan.system.as_deref(),
                 raw: plan.raw,
                 chat_template: plan.chat_template.as_ref(),
+                turns: plan.turns.as_deref(),
             };
             let prompt_items: Vec<PromptItem> = media
                 .iter()

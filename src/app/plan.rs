@@ -66,6 +66,9 @@ pub struct Plan {
     pub id: String,
     pub prompt: String,
     pub system: Option<String>,
+    /// A conversation (from the server's `messages`) rendered instead of `system` + `prompt`;
+    /// `prompt` then holds the last user text (for families that build their own prompt).
+    pub turns: Option<Vec<crate::prompt::build::Turn>>,
     pub raw: bool,
     /// `--chat-template FILE`: (path, contents).
     pub chat_template: Option<(String, String)>,
@@ -222,6 +225,7 @@ impl Plan {
             id: run.id,
             prompt,
             system: s.system.clone(),
+            turns: None,
             raw: s.raw.unwrap_or(false),
             chat_template,
             media,
@@ -486,7 +490,7 @@ fn frame_sampling(num_frames: Option<usize>, fps: Option<f64>) -> Result<FrameSa
 }
 
 /// Generation settings with the defaults filled in, checked.
-fn gen_settings(s: &Settings) -> Result<GenSettings> {
+pub(crate) fn gen_settings(s: &Settings) -> Result<GenSettings> {
     let sampling = SamplingParams {
         temperature: s.temperature.unwrap_or(DEFAULT_TEMPERATURE),
         top_p: s.top_p,
