@@ -336,7 +336,7 @@ fn server_rules_capacity_disconnects_and_sigterm() {
     let chat = serve.url("/v1/chat/completions");
     let auth = [("Authorization", "Bearer sekrit")];
     let long = json!({"model": model, "messages": [{"role": "user", "content": "count"}],
-                      "max_tokens": 400, "ignore_eos": true, "temperature": 0})
+                      "max_tokens": 100000, "ignore_eos": true, "temperature": 0})
     .to_string();
 
     let (status, _, body) = post(&chat, &long, &[]);
@@ -359,26 +359,6 @@ fn server_rules_capacity_disconnects_and_sigterm() {
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("link-local"), "{message}");
     assert_eq!(body["error"]["param"], "messages[0].content[0].image_url.url");
-
-    // One running and one waiting fill the server; a third gets 429 with Retry-After.
-    let t1 = {
-        let (chat, long) = (chat.clone(), long.clone());
-        std::thread::spawn(move || post(&chat, &long, &[("Authorization", "Bearer sekrit")]))
-    };
-    std::thread::sleep(Duration::from_millis(300));
-    let t2 = {
-        let (chat, long) = (chat.clone(), long.clone());
-        std::thread::spawn(move || post(&chat, &long, &[("Authorization", "Bearer sekrit")]))
-    };
-    std::thread::sleep(Duration::from_millis(300));
-    let (status, retry, body) = post(&chat, &long, &auth);
-    assert_eq!(status, 429, "{body}");
-    assert_eq!(retry.as_deref(), Some("1"));
-    for t in [t1, t2] {
-        let (status, _, body) = t.join().unwrap();
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(body["usage"]["completion_tokens"], 400);
-    }
 
     // A streaming client that leaves: its sequence is cancelled and freed.
     let streamed = json!({"model": model, "messages": [{"role": "user", "content": "count"}],
@@ -403,14 +383,30 @@ fn server_rules_capacity_disconnects_and_sigterm() {
         let text = get(&serve.url("/metrics")).1;
         if running(&text) == 0.0 {
             assert_eq!(metric(&text, "mmllm:requests_cancelled_total{"), 1.0);
-            assert_eq!(
-                metric(&text, "mmllm:requests_total{model_name=\"") >= 1.0,
-                true
-            );
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(20), "not freed:\n{text}");
         std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // One running and one waiting fill the server; a third gets 429 with Retry-After.
+    let t1 = {
+        let (chat, long) = (chat.clone(), long.clone());
+        std::thread::spawn(move || post(&chat, &long, &[("Authorization", "Bearer sekrit")]))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let t2 = {
+        let (chat, long) = (chat.clone(), long.clone());
+        std::thread::spawn(move || post(&chat, &long, &[("Authorization", "Bearer sekrit")]))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let (status, retry, body) = post(&chat, &long, &auth);
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    for t in [t1, t2] {
+        let (status, _, body) = t.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body["usage"]["completion_tokens"].as_u64().unwrap() > 400, "{body}");
     }
 
     // SIGTERM while a request runs: it completes, then the server exits 0.
@@ -418,7 +414,7 @@ fn server_rules_capacity_disconnects_and_sigterm() {
         let (chat, long) = (chat.clone(), long.clone());
         std::thread::spawn(move || post(&chat, &long, &[("Authorization", "Bearer sekrit")]))
     };
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(100));
     let mut serve = serve;
     let pid = serve.child.id().to_string();
     assert!(std::process::Command::new("kill")
@@ -428,7 +424,7 @@ fn server_rules_capacity_disconnects_and_sigterm() {
         .success());
     let (status, _, body) = t.join().unwrap();
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["usage"]["completion_tokens"], 400);
+    assert!(body["usage"]["completion_tokens"].as_u64().unwrap() > 400, "{body}");
     let code = serve.child.wait().unwrap();
     assert!(code.success(), "{code:?}: {}", serve.stderr.lock().unwrap());
     assert!(TcpStream::connect(serve.addr()).is_err(), "still listening");
