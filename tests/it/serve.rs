@@ -429,3 +429,46 @@ fn server_rules_capacity_disconnects_and_sigterm() {
     assert!(code.success(), "{code:?}: {}", serve.stderr.lock().unwrap());
     assert!(TcpStream::connect(serve.addr()).is_err(), "still listening");
 }
+
+/// `client.audio.transcriptions.create` on a Whisper model: the text `mmllm audio` gives.
+#[test]
+fn openai_client_transcribes_with_whisper() {
+    let model_dir = repo().join("tests/fixtures/whisper-tiny-random");
+    let model = model_dir.to_str().unwrap();
+    let wav = repo().join("tests/data/speech_16k.wav");
+    let serve = Serve::start(model, &[]);
+    let out = client(json!({
+        "base_url": serve.url("/v1"),
+        "model": model,
+        "cases": {"speech": {"kind": "transcription", "path": wav.to_str().unwrap()}},
+    }));
+    let want = json_line(&run_mmllm(&[
+        "audio",
+        "--model",
+        model,
+        "--output",
+        "jsonl",
+        wav.to_str().unwrap(),
+    ]));
+    assert!(!want["text"].as_str().unwrap().is_empty());
+    assert_eq!(out["results"]["speech"]["text"], want["text"]);
+
+    // A model that does not transcribe says so.
+    let other = repo().join("tests/fixtures/qwen2-vl-tiny");
+    let serve = Serve::start(other.to_str().unwrap(), &[]);
+    let boundary = "XyZ";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--{boundary}--\r\n"
+    );
+    let mut resp = agent()
+        .post(serve.url("/v1/audio/transcriptions"))
+        .header(
+            "Content-Type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .send(body.as_str())
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let text = resp.body_mut().read_to_string().unwrap();
+    assert!(text.contains("does not transcribe"), "{text}");
+}

@@ -191,6 +191,7 @@ async fn serve(state: Arc<AppState>, host: &str, port: u16, grace: Duration) -> 
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/audio/transcriptions", post(transcriptions))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
@@ -447,28 +448,7 @@ async fn chat(
     .await
     .map_err(|e| ApiError::new(500, "internal_error", format!("media task failed: {e}")))??;
     let (plan, media) = prepared;
-    let (reply, mut rx) = unbounded_channel();
-    let sent = {
-        let jobs = state.jobs.lock().ok();
-        match jobs.as_ref().and_then(|j| j.as_ref()) {
-            Some(jobs) => jobs
-                .try_send(Job { plan, media, reply })
-                .map_err(|e| match e {
-                    std::sync::mpsc::TrySendError::Full(_) => ApiError::new(
-                        429,
-                        "rate_limit_error",
-                        "the engine's queue is full; retry later",
-                    )
-                    .with_code("server_busy"),
-                    std::sync::mpsc::TrySendError::Disconnected(_) => {
-                        ApiError::new(503, "service_unavailable", "the engine has stopped")
-                    }
-                }),
-            None => Err(ApiError::new(503, "service_unavailable", "shutting down")),
-        }
-    };
-    sent?;
-    state.metrics.waiting.fetch_add(1, Ordering::Relaxed);
+    let mut rx = submit(&state, plan, media)?;
     let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
     if req.stream {
         // Wait for the first message so that a request that fails before its first token
@@ -495,6 +475,177 @@ async fn chat(
     drop(slot);
     record(&state, &completion);
     Ok(axum::Json(completion_body(&state, &req, &id, &completion)).into_response())
+}
+
+/// `POST /v1/audio/transcriptions` (OpenAI's audio API, multipart) for Whisper models: the
+/// same request `mmllm audio --model whisper FILE [LANGUAGE]` builds, greedy unless a
+/// temperature is given.
+async fn transcriptions(State(state): State<Arc<AppState>>, req: HttpRequest) -> Response {
+    match transcribe(state, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn transcribe(
+    state: Arc<AppState>,
+    req: HttpRequest,
+) -> std::result::Result<Response, ApiError> {
+    use axum::extract::FromRequest;
+    authorize(&state, req.headers())?;
+    if state.resolved.defaults.family != "whisper" {
+        return Err(ApiError::bad(
+            "model",
+            format!(
+                "{} ({}) does not transcribe (expected a Whisper model)",
+                state.model, state.resolved.defaults.family
+            ),
+        ));
+    }
+    let slot = take_slot(&state)?;
+    let (parts, body) = req.into_parts();
+    let bytes = read_body(&state, body).await?;
+    let req = HttpRequest::from_parts(parts, Body::from(bytes));
+    let mut form = axum::extract::Multipart::from_request(req, &())
+        .await
+        .map_err(|e| ApiError::bad("", format!("expected a multipart/form-data body: {e}")))?;
+    let mut file = None;
+    let mut fields = BTreeMap::new();
+    loop {
+        let field = match form.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Err(ApiError::bad("", format!("malformed multipart body: {e}"))),
+        };
+        let name = field.name().unwrap_or("").to_string();
+        let data = field
+            .bytes()
+            .await
+            .map_err(|e| ApiError::bad(&name, format!("cannot read the field: {e}")))?;
+        if name == "file" {
+            file = Some(data.to_vec());
+        } else {
+            let text = String::from_utf8(data.to_vec())
+                .map_err(|_| ApiError::bad(&name, "not UTF-8 text"))?;
+            fields.insert(name, text);
+        }
+    }
+    let file = file.ok_or_else(|| ApiError::bad("file", "missing (expected the audio file)"))?;
+    match fields.get("model") {
+        Some(m) if *m == state.model => {}
+        other => {
+            return Err(ApiError::new(
+                404,
+                "not_found_error",
+                format!(
+                    "The model `{}` does not exist (expected {})",
+                    other.map(String::as_str).unwrap_or(""),
+                    state.model
+                ),
+            )
+            .with_code("model_not_found"))
+        }
+    }
+    let format = fields.get("response_format").map_or("json", String::as_str);
+    if !matches!(format, "json" | "text") {
+        return Err(ApiError::bad(
+            "response_format",
+            format!("{format:?} (expected json or text)"),
+        ));
+    }
+    let temperature = match fields.get("temperature") {
+        None => 0.0,
+        Some(t) => t
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|t| t.is_finite() && *t >= 0.0)
+            .ok_or_else(|| ApiError::bad("temperature", format!("{t:?} (expected a number)")))?,
+    };
+    let mut plan = probe_plan(
+        &state.model,
+        &state.limits,
+        state.device,
+        state.dtype,
+        &state.fetch,
+    );
+    // Whisper's prompt text is its task and language, as on the command line.
+    plan.prompt = fields.get("language").cloned().unwrap_or_default();
+    plan.gen.sampling.temperature = temperature;
+    plan.media.push(MediaArg {
+        source: Source::DataUrl {
+            mime: "audio/*".into(),
+            bytes: file,
+        },
+        kind: super::plan::InputKind::Media(crate::media::Modality::Audio),
+    });
+    let names = vec![(plan.media[0].source.display(), "file".to_string())];
+    let completion = run_plan(&state, plan, &names).await?;
+    drop(slot);
+    record(&state, &completion);
+    if format == "text" {
+        return Ok(completion.text.into_response());
+    }
+    Ok(axum::Json(json!({"text": completion.text})).into_response())
+}
+
+/// Decodes a plan's media off the async threads, runs it on the engine and waits for the end.
+async fn run_plan(
+    state: &Arc<AppState>,
+    plan: Plan,
+    names: &[(String, String)],
+) -> std::result::Result<Completion, ApiError> {
+    let work_state = Arc::clone(state);
+    let decode_names = names.to_vec();
+    let (plan, media) = tokio::task::spawn_blocking(move || {
+        pipeline::prepare_media(&plan, &work_state.resolved, &mut std::io::empty())
+            .map(|media| (plan, media))
+            .map_err(|e| api_error(e, &decode_names))
+    })
+    .await
+    .map_err(|e| ApiError::new(500, "internal_error", format!("media task failed: {e}")))??;
+    let mut rx = submit(state, plan, media)?;
+    loop {
+        match rx.recv().await {
+            Some(Msg::Done(result)) => return result.map_err(|e| api_error(e, names)),
+            Some(Msg::Event(_)) => {}
+            None => {
+                return Err(ApiError::new(
+                    500,
+                    "internal_error",
+                    "the engine dropped the request",
+                ))
+            }
+        }
+    }
+}
+
+/// Queues a prepared request for the engine; the receiving end of its reply channel.
+fn submit(
+    state: &AppState,
+    plan: Plan,
+    media: Vec<crate::app::plan::MediaInput>,
+) -> std::result::Result<UnboundedReceiver<Msg>, ApiError> {
+    let (reply, rx) = unbounded_channel();
+    let jobs = state.jobs.lock().ok();
+    match jobs.as_ref().and_then(|j| j.as_ref()) {
+        Some(jobs) => jobs
+            .try_send(Job { plan, media, reply })
+            .map_err(|e| match e {
+                std::sync::mpsc::TrySendError::Full(_) => ApiError::new(
+                    429,
+                    "rate_limit_error",
+                    "the engine's queue is full; retry later",
+                )
+                .with_code("server_busy"),
+                std::sync::mpsc::TrySendError::Disconnected(_) => {
+                    ApiError::new(503, "service_unavailable", "the engine has stopped")
+                }
+            })?,
+        None => return Err(ApiError::new(503, "service_unavailable", "shutting down")),
+    }
+    state.metrics.waiting.fetch_add(1, Ordering::Relaxed);
+    Ok(rx)
 }
 
 fn record(state: &AppState, c: &Completion) {
