@@ -472,3 +472,50 @@ fn openai_client_transcribes_with_whisper() {
     let text = resp.body_mut().read_to_string().unwrap();
     assert!(text.contains("does not transcribe"), "{text}");
 }
+
+/// A bounded load test: 32 concurrent clients for three rounds of 4 s, a third sending bad
+/// requests. Every good answer equals the CLI's, every bad request gets its 4xx, the server
+/// stays up, and its memory does not grow round over round.
+#[test]
+fn load_good_and_bad_requests_concurrently() {
+    let model_dir = repo().join("tests/fixtures/qwen2-vl-tiny");
+    let model = model_dir.to_str().unwrap();
+    let image = repo().join("tests/data/ov_china_11x9.jpg");
+    let image = image.to_str().unwrap();
+    let want = cli("image", model, &[], &[image], "Describe the image.");
+    let serve = Serve::start(model, &[]);
+    let out = std::process::Command::new(python())
+        .arg(repo().join("scripts/serve_load.py"))
+        .args(["load", "--base-url", &serve.url("/v1"), "--model", model])
+        .args(["--image", image, "--expected", want["text"].as_str().unwrap()])
+        .args(["--pid", &serve.child.id().to_string()])
+        .args(["--clients", "32", "--seconds", "4", "--rounds", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rounds = report["rounds"].as_array().unwrap();
+    for (i, r) in rounds.iter().enumerate() {
+        eprintln!("load round {i}: {r}");
+        assert!(r["good"].as_u64().unwrap() > 0, "round {i}: {r}");
+        assert!(r["bad"].as_u64().unwrap() > 0, "round {i}: {r}");
+        assert_eq!(r["wrong"], json!([]), "round {i}");
+        assert_eq!(r["bad_wrong"], json!([]), "round {i}");
+        assert_eq!(r["errors"], json!([]), "round {i}");
+    }
+    // Memory is flat once warm: the last round ends within 15% (+32 MiB) of the first.
+    let rss = |i: usize| rounds[i]["rss_kib"].as_f64().unwrap();
+    assert!(
+        rss(2) <= rss(0) * 1.15 + 32.0 * 1024.0,
+        "RSS grew: {} -> {} KiB",
+        rss(0),
+        rss(2)
+    );
+    assert_eq!(get(&serve.url("/health")).0, 200);
+    let metrics = get(&serve.url("/metrics")).1;
+    assert_eq!(metric(&metrics, "mmllm:num_requests_running{"), 0.0);
+}
