@@ -40,6 +40,9 @@ _mmllm() {
             mmllm,profile-decode)
                 cmd="mmllm__subcmd__profile__subcmd__decode"
                 ;;
+            mmllm,serve)
+                cmd="mmllm__subcmd__serve"
+                ;;
             mmllm,video)
                 cmd="mmllm__subcmd__video"
                 ;;
@@ -67,6 +70,9 @@ _mmllm() {
             mmllm__subcmd__help,profile-decode)
                 cmd="mmllm__subcmd__help__subcmd__profile__subcmd__decode"
                 ;;
+            mmllm__subcmd__help,serve)
+                cmd="mmllm__subcmd__help__subcmd__serve"
+                ;;
             mmllm__subcmd__help,video)
                 cmd="mmllm__subcmd__help__subcmd__video"
                 ;;
@@ -77,7 +83,7 @@ _mmllm() {
 
     case "${cmd}" in
         mmllm)
-            opts="-h -V --help --version image video audio embeds batch merge profile-decode generate-docs help"
+            opts="-h -V --help --version image video audio embeds batch merge serve profile-decode generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -355,7 +361,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__help)
-            opts="image video audio embeds batch merge profile-decode generate-docs help"
+            opts="image video audio embeds batch merge serve profile-decode generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -467,6 +473,20 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__help__subcmd__profile__subcmd__decode)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        mmllm__subcmd__help__subcmd__serve)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -651,6 +671,76 @@ _mmllm() {
                     ;;
                 --image)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        mmllm__subcmd__serve)
+            opts="-m -h --model --host --port --api-key --allowed-local-media-path --allowed-media-domains --allow-private-media-urls --limit-mm-per-prompt --max-seqs --max-waiting --max-request-bytes --shutdown-grace --device --dtype --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --model)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -m)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --host)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --api-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --allowed-local-media-path)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --allowed-media-domains)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --limit-mm-per-prompt)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-seqs)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-waiting)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-request-bytes)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --shutdown-grace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --device)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dtype)
+                    COMPREPLY=($(compgen -W "auto bf16 f16 f32" -- "${cur}"))
                     return 0
                     ;;
                 *)

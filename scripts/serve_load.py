@@ -31,6 +31,7 @@ ap.add_argument("--seconds", type=float, default=20)
 ap.add_argument("--rounds", type=int, default=1)
 ap.add_argument("--requests", type=int, default=64)
 ap.add_argument("--max-tokens", type=int, default=8)
+ap.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens (bench)")
 args = ap.parse_args()
 
 with open(args.image, "rb") as f:
@@ -41,6 +42,7 @@ client = openai.OpenAI(base_url=args.base_url, api_key="none", max_retries=0, ti
 def good():
     r = client.chat.completions.create(
         model=args.model, max_tokens=args.max_tokens, temperature=0,
+        extra_body={"ignore_eos": True} if args.ignore_eos else None,
         messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": image_url}},
             {"type": "text", "text": args.prompt}]}])

@@ -54,6 +54,8 @@ struct Active {
 }
 
 /// What a [`Feed`] has for the scheduler.
+// One value per request handed over, never stored in bulk: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Next {
     /// A request (or the error that stopped it being built) under the caller's index.
     Ready(usize, Result<Request>),

@@ -37,7 +37,11 @@ impl Serve {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(i) = line.find("on http://") {
-                    let addr = line[i + 3..].split_whitespace().next().unwrap_or("").to_string();
+                    let addr = line[i + 3..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
                     let _ = tx.send(addr);
                 }
                 keep.lock().unwrap().push_str(&(line + "\n"));
@@ -162,7 +166,10 @@ fn same_answer(name: &str, got: &Value, want: &Value) {
         "{name}: token ids"
     );
     assert_eq!(got["text"], want["text"], "{name}: text");
-    assert!(!token_ids(&got["token_ids"]).is_empty(), "{name}: no tokens");
+    assert!(
+        !token_ids(&got["token_ids"]).is_empty(),
+        "{name}: no tokens"
+    );
 }
 
 #[test]
@@ -246,8 +253,15 @@ fn openai_client_gets_the_cli_answers_for_every_vision_input() {
         &cli("embeds", model, &[], &[&p(&embeds)], q),
     );
     same_answer("streamed", &r["stream"], &one);
-    assert_eq!(r["stream"]["completion_tokens"], json!(token_ids(&one["token_ids"]).len()));
-    assert!(r["stream"]["chunks"].as_u64().unwrap() > 1, "{}", r["stream"]);
+    assert_eq!(
+        r["stream"]["completion_tokens"],
+        json!(token_ids(&one["token_ids"]).len())
+    );
+    assert!(
+        r["stream"]["chunks"].as_u64().unwrap() > 1,
+        "{}",
+        r["stream"]
+    );
 
     // Logprobs: the chosen tokens' and the alternatives' log-probabilities equal the CLI's.
     same_answer("logprobs", &r["logprobs"], &one);
@@ -256,7 +270,10 @@ fn openai_client_gets_the_cli_answers_for_every_vision_input() {
     assert_eq!(got.len(), want.as_array().unwrap().len());
     for (g, w) in got.iter().zip(want.as_array().unwrap()) {
         assert_eq!(g["token_id"], w["token_id"]);
-        let (a, b) = (g["logprob"].as_f64().unwrap(), w["logprob"].as_f64().unwrap());
+        let (a, b) = (
+            g["logprob"].as_f64().unwrap(),
+            w["logprob"].as_f64().unwrap(),
+        );
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         assert_eq!(g["top_logprobs"].as_array().unwrap().len(), 2);
         assert_eq!(g["top_logprobs"][1]["token_id"], w["top"][1]["token_id"]);
@@ -274,7 +291,12 @@ fn openai_client_gets_the_cli_answers_for_every_vision_input() {
             assert!(message.contains(w), "{name}: {message:?} lacks {w:?}");
         }
     };
-    expect("unknown_part", 400, Some("messages[0].content[0].type"), &["picture"]);
+    expect(
+        "unknown_part",
+        400,
+        Some("messages[0].content[0].type"),
+        &["picture"],
+    );
     expect("n2", 400, Some("n"), &["n = 1"]);
     expect("wrong_model", 404, None, &["gpt-4o"]);
     expect("three_images", 400, None, &["3 image items", "at most 2"]);
@@ -309,7 +331,13 @@ fn openai_client_sends_audio_as_the_cli_does() {
             "audio_url": {"kind": "audio_url", "url": http.url("/speech.wav"), "prompt": "What is said?"},
         },
     }));
-    let want = cli("audio", model, &[], &[wav.to_str().unwrap()], "What is said?");
+    let want = cli(
+        "audio",
+        model,
+        &[],
+        &[wav.to_str().unwrap()],
+        "What is said?",
+    );
     same_answer("input_audio", &out["results"]["input_audio"], &want);
     same_answer("audio_url", &out["results"]["audio_url"], &want);
 }
@@ -349,7 +377,10 @@ fn server_rules_capacity_disconnects_and_sigterm() {
     let big = json!({"model": model, "messages": [{"role": "user", "content": "x".repeat(5000)}]});
     let (status, _, body) = post(&chat, &big.to_string(), &auth);
     assert_eq!(status, 413, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("--max-request-bytes"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--max-request-bytes"));
 
     let private = json!({"model": model, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data"}},
@@ -358,7 +389,10 @@ fn server_rules_capacity_disconnects_and_sigterm() {
     assert_eq!(status, 400, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("link-local"), "{message}");
-    assert_eq!(body["error"]["param"], "messages[0].content[0].image_url.url");
+    assert_eq!(
+        body["error"]["param"],
+        "messages[0].content[0].image_url.url"
+    );
 
     // A streaming client that leaves: its sequence is cancelled and freed.
     let streamed = json!({"model": model, "messages": [{"role": "user", "content": "count"}],
@@ -385,7 +419,10 @@ fn server_rules_capacity_disconnects_and_sigterm() {
             assert_eq!(metric(&text, "mmllm:requests_cancelled_total{"), 1.0);
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "not freed:\n{text}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "not freed:\n{text}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -406,7 +443,10 @@ fn server_rules_capacity_disconnects_and_sigterm() {
     for t in [t1, t2] {
         let (status, _, body) = t.join().unwrap();
         assert_eq!(status, 200, "{body}");
-        assert!(body["usage"]["completion_tokens"].as_u64().unwrap() > 400, "{body}");
+        assert!(
+            body["usage"]["completion_tokens"].as_u64().unwrap() > 400,
+            "{body}"
+        );
     }
 
     // SIGTERM while a request runs: it completes, then the server exits 0.
@@ -424,7 +464,10 @@ fn server_rules_capacity_disconnects_and_sigterm() {
         .success());
     let (status, _, body) = t.join().unwrap();
     assert_eq!(status, 200, "{body}");
-    assert!(body["usage"]["completion_tokens"].as_u64().unwrap() > 400, "{body}");
+    assert!(
+        body["usage"]["completion_tokens"].as_u64().unwrap() > 400,
+        "{body}"
+    );
     let code = serve.child.wait().unwrap();
     assert!(code.success(), "{code:?}: {}", serve.stderr.lock().unwrap());
     assert!(TcpStream::connect(serve.addr()).is_err(), "still listening");
@@ -487,7 +530,12 @@ fn load_good_and_bad_requests_concurrently() {
     let out = std::process::Command::new(python())
         .arg(repo().join("scripts/serve_load.py"))
         .args(["load", "--base-url", &serve.url("/v1"), "--model", model])
-        .args(["--image", image, "--expected", want["text"].as_str().unwrap()])
+        .args([
+            "--image",
+            image,
+            "--expected",
+            want["text"].as_str().unwrap(),
+        ])
         .args(["--pid", &serve.child.id().to_string()])
         .args(["--clients", "32", "--seconds", "4", "--rounds", "3"])
         .output()
