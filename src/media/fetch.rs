@@ -15,13 +15,13 @@
 //!
 //! The hub downloader (`HF_ENDPOINT`) is operator configuration and does not come through here.
 
+use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 
-use super::source::{over_cap, read_capped, redact_userinfo};
 use super::Modality;
 use crate::error::{Error, Result};
 
@@ -134,7 +134,7 @@ impl FetchPolicy {
                 ))
             }
         };
-        let decoded = super::source::percent_decode(path)
+        let decoded = percent_decode(path)
             .ok()
             .and_then(|b| String::from_utf8(b).ok())
             .ok_or_else(|| {
@@ -494,6 +494,85 @@ fn abbreviate(s: &str) -> String {
         s.to_string()
     } else {
         format!("{}…", s.chars().take(60).collect::<String>())
+    }
+}
+
+pub(crate) fn percent_decode(s: &str) -> std::result::Result<Vec<u8>, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match hex {
+                Some(b) => out.push(b),
+                None => return Err(format!("bad percent escape at byte {i}")),
+            }
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn over_cap(input: String, modality: Modality, cap: u64) -> Error {
+    Error::input(
+        input,
+        format!(
+            "larger than the {} cap for a {modality} input",
+            human_bytes(cap)
+        ),
+        format!("a {modality} of at most {}", human_bytes(cap)),
+    )
+}
+
+pub(crate) fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} bytes");
+    }
+    let mut v = n as f64;
+    let mut unit = "bytes";
+    for u in UNITS {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
+}
+
+/// Reads at most `cap + 1` bytes, so that "over the cap" is detectable without reading more.
+pub(crate) fn read_capped(r: &mut dyn Read, cap: u64) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    r.take(cap.saturating_add(1)).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// A URL as errors and results may show it: a password (`user:secret@`) becomes `***`.
+pub(crate) fn redact_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let shown = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_string()
+            };
+            format!("{scheme}://{shown}@{host}{tail}")
+        }
+        None => url.to_string(),
     }
 }
 

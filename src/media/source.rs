@@ -12,6 +12,7 @@ use base64::Engine as _;
 pub use super::fetch::{
     default_fetch_timeout, fetch_timeout, fetch_timeout_var, fetch_timeout_with, FetchPolicy,
 };
+use super::fetch::{over_cap, percent_decode, read_capped, redact_userinfo};
 use super::Modality;
 use crate::error::{Error, Result};
 
@@ -194,29 +195,6 @@ fn base64_engine() -> base64::engine::GeneralPurpose {
     )
 }
 
-pub(crate) fn percent_decode(s: &str) -> std::result::Result<Vec<u8>, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
-            match hex {
-                Some(b) => out.push(b),
-                None => return Err(format!("bad percent escape at byte {i}")),
-            }
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    Ok(out)
-}
-
 /// `scheme` if `arg` starts with `scheme://` (RFC 3986 scheme characters).
 fn url_scheme(arg: &str) -> Option<&str> {
     let (scheme, _) = arg.split_once("://")?;
@@ -246,41 +224,6 @@ fn os_reason(e: &std::io::Error) -> String {
     }
 }
 
-pub(crate) fn over_cap(input: String, modality: Modality, cap: u64) -> Error {
-    Error::input(
-        input,
-        format!(
-            "larger than the {} cap for a {modality} input",
-            human_bytes(cap)
-        ),
-        format!("a {modality} of at most {}", human_bytes(cap)),
-    )
-}
-
-pub(crate) fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if n < 1024 {
-        return format!("{n} bytes");
-    }
-    let mut v = n as f64;
-    let mut unit = "bytes";
-    for u in UNITS {
-        if v < 1024.0 {
-            break;
-        }
-        v /= 1024.0;
-        unit = u;
-    }
-    format!("{v:.1} {unit}")
-}
-
-/// Reads at most `cap + 1` bytes, so that "over the cap" is detectable without reading more.
-pub(crate) fn read_capped(r: &mut dyn Read, cap: u64) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    r.take(cap.saturating_add(1)).read_to_end(&mut out)?;
-    Ok(out)
-}
-
 fn read_file(path: &Path, modality: Modality, cap: u64) -> Result<Vec<u8>> {
     let input = path.display().to_string();
     let expected = format!("a readable {modality} file");
@@ -301,27 +244,6 @@ fn read_file(path: &Path, modality: Modality, cap: u64) -> Result<Vec<u8>> {
         return Err(over_cap(input, modality, cap));
     }
     Ok(bytes)
-}
-
-/// A URL as errors and results may show it: a password (`user:secret@`) becomes `***`.
-pub(crate) fn redact_userinfo(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            let shown = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                user.to_string()
-            };
-            format!("{scheme}://{shown}@{host}{tail}")
-        }
-        None => url.to_string(),
-    }
 }
 
 #[cfg(test)]
@@ -407,7 +329,7 @@ mod tests {
 
     #[test]
     fn human_sizes() {
-        assert_eq!(human_bytes(10), "10 bytes");
-        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
+        assert_eq!(super::super::fetch::human_bytes(10), "10 bytes");
+        assert_eq!(super::super::fetch::human_bytes(3 * 1024 * 1024), "3.0 MiB");
     }
 }

@@ -567,3 +567,92 @@ fn load_good_and_bad_requests_concurrently() {
     let metrics = get(&serve.url("/metrics")).1;
     assert_eq!(metric(&metrics, "mmllm:num_requests_running{"), 0.0);
 }
+
+/// `--allowed-media-domains` refuses other hosts (checked before any connection);
+/// `--shutdown-grace 0` cuts a running request at SIGTERM instead of waiting for it; `--host`
+/// is the address listened on.
+#[test]
+fn media_domains_and_shutdown_grace() {
+    let model = repo().join("tests/fixtures/qwen2-vl-tiny");
+    let model = model.to_str().unwrap();
+    let bytes = std::fs::read(repo().join("tests/data/ov_china_11x9.jpg")).unwrap();
+    let http = Server::start(move |_| Reply::ok(bytes.clone()));
+    let serve = Serve::start(
+        model,
+        &[
+            "--allow-private-media-urls",
+            "--allowed-media-domains",
+            "127.0.0.1",
+            "--shutdown-grace",
+            "0",
+            "--host",
+            "127.0.0.2",
+        ],
+    );
+    assert!(
+        serve.base.starts_with("http://127.0.0.2:"),
+        "{}",
+        serve.base
+    );
+    let chat = serve.url("/v1/chat/completions");
+    let ask = |url: &str| {
+        let body = json!({"model": model, "max_tokens": 2, "temperature": 0,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "x"}]}]});
+        post(&chat, &body.to_string(), &[])
+    };
+    let url = http.url("/a.jpg");
+    assert_eq!(ask(&url).0, 200);
+    let (status, _, body) = ask(&url.replacen("127.0.0.1", "localhost", 1));
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"localhost\" is not an allowed media domain"),
+        "{body}"
+    );
+    assert_eq!(
+        http.requests().len(),
+        1,
+        "the refused URL was never fetched"
+    );
+
+    let long = json!({"model": model, "messages": [{"role": "user", "content": "count"}],
+                      "max_tokens": 100000, "ignore_eos": true})
+    .to_string();
+    let t = {
+        let chat = chat.clone();
+        std::thread::spawn(move || {
+            agent()
+                .post(&chat)
+                .header("Content-Type", "application/json")
+                .send(long.as_str())
+                .map(|r| r.status().as_u16())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let mut serve = serve;
+    let start = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &serve.child.id().to_string()])
+        .status()
+        .unwrap();
+    let code = serve.child.wait().unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(code.code(), Some(1));
+    let said = || serve.stderr.lock().unwrap().contains("grace period over");
+    let waited = Instant::now();
+    while !said() && waited.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(said(), "{}", serve.stderr.lock().unwrap());
+    assert!(
+        !matches!(t.join().unwrap(), Ok(200)),
+        "the cut request did not succeed"
+    );
+}

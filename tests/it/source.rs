@@ -396,3 +396,47 @@ fn file_urls_stay_below_the_allowed_directory() {
     let (_, problem, _) = input_error(FetchPolicy::default().local_file(&url(&root.join("a.png"))));
     assert!(problem.contains("not allowed"), "{problem}");
 }
+
+/// Batch manifests follow the same rules: a loopback URL fails its job unless
+/// `mmllm batch --allow-private-media-urls`.
+#[test]
+fn batch_refuses_loopback_media_urls_without_the_flag() {
+    let png = small_png();
+    let server = Server::start(move |_| Reply::ok(png.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::util::repo().join("tests/fixtures/qwen2-vl-tiny");
+    let manifest = dir.path().join("jobs.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "defaults: {{model: {}, max_tokens: 1}}\njobs:\n  - {{id: a, prompt: hi, images: [\"{}\"]}}\n",
+            model.display(),
+            server.url("/a.png")
+        ),
+    )
+    .unwrap();
+    let out_path = dir.path().join("out.jsonl");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "batch",
+            manifest.to_str().unwrap(),
+            "-o",
+            out_path.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = crate::util::run_mmllm(&args);
+        (
+            out.status.code(),
+            std::fs::read_to_string(&out_path).unwrap(),
+        )
+    };
+    let (code, lines) = run(&[]);
+    assert_eq!(code, Some(1), "{lines}");
+    assert!(
+        lines.contains("loopback address") && lines.contains("\"error\""),
+        "{lines}"
+    );
+    let (code, lines) = run(&["--allow-private-media-urls"]);
+    assert_eq!(code, Some(0), "{lines}");
+    assert!(lines.contains("\"token_ids\""), "{lines}");
+}
