@@ -195,7 +195,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__batch)
-            opts="-o -h --output --shard --shards --strict --resume --unordered --max-seqs --device --dtype --allow-private-media-urls --help"
+            opts="-o -h --output --shard --shards --strict --media-root --resume --unordered --max-seqs --device --dtype --allow-private-media-urls --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -214,6 +214,10 @@ _mmllm() {
                     return 0
                     ;;
                 --shards)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --media-root)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -11,6 +11,7 @@ pub mod error;
 pub mod hub;
 pub mod json;
 pub mod kernels;
+pub mod limits;
 pub mod manifest;
 pub mod media;
 pub mod models;

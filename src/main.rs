@@ -13,7 +13,10 @@ fn main() -> ExitCode {
         mmllm::media::remove_temp_files();
         std::process::exit(130)
     });
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let result = match &cli.command {
         Command::GenerateDocs { out_dir } => {
             mmllm::cli::generate_docs(out_dir).map_err(Error::from)
@@ -39,6 +42,24 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// clap's own errors in the form of ours (`mmllm: error: …`, exit 2); `--help` and
+/// `--version` print as clap prints them.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let rendered = e.render().to_string();
+    let message = rendered.strip_prefix("error: ").unwrap_or(&rendered);
+    eprint!("mmllm: error: {message}");
+    ExitCode::from(2)
 }
 
 /// A reader that closed our stdout early (`| head`) is not an error.

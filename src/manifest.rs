@@ -127,6 +127,8 @@ no_text!(u64, f64, bool);
 
 /// Largest manifest file read.
 pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+/// Most jobs in one manifest: `MMLLM_MAX_JOBS`, else a million (about a gigabyte validated).
+pub const DEFAULT_MAX_JOBS: usize = 1_000_000;
 /// Most bytes of job settings a manifest may expand to once `defaults` are copied into every
 /// job (a large `defaults` text times many jobs would otherwise take gigabytes).
 pub const MAX_EXPANDED_BYTES: usize = 1 << 30;
@@ -157,12 +159,29 @@ pub fn load(path: &Path) -> Result<Vec<Job>> {
 
 /// Parses manifest `text`; `name` prefixes error positions, `base` resolves relative paths.
 pub fn parse(text: &str, name: &str, base: &Path, jsonl: bool) -> Result<Vec<Job>> {
+    let max_jobs =
+        crate::limits::env_u64("MMLLM_MAX_JOBS")?.map_or(DEFAULT_MAX_JOBS, |n| n as usize);
+    let too_many = |n: usize| {
+        Error::input(
+            name,
+            format!("the manifest holds {n} jobs"),
+            format!("at most {max_jobs} jobs per manifest (split it, or raise MMLLM_MAX_JOBS)"),
+        )
+    };
     let mut problems = Problems::default();
     let (defaults, jobs) = if jsonl {
+        // Counted before any line is parsed: each job costs about a kilobyte once validated.
+        let lines = text.lines().filter(|l| !l.trim().is_empty()).count();
+        if lines > max_jobs {
+            return Err(too_many(lines));
+        }
         (Settings::default(), jsonl_jobs(text, &mut problems))
     } else {
         yaml_jobs(text, &mut problems)
     };
+    if jobs.len() > max_jobs {
+        return Err(too_many(jobs.len()));
+    }
     let expanded: usize = jobs
         .iter()
         .map(|(job, _)| job.settings.text_bytes() + defaults.text_bytes())

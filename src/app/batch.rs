@@ -7,7 +7,7 @@
 //! after the whole manifest is validated.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::pipeline::{self, Resolved};
@@ -19,8 +19,74 @@ use crate::engine::generate::Request;
 use crate::engine::scheduler::{self, SchedulerConfig};
 use crate::error::{Error, Result};
 use crate::manifest::{self, Job};
+use crate::media::source::Source;
 use crate::sink::batch::{error_line, spool_path, Output, Progress, ResultsFile};
 use crate::sink::JsonResult;
+
+/// `--media-root DIR`, resolved.
+fn media_root(dir: &Path) -> Result<PathBuf> {
+    let resolved = dir.canonicalize().map_err(|e| {
+        Error::usage(format!(
+            "--media-root {}: {e} (expected an existing directory)",
+            dir.display()
+        ))
+    })?;
+    if !resolved.is_dir() {
+        return Err(Error::usage(format!(
+            "--media-root {}: not a directory (expected a directory)",
+            dir.display()
+        )));
+    }
+    Ok(resolved)
+}
+
+/// Refuses a job whose local files (media, embeds, extra tensors, chat template) resolve
+/// outside `root`, after `..` and symlinks; a directory of frames is checked file by file,
+/// since each of its entries may be a link. URLs are left to the fetch rules.
+fn confine(s: &manifest::Settings, root: &Path) -> Result<()> {
+    let media = [&s.images, &s.videos, &s.audios, &s.embeds]
+        .into_iter()
+        .flatten()
+        .flatten();
+    let files = [&s.chat_template, &s.image_grid_thw, &s.image_sizes]
+        .into_iter()
+        .flatten();
+    for item in media.chain(files) {
+        let Ok(Source::Path(path)) = Source::parse(item) else {
+            continue;
+        };
+        let outside = |problem: String| {
+            Error::input(
+                item,
+                problem,
+                format!("a file inside --media-root {}", root.display()),
+            )
+        };
+        let resolved = path
+            .canonicalize()
+            .map_err(|e| outside(format!("cannot be resolved ({e})")))?;
+        if !resolved.starts_with(root) {
+            return Err(outside(format!("resolves to {}", resolved.display())));
+        }
+        if resolved.is_dir() {
+            let entries = std::fs::read_dir(&resolved)
+                .map_err(|e| outside(format!("cannot list the directory ({e})")))?;
+            for entry in entries.flatten() {
+                let inner = entry.path();
+                if let Ok(target) = inner.canonicalize() {
+                    if !target.starts_with(root) {
+                        return Err(outside(format!(
+                            "holds {}, which resolves to {}",
+                            inner.display(),
+                            target.display()
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Runs the manifest (or this task's shard of it); exit status 1 (as a runtime error) when
 /// any job failed.
@@ -49,6 +115,7 @@ pub fn run(args: &BatchArgs) -> Result<()> {
     let jobs = manifest::load(&args.manifest)?;
     let device = DeviceChoice::parse(&args.device)?;
     let name = args.manifest.display().to_string();
+    let root = args.media_root.as_deref().map(media_root).transpose()?;
     let fetch = crate::media::source::FetchPolicy {
         allow_private: args.allow_private_media_urls,
         ..Default::default()
@@ -56,7 +123,12 @@ pub fn run(args: &BatchArgs) -> Result<()> {
     let mut plans = Vec::with_capacity(jobs.len());
     let mut problems = Vec::new();
     for job in &jobs {
-        match Plan::from_job(job, device, args.dtype.into(), &fetch) {
+        // Checked before the plan reads any file (a chat template is read there).
+        let confined = match &root {
+            Some(root) => confine(&job.settings, root),
+            None => Ok(()),
+        };
+        match confined.and_then(|()| Plan::from_job(job, device, args.dtype.into(), &fetch)) {
             Ok(plan) => plans.push(plan),
             Err(e) => problems.push(format!("  {name}:{}: job {:?}: {e}", job.line, job.id)),
         }

@@ -21,6 +21,7 @@ pub fn run(cmd: &Command) -> Result<()> {
     let media = pipeline::prepare_media(&plan, &resolved, &mut stdin)?;
     let mut stdout = std::io::stdout().lock();
     if plan.dry_run {
+        pipeline::check_text_length(&plan, &resolved)?;
         sink::write_json_line(&mut stdout, &dry_run_report(&plan, &resolved, &media))?;
         return Ok(());
     }

@@ -60,7 +60,62 @@ pub fn prepare_media(
     plan.check_against(&resolved.defaults, &plan.item_counts(frames))?;
     let media = decode_media(plan, stdin)?;
     plan.check_against(&resolved.defaults, &counts_of(&media))?;
+    if let Some(hidden) = resolved.defaults.embeds_hidden {
+        for m in &media {
+            check_embeds_shape(m, resolved.defaults.embeds_tokens, hidden)?;
+        }
+    }
     Ok(media)
+}
+
+/// Refuses embeddings that are not `(tokens, hidden)` / `(1, tokens, hidden)` with the
+/// family's row count (when it fixes one) and the model's hidden size, naming the expected
+/// shape; the family checks the rest (grids, dtype) once loaded.
+fn check_embeds_shape(m: &MediaInput, tokens: Option<usize>, hidden: usize) -> Result<()> {
+    let MediaItem::Embeds(e) = &m.item else {
+        return Ok(());
+    };
+    let name = format!("{}_embeds", e.modality.name());
+    let Some(t) = e.tensors.get(&name) else {
+        return Ok(());
+    };
+    let rows = tokens.map_or("tokens".to_string(), |n| n.to_string());
+    match t.dims() {
+        [n, h] | [1, n, h] if *h == hidden && tokens.is_none_or(|want| want == *n) => Ok(()),
+        dims => Err(Error::input(
+            &m.input,
+            format!("{name} has shape {dims:?}"),
+            format!("({rows}, {hidden}) or (1, {rows}, {hidden}), {hidden} being the model's hidden size"),
+        )),
+    }
+}
+
+/// For `--dry-run`: refuses a prompt whose text alone (system prompt included, media and
+/// template not counted) takes more tokens than the model has positions. Reads the tokenizer,
+/// never the weights.
+pub fn check_text_length(plan: &Plan, resolved: &Resolved) -> Result<()> {
+    let Some(max) = resolved.defaults.max_positions else {
+        return Ok(());
+    };
+    let tokenizer = load_tokenizer(&resolved.dir)?;
+    let mut tokens = 0;
+    for text in [Some(&plan.prompt), plan.system.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        tokens += tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| Error::Runtime(anyhow::anyhow!("tokenizing the prompt: {e}")))?
+            .len();
+    }
+    if tokens >= max {
+        return Err(Error::input(
+            "prompt",
+            format!("the text alone is {tokens} tokens"),
+            format!("fewer than the model's {max} positions"),
+        ));
+    }
+    Ok(())
 }
 
 /// A model with its weights, tokenizer and prompting facts loaded.
@@ -164,8 +219,29 @@ pub fn request(
     media: &[MediaInput],
 ) -> Result<Request> {
     let started = Instant::now();
+    warn_cut_audio(resolved, loaded, media);
     let items = encode_media(loaded, media, &plan.kwargs)?;
     request_with_items(plan, resolved, loaded, media, items, started)
+}
+
+/// Says on stderr when an audio item is longer than the model reads (the rest is dropped, as
+/// the reference processor drops it).
+fn warn_cut_audio(resolved: &Resolved, loaded: &Loaded, media: &[MediaInput]) {
+    let Some(window) = loaded.model.audio_window_s() else {
+        return;
+    };
+    for m in media {
+        if let MediaItem::Audio(a) = &m.item {
+            let seconds = a.samples.len() as f64 / f64::from(a.sample_rate.max(1));
+            if seconds > window {
+                eprintln!(
+                    "mmllm: warning: {}: {seconds:.1} s of audio, but {} reads only the first \
+                     {window} s; the rest is ignored",
+                    m.input, resolved.defaults.family
+                );
+            }
+        }
+    }
 }
 
 /// Encodes the media of several requests together (one encoder pass where the family can
@@ -176,6 +252,9 @@ pub fn requests_batched(
     batch: &[(&Plan, &[MediaInput])],
 ) -> Vec<Result<Request>> {
     let started = Instant::now();
+    for (_, media) in batch {
+        warn_cut_audio(resolved, loaded, media);
+    }
     let kwargs: Vec<ProcessorKwargs> = batch
         .iter()
         .map(|(plan, media)| plan.kwargs.for_prompt(media.iter().map(|m| &m.item)))

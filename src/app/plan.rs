@@ -336,6 +336,9 @@ impl Plan {
                     self.model, defaults.family
                 )));
             }
+            if let Some(check) = defaults.prompt.check_text {
+                check(&self.prompt)?;
+            }
         }
         for name in self.kwargs.given() {
             if !defaults.processor_kwargs.contains(&name) {

@@ -25,6 +25,7 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or input error, 130 interrupte
     after_help = "Examples:\n  mmllm image --model llava photo.jpg \"What is in this image?\"\n  \
 mmllm video --model qwen2-vl --as-images --num-frames 4 clip.mp4 \"Describe these frames\"\n  \
 mmllm audio --model ultravox speech.wav \"What is said?\"\n  \
+mmllm image --model llava \"$FILE\" -p \"$PROMPT\"   (in scripts: -p, so no prompt is read as media)\n  \
 mmllm embeds --model llava image_embeds.safetensors \"What is in this image?\"\n  \
 mmllm batch jobs.yaml -o results.jsonl\n  \
 mmllm batch jobs.yaml --shard 2/8 -o 'out-{shard}.jsonl'\n  \
@@ -280,6 +281,11 @@ pub struct BatchArgs {
     /// Check every job's media before running any, and fail listing all problems.
     #[arg(long)]
     pub strict: bool,
+    /// Confine the manifest's local files (media, embeds, extra tensors, chat templates) to
+    /// DIR: each path is resolved (`..` and symlinks followed) and must lie inside it. For
+    /// manifests from an untrusted source; model folders and URLs are not affected.
+    #[arg(long, value_name = "DIR")]
+    pub media_root: Option<PathBuf>,
     /// Skip jobs whose id already has a result in the output file, and append.
     #[arg(long, requires = "output")]
     pub resume: bool,

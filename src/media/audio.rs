@@ -16,13 +16,45 @@
 //! and resamples with FFmpeg (0.19 max-abs from the soundfile path on stereo speech); SPEC §8
 //! names the soundfile + soxr HQ path as the reference.
 
-use super::ffmpeg::{self, Invocation, TempFile};
+use std::io::Read;
+
+use super::ffmpeg::{self, Invocation, ReadEnd, TempFile};
 use super::npy;
 use super::resample::resample;
 use super::Audio;
 use crate::error::{Error, Result};
 
 const EXPECTED: &str = "an audio file (WAV, MP3, FLAC, OGG, M4A, …) with at least one sample";
+
+/// Audio longer than this is refused while it is decoded: `MMLLM_MAX_AUDIO_SECONDS`, else an
+/// hour. A few kilobytes of compressed silence can otherwise decode to gigabytes.
+pub const DEFAULT_MAX_AUDIO_SECONDS: u64 = 3600;
+/// Decoded float32 samples kept at most, whatever the duration (many channels at a high rate).
+const MAX_DECODED_BYTES: u64 = 2 << 30;
+
+fn max_seconds() -> Result<u64> {
+    Ok(super::env_u64("MMLLM_MAX_AUDIO_SECONDS")?.unwrap_or(DEFAULT_MAX_AUDIO_SECONDS))
+}
+
+/// Refuses `frames` samples per channel at `rate` when they last longer than `max_s` seconds or
+/// hold more than [`MAX_DECODED_BYTES`]; checked before the samples are decoded or copied.
+fn check_length(frames: u64, channels: u64, rate: u32, max_s: u64, input: &str) -> Result<()> {
+    if frames > max_s.saturating_mul(u64::from(rate)) {
+        return Err(Error::input(
+            input,
+            format!("the audio lasts more than {max_s} s ({frames} samples at {rate} Hz)",),
+            "shorter audio, or a larger MMLLM_MAX_AUDIO_SECONDS",
+        ));
+    }
+    if frames.saturating_mul(channels).saturating_mul(4) > MAX_DECODED_BYTES {
+        return Err(Error::input(
+            input,
+            format!("{frames} samples × {channels} channels decode to more than 2 GiB"),
+            "audio with fewer channels or samples",
+        ));
+    }
+    Ok(())
+}
 
 /// Interleaved float32 samples as decoded, before the downmix.
 struct Decoded {
@@ -61,7 +93,6 @@ pub fn audio_from_npy(
         ));
     }
     let arr = npy::parse(bytes, input)?;
-    let values = npy::to_f32(&arr, input)?;
     let (channels, frames) = match arr.shape.as_slice() {
         [n] => (1, *n),
         [c, n] if *c <= MAX_NPY_CHANNELS => (*c, *n),
@@ -76,6 +107,14 @@ pub fn audio_from_npy(
             ))
         }
     };
+    check_length(
+        frames as u64,
+        channels as u64,
+        sample_rate,
+        max_seconds()?,
+        input,
+    )?;
+    let values = npy::to_f32(&arr, input)?;
     // Channels-first to interleaved, so every path shares one downmix.
     let mut interleaved = vec![0f32; values.len()];
     for c in 0..channels {
@@ -172,6 +211,20 @@ fn decode_wav(bytes: &[u8], input: &str) -> Option<Result<Decoded>> {
         return None;
     }
     let channels = spec.channels as usize;
+    // The data chunk's declared length bounds what hound reads, so it is checked first.
+    let max_s = match max_seconds() {
+        Ok(s) => s,
+        Err(e) => return Some(Err(e)),
+    };
+    if let Err(e) = check_length(
+        u64::from(reader.duration()),
+        channels as u64,
+        spec.sample_rate,
+        max_s,
+        input,
+    ) {
+        return Some(Err(e));
+    }
     let samples = match (spec.sample_format, bits) {
         (hound::SampleFormat::Int, 8) => collect(reader.into_samples::<i8>(), |v| v as f32 / 128.0),
         (hound::SampleFormat::Int, 16) => {
@@ -286,13 +339,33 @@ fn decode_with_ffmpeg(bytes: &[u8], input: &str) -> Result<Decoded> {
     let (rate, channels, duration) = parse_probe(&probe.value)
         .ok_or_else(|| Error::input(input, "the file has no audio stream", EXPECTED))?;
 
-    // Native rate and channels; float32 little-endian, interleaved.
+    // Native rate and channels; float32 little-endian, interleaved. The output is read up to
+    // the length cap only, so a decompression bomb stops there and ffmpeg is killed.
+    let max_s = max_seconds()?;
+    let frame_bytes = 4 * channels as u64;
+    let limit = max_s
+        .saturating_mul(u64::from(rate))
+        .saturating_mul(frame_bytes)
+        .min(MAX_DECODED_BYTES);
     let out = Invocation::decode(
         file.path(),
         "0:a:0",
         &["-f", "f32le", "-acodec", "pcm_f32le"],
     )
-    .run_to_end(input)?;
+    .run(input, move |out| {
+        let mut buf = Vec::new();
+        out.take(limit + 1).read_to_end(&mut buf)?;
+        let end = if buf.len() as u64 > limit {
+            ReadEnd::Stopped
+        } else {
+            ReadEnd::Eof
+        };
+        Ok((buf, end))
+    })?;
+    if out.value.len() as u64 > limit {
+        // Past the limit by at least one byte: one frame more than `check_length` allows.
+        check_length(limit / frame_bytes + 1, channels as u64, rate, max_s, input)?;
+    }
     if !out.success {
         return Err(Error::input(
             input,

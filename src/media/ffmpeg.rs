@@ -153,8 +153,9 @@ pub(crate) fn run<T: Send + 'static>(
 /// One ffmpeg or ffprobe command line over a media file, with what every run shares: only
 /// errors on stderr (no banner, no stats), no stdin, JSON from ffprobe, the output on stdout
 /// for ffmpeg, the executable from [`Tool::path`] and the [`timeout`] limit. Inputs may use
-/// only the `file` and `pipe` protocols: a crafted playlist or concat file cannot make ffmpeg
-/// fetch URLs ([`INPUT_PROTOCOLS`]).
+/// only the `file` and `pipe` protocols ([`INPUT_PROTOCOLS`]) and only the demuxers of
+/// [`INPUT_FORMATS`]: a crafted HLS playlist, concat list or image-sequence pattern can make
+/// ffmpeg neither fetch URLs nor open other local files.
 pub(crate) struct Invocation {
     tool: Tool,
     args: Vec<OsString>,
@@ -163,12 +164,20 @@ pub(crate) struct Invocation {
 /// The protocols an input may open (`-protocol_whitelist`).
 const INPUT_PROTOCOLS: &str = "file,pipe";
 
+/// The demuxers an input may be read with (`-format_whitelist`; ffmpeg matches any name of a
+/// demuxer's list, so `mov` admits MP4/M4A/3GP and `matroska` admits WebM): single-file audio
+/// and video containers and raw streams. Left out on purpose: `hls`, `dash`, `concat`, `image2`
+/// and the other demuxers that open further files or URLs named inside the input.
+pub(crate) const INPUT_FORMATS: &str = "wav,w64,aiff,caf,flac,mp3,ogg,aac,amr,wv,ape,au,\
+    mov,matroska,avi,asf,flv,mpeg,mpegts,mpegvideo,m4v,h264,hevc,mjpeg,yuv4mpegpipe,ivf,gif,nut";
+
 impl Invocation {
     /// `ffprobe -v error -protocol_whitelist file,pipe -select_streams <streams>
     /// -show_entries <entries> -of json <path>`.
     pub(crate) fn probe(path: &Path, streams: &str, entries: &str) -> Invocation {
         let mut args: Vec<OsString> = ["-v", "error", "-protocol_whitelist", INPUT_PROTOCOLS]
             .into_iter()
+            .chain(["-format_whitelist", INPUT_FORMATS])
             .chain(["-select_streams", streams])
             .chain(["-show_entries", entries, "-of", "json"])
             .map(OsString::from)
@@ -186,7 +195,8 @@ impl Invocation {
     pub(crate) fn decode(path: &Path, stream: &str, output: &[&str]) -> Invocation {
         let mut args: Vec<OsString> = ["-nostdin", "-hide_banner", "-loglevel", "error"]
             .into_iter()
-            .chain(["-protocol_whitelist", INPUT_PROTOCOLS, "-i"])
+            .chain(["-protocol_whitelist", INPUT_PROTOCOLS])
+            .chain(["-format_whitelist", INPUT_FORMATS, "-i"])
             .map(OsString::from)
             .collect();
         args.push(path.into());

@@ -248,6 +248,19 @@ const MAX_DECODED_VIDEO_BYTES: usize = 8 << 30;
 /// Decodes the sampled frames of the video at `path` to RGB8.
 pub fn decode_video(path: &Path, input: &str, sampling: &FrameSampling) -> Result<Video> {
     let info = probe_video(path, input)?;
+    // Each frame is held to the image pixel cap, as a directory of frames is.
+    let max_pixels = super::image::ImageLimits::from_env()?.max_pixels;
+    let pixels = u64::from(info.width) * u64::from(info.height);
+    if pixels > max_pixels {
+        return Err(Error::input(
+            input,
+            format!(
+                "frames of {}x{} ({pixels} pixels, at most {max_pixels})",
+                info.width, info.height
+            ),
+            "a video with smaller frames, or a larger MMLLM_MAX_IMAGE_PIXELS",
+        ));
+    }
     let indices = sample_indices(info.total_frames, info.fps, sampling, input)?;
     let frame_bytes = info.width as usize * info.height as usize * 3;
     let total = frame_bytes.saturating_mul(indices.len());

@@ -106,6 +106,14 @@ pub struct FamilyDefaults {
     pub embeds: Option<Modality>,
     /// Tensors besides the embeddings that embeds input may carry (`image_grid_thw`).
     pub embeds_tensors: &'static [&'static str],
+    /// Width of an embedding row (the language model's hidden size), so embeds of the wrong
+    /// width are refused before any weights load.
+    pub embeds_hidden: Option<usize>,
+    /// Rows of one item's embeddings, where the family fixes it (LLaVA-1.5's 576).
+    pub embeds_tokens: Option<usize>,
+    /// The language model's positions, where `config.json` gives them: `--dry-run` refuses a
+    /// prompt whose text alone is longer.
+    pub max_positions: Option<usize>,
     /// The [`ProcessorKwargs`] this family's processors read (`min_pixels`, `max_pixels`).
     pub processor_kwargs: &'static [&'static str],
     /// Other models this one's weights partly come from, named in `config.json` (Ultravox's
@@ -210,6 +218,12 @@ pub trait Model: Send {
     /// Runs the language model over `embeds` `(seq, hidden)` placed after the positions
     /// already in `cache`; returns the logits of the last position `(vocab,)` as f32.
     fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+
+    /// Seconds of each audio item the model reads, when it cuts longer audio (Whisper's and
+    /// Qwen2-Audio's 30-second window), so the caller can say so.
+    fn audio_window_s(&self) -> Option<f64> {
+        None
+    }
 
     /// Families prompted without a chat template (Whisper) build their prompt ids from the
     /// user's text and the encoded items; `None` means render the chat template.

@@ -27,6 +27,9 @@ pub struct PromptStyle {
     /// The family builds its prompt itself (Whisper's task and language tokens): no chat
     /// template, so `--system`, `--chat-template` and `--raw` have nothing to act on.
     pub own_prompt: bool,
+    /// Checks a prompt text of an `own_prompt` family without weights, so a bad one is refused
+    /// (also by `--dry-run`) before anything loads.
+    pub check_text: Option<fn(&str) -> Result<()>>,
 }
 
 /// How one media item appears in the token stream: `before`, then `slots` copies of

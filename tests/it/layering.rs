@@ -1,7 +1,7 @@
 //! Dependencies point one way (ARCHITECTURE.md, docs/adding-a-family.md):
 //!
 //! main → app → {cli, sink} → engine → models → prompt → media → {hub, manifest, kernels}
-//! → json → error
+//! → {json, limits} → error
 //!
 //! A module may use only modules on lower levels (never one on its own level), and inside each
 //! folder the submodules' uses form no cycle. Checked by scanning `crate::` and `super::` paths
@@ -19,7 +19,7 @@ const LEVELS: &[&[&str]] = &[
     &["prompt"],
     &["media"],
     &["hub", "manifest", "kernels"],
-    &["json"],
+    &["json", "limits"],
     &["error"],
 ];
 

@@ -2,6 +2,7 @@
 
 mod batch;
 mod batching;
+mod caps;
 mod cli;
 mod engine_pure;
 mod family_table;

@@ -31,7 +31,29 @@ pub fn mmap_weights<P: AsRef<Path>>(
     // These are a model's weight files, which mmllm maps read-only and never writes, and
     // which nothing else is expected to rewrite while a model loads from them, as with every
     // mmap-based safetensors loader.
-    Ok(unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device)? })
+    match unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) } {
+        Ok(vb) => Ok(vb),
+        Err(e) => Err(bad_weight_file(files).unwrap_or_else(|| e.into())),
+    }
+}
+
+/// The first of `files` whose safetensors header or length is wrong, as an input error naming
+/// it (candle's own message names no file the way ours do).
+fn bad_weight_file<P: AsRef<Path>>(files: &[P]) -> Option<Error> {
+    files.iter().find_map(|file| {
+        let file = file.as_ref();
+        // SAFETY: as above; the mapping is dropped at once.
+        let err = unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.err()?;
+        let problem = match err {
+            candle_core::Error::WithPath { inner, .. } => inner.to_string(),
+            other => other.to_string(),
+        };
+        Some(Error::input(
+            file.display().to_string(),
+            format!("not a complete safetensors file ({problem})"),
+            "the model's weights as published (download the file again; it may be truncated)",
+        ))
+    })
 }
 
 /// The safetensors files of a model directory: the shards named by

@@ -35,7 +35,7 @@ pub const FALLBACK_CHAT_TEMPLATE: &str = include_str!("fallback_chat_template.ji
 pub fn defaults(config: &serde_json::Value) -> Result<FamilyDefaults> {
     // Parsing checks the config, including that the slot count is computable.
     let parsed = Config::from_value(config)?;
-    parsed.image_slots()?;
+    let slots = parsed.image_slots()?;
     Ok(FamilyDefaults {
         family: "llava",
         limits: BTreeMap::from([(Modality::Image, 1)]),
@@ -45,6 +45,9 @@ pub fn defaults(config: &serde_json::Value) -> Result<FamilyDefaults> {
             ..Default::default()
         },
         embeds: Some(Modality::Image),
+        embeds_hidden: Some(parsed.text.hidden_size),
+        embeds_tokens: Some(slots),
+        max_positions: Some(parsed.text.max_position_embeddings),
         ..Default::default()
     })
 }

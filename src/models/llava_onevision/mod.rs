@@ -42,9 +42,10 @@ pub const DEFAULT_LIMIT: usize = 1;
 
 /// What `config.json` alone says: images and videos, `<image>` / `<video>` placeholders.
 pub fn defaults(config: &serde_json::Value) -> Result<FamilyDefaults> {
-    Config::from_value(config)?;
+    let parsed = Config::from_value(config)?;
     Ok(FamilyDefaults {
         family: "llava_onevision",
+        max_positions: Some(parsed.text.max_position_embeddings),
         limits: BTreeMap::from([
             (Modality::Image, DEFAULT_LIMIT),
             (Modality::Video, DEFAULT_LIMIT),

@@ -57,6 +57,7 @@ pub fn defaults(config: &serde_json::Value) -> Result<FamilyDefaults> {
     let limit = (c.text.max_position_embeddings / per_clip.max(1)).max(1);
     Ok(FamilyDefaults {
         family: "qwen2_audio",
+        max_positions: Some(c.text.max_position_embeddings),
         limits: BTreeMap::from([(Modality::Audio, limit)]),
         prompt: PromptStyle {
             placeholders: BTreeMap::from([(Modality::Audio, AUDIO_PLACEHOLDER.to_string())]),

@@ -136,6 +136,11 @@ impl Model for Qwen2AudioModel {
         &self.info
     }
 
+    fn audio_window_s(&self) -> Option<f64> {
+        let c = self.mel.config();
+        Some(c.n_samples as f64 / f64::from(c.sampling_rate))
+    }
+
     fn encode_with(&self, item: &MediaItem, _kwargs: &ProcessorKwargs) -> Result<EncodedItem> {
         match item {
             MediaItem::Audio(audio) => self.encode_audio(audio),

@@ -53,6 +53,7 @@ pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
             "`qwen2_vl` or `qwen2_5_vl`",
         )
     })?;
+    let parsed = config::Qwen2VlConfig::from_value(config)?;
     Ok(FamilyDefaults {
         family: variant.family_name(),
         limits: BTreeMap::from([
@@ -68,6 +69,8 @@ pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
         },
         embeds: Some(Modality::Image),
         embeds_tensors: &["image_grid_thw"],
+        embeds_hidden: Some(parsed.text.hidden_size),
+        max_positions: Some(parsed.text.max_position_embeddings),
         processor_kwargs: &["min_pixels", "max_pixels"],
         ..Default::default()
     })

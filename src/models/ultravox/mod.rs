@@ -61,6 +61,7 @@ pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
     };
     Ok(FamilyDefaults {
         family: "ultravox",
+        max_positions: parsed.text.as_ref().map(|t| t.max_position_embeddings),
         limits: BTreeMap::from([(Modality::Audio, 1)]),
         prompt: PromptStyle {
             placeholders: BTreeMap::from([(Modality::Audio, AUDIO_PLACEHOLDER.to_string())]),

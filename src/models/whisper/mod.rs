@@ -72,6 +72,27 @@ fn suppress_mask(ids: &[u32], vocab: usize, device: &Device) -> Result<Option<Te
     Ok(Some(Tensor::from_vec(v, vocab, device)?))
 }
 
+/// A Whisper prompt's words: `transcribe` (the default) or `translate`, and a language code.
+fn parse_prompt(text: &str) -> Result<(Task, Option<String>)> {
+    let mut task = Task::Transcribe;
+    let mut language: Option<String> = None;
+    for word in text.split(|c: char| c.is_whitespace() || c == ',') {
+        match word.to_ascii_lowercase().as_str() {
+            "" | "transcribe" => {}
+            "translate" => task = Task::Translate,
+            w if (2..=3).contains(&w.len()) && w.chars().all(|c| c.is_ascii_lowercase()) => {
+                language = Some(w.to_string())
+            }
+            _ => return Err(Error::input(
+                "prompt",
+                format!("{word:?} is not a Whisper task or language"),
+                "an empty prompt, `transcribe`, `translate`, and/or a language code such as `en`",
+            )),
+        }
+    }
+    Ok((task, language))
+}
+
 /// Cheap per-family facts from `config.json`: one audio item, no chat template, no placeholder.
 pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
     WhisperConfig::from_value(config, "config.json")?;
@@ -80,6 +101,7 @@ pub fn defaults(config: &Value) -> Result<FamilyDefaults> {
         limits: BTreeMap::from([(Modality::Audio, 1)]),
         prompt: PromptStyle {
             own_prompt: true,
+            check_text: Some(|text| parse_prompt(text).map(|_| ())),
             ..Default::default()
         },
         ..Default::default()
@@ -305,24 +327,7 @@ impl WhisperModel {
     /// and/or a language code such as `en`; a multilingual model without a language detects
     /// it from the audio, as HF's `generate` does.
     fn prompt_for(&self, text: &str, items: &[EncodedItem]) -> Result<Vec<u32>> {
-        let mut task = Task::Transcribe;
-        let mut language: Option<String> = None;
-        for word in text.split(|c: char| c.is_whitespace() || c == ',') {
-            match word.to_ascii_lowercase().as_str() {
-                "" | "transcribe" => {}
-                "translate" => task = Task::Translate,
-                w if (2..=3).contains(&w.len()) && w.chars().all(|c| c.is_ascii_lowercase()) => {
-                    language = Some(w.to_string())
-                }
-                _ => {
-                    return Err(Error::input(
-                        "prompt",
-                        format!("{word:?} is not a Whisper task or language"),
-                        "an empty prompt, `transcribe`, `translate`, and/or a language code such as `en`",
-                    ))
-                }
-            }
-        }
+        let (task, mut language) = parse_prompt(text)?;
         let multilingual = !self.generation.lang_to_id.is_empty();
         if language.is_none() && multilingual {
             if let Some(item) = items.first() {
@@ -337,6 +342,11 @@ impl WhisperModel {
 impl Model for WhisperModel {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    fn audio_window_s(&self) -> Option<f64> {
+        let c = self.mel.config();
+        Some(c.n_samples as f64 / f64::from(c.sampling_rate))
     }
 
     fn own_prompt(&self, text: &str, items: &[EncodedItem]) -> Option<Result<Vec<u32>>> {
