@@ -519,7 +519,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__image)
-            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --allow-private-media-urls --min-pixels --max-pixels --help"
+            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --allow-private-media-urls --min-pixels --max-pixels --max-slice-nums --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -610,6 +610,10 @@ _mmllm() {
                     return 0
                     ;;
                 --max-pixels)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-slice-nums)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -755,7 +759,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__video)
-            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --allow-private-media-urls --min-pixels --max-pixels --num-frames --fps --as-images --help"
+            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --allow-private-media-urls --min-pixels --max-pixels --max-slice-nums --num-frames --fps --as-images --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -846,6 +850,10 @@ _mmllm() {
                     return 0
                     ;;
                 --max-pixels)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-slice-nums)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -59,6 +59,7 @@ f32\t''"
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l id -d 'Id reported in jsonl output' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l min-pixels -d 'Minimum pixels per image or video frame after resizing (models that resize by pixel budget, e.g. Qwen2-VL; default: the model\'s processor config)' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l max-pixels -d 'Maximum pixels per image or video frame after resizing (models that resize by pixel budget, e.g. Qwen2-VL; default: the model\'s processor config)' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l max-slice-nums -d 'The most slices one high-resolution image is cut into (MiniCPM-V\'s processor kwarg `max_slice_nums`; default: the model\'s processor config)' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l raw -d 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item'
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l ignore-eos -d 'Keep generating past the end-of-sequence token (for benchmarks)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l dry-run -d 'Decode the inputs and print the validated plan as JSON without loading weights'
@@ -87,6 +88,7 @@ f32\t''"
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l id -d 'Id reported in jsonl output' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l min-pixels -d 'Minimum pixels per image or video frame after resizing (models that resize by pixel budget, e.g. Qwen2-VL; default: the model\'s processor config)' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l max-pixels -d 'Maximum pixels per image or video frame after resizing (models that resize by pixel budget, e.g. Qwen2-VL; default: the model\'s processor config)' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l max-slice-nums -d 'The most slices one high-resolution image is cut into (MiniCPM-V\'s processor kwarg `max_slice_nums`; default: the model\'s processor config)' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l num-frames -d 'Sample N frames uniformly over the whole video' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l fps -d 'Sample frames at F frames per second' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l raw -d 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item'

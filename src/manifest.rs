@@ -83,6 +83,8 @@ settings! {
     sample_rate: u64 = uint,
     min_pixels: u64 = uint,
     max_pixels: u64 = uint,
+    /// MiniCPM-V's `max_slice_nums`: the most slices one image is cut into.
+    max_slice_nums: u64 = uint,
     /// `image=2,video=1` or a mapping `{image: 2}`, normalised to the string form.
     limit_mm_per_prompt: String = limits,
     chat_template: String = string,

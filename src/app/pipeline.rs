@@ -91,12 +91,15 @@ fn check_embeds_shape(m: &MediaInput, tokens: Option<usize>, hidden: usize) -> R
 }
 
 /// For `--dry-run`: refuses a prompt whose text alone (system prompt included, media and
-/// template not counted) takes more tokens than the model has positions. Reads the tokenizer,
-/// never the weights.
+/// template not counted) takes more tokens than the model has positions. Reads the tokenizer
+/// when it is on disk (a dry run downloads nothing), never the weights.
 pub fn check_text_length(plan: &Plan, resolved: &Resolved) -> Result<()> {
     let Some(max) = resolved.defaults.max_positions else {
         return Ok(());
     };
+    if !resolved.dir.root.join("tokenizer.json").is_file() {
+        return Ok(());
+    }
     let tokenizer = load_tokenizer(&resolved.dir)?;
     let mut tokens = 0;
     for text in [Some(&plan.prompt), plan.system.as_ref()]
@@ -255,14 +258,14 @@ pub fn requests_batched(
     for (_, media) in batch {
         warn_cut_audio(resolved, loaded, media);
     }
-    let kwargs: Vec<ProcessorKwargs> = batch
+    let kwargs: Vec<Vec<ProcessorKwargs>> = batch
         .iter()
-        .map(|(plan, media)| plan.kwargs.for_prompt(media.iter().map(|m| &m.item)))
+        .map(|(plan, media)| plan.kwargs.for_items(media.iter().map(|m| &m.item)))
         .collect();
     let all: Vec<(&MediaInput, &ProcessorKwargs)> = batch
         .iter()
         .zip(&kwargs)
-        .flat_map(|((_, media), kwargs)| media.iter().map(move |m| (m, kwargs)))
+        .flat_map(|((_, media), kwargs)| media.iter().zip(kwargs))
         .collect();
     let items: Vec<(&MediaItem, &ProcessorKwargs)> =
         all.iter().map(|(m, kwargs)| (&m.item, *kwargs)).collect();
@@ -341,10 +344,11 @@ fn encode_media(
     media: &[MediaInput],
     kwargs: &ProcessorKwargs,
 ) -> Result<Vec<EncodedItem>> {
-    let kwargs = &kwargs.for_prompt(media.iter().map(|m| &m.item));
+    let kwargs = kwargs.for_items(media.iter().map(|m| &m.item));
     media
         .iter()
-        .map(|m| {
+        .zip(&kwargs)
+        .map(|(m, kwargs)| {
             loaded
                 .model
                 .encode_with(&m.item, kwargs)

@@ -210,6 +210,11 @@ impl Plan {
                 )));
             }
         }
+        if s.max_slice_nums == Some(0) {
+            return Err(Error::usage(
+                "--max-slice-nums: 0 (expected a positive number of slices)",
+            ));
+        }
         let sample_rate = match s.sample_rate.map(u32::try_from) {
             Some(Ok(0)) | Some(Err(_)) => {
                 return Err(Error::usage(format!(
@@ -237,6 +242,7 @@ impl Plan {
             kwargs: ProcessorKwargs {
                 min_pixels: s.min_pixels,
                 max_pixels: s.max_pixels,
+                max_slice_nums: s.max_slice_nums,
                 ..Default::default()
             },
             gen: gen_settings(s)?,
@@ -254,6 +260,7 @@ impl Plan {
         let (settings, gen) = cmd
             .settings()
             .ok_or_else(|| Error::usage("not a prompting command"))?;
+        let exact = cmd.exact_media_paths().map_err(Error::usage)?;
         let run = RunOptions {
             id: gen.id.clone(),
             output: gen.output,
@@ -265,7 +272,14 @@ impl Plan {
                 ..FetchPolicy::default()
             },
         };
-        Self::from_settings(&settings, run, Some(stdin))
+        let mut plan = Self::from_settings(&settings, run, Some(stdin))?;
+        // One command fills one media list, so positional index k is the plan's item k.
+        for (k, path) in exact {
+            if let Some(arg) = plan.media.get_mut(k) {
+                arg.source = Source::Path(path);
+            }
+        }
+        Ok(plan)
     }
 
     /// Builds the plan of one batch job (its settings already merged with the defaults).

@@ -3,6 +3,7 @@
 //! manifest job also fills (`manifest::Settings`); `app::plan` validates both alike.
 //! Nothing imports this module except `app` and `main`.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -90,7 +91,7 @@ pub struct PromptArgs {
     /// Media items (path, http(s):// URL, data: URL, or - for stdin), then the prompt text
     /// last (unless -p is given). A prompt of - is read from stdin.
     #[arg(value_name = "MEDIA... PROMPT")]
-    pub inputs: Vec<String>,
+    pub inputs: Vec<OsString>,
 
     /// The prompt text (then every positional argument is a media item); - reads stdin.
     #[arg(short = 'p', long)]
@@ -205,6 +206,10 @@ pub struct VisionArgs {
     /// budget, e.g. Qwen2-VL; default: the model's processor config).
     #[arg(long, value_name = "N")]
     pub max_pixels: Option<u64>,
+    /// The most slices one high-resolution image is cut into (MiniCPM-V's processor kwarg
+    /// `max_slice_nums`; default: the model's processor config).
+    #[arg(long, value_name = "N")]
+    pub max_slice_nums: Option<u64>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -437,6 +442,7 @@ impl Command {
         let vision = |s: &mut Settings, v: &VisionArgs| {
             s.min_pixels = v.min_pixels;
             s.max_pixels = v.max_pixels;
+            s.max_slice_nums = v.max_slice_nums;
         };
         match self {
             Command::Image(a) => {
@@ -476,24 +482,62 @@ impl ModalityArg {
     }
 }
 
+impl Command {
+    /// Positional media whose names are not valid UTF-8, by their index among the media: the
+    /// settings hold them under a lossy name, and they are read from these exact paths. A
+    /// prompt that is not valid UTF-8 is an error.
+    pub fn exact_media_paths(&self) -> Result<Vec<(usize, PathBuf)>, String> {
+        let prompt = match self {
+            Command::Image(a) => &a.prompt,
+            Command::Video(a) => &a.prompt,
+            Command::Audio(a) => &a.prompt,
+            Command::Embeds(a) => &a.prompt,
+            _ => return Ok(Vec::new()),
+        };
+        let (media, text) = split_os(prompt);
+        if let Some(text) = text {
+            if text.to_str().is_none() {
+                return Err(format!(
+                    "the prompt {:?} is not valid UTF-8 (expected UTF-8 text)",
+                    text.to_string_lossy()
+                ));
+            }
+        }
+        Ok(media
+            .into_iter()
+            .enumerate()
+            .filter(|(_, m)| m.to_str().is_none())
+            .map(|(i, m)| (i, PathBuf::from(m)))
+            .collect())
+    }
+}
+
 /// Media arguments and the prompt: with `-p` every positional is media; otherwise the last one
 /// is the prompt, unless it names media (an existing path or a URL), in which case the prompt
 /// is empty (`mmllm audio --model whisper speech.wav`). No positional and no `-p`: no prompt.
+/// Names that are not valid UTF-8 come out lossy (see [`Command::exact_media_paths`]).
 fn split_positionals(args: &PromptArgs) -> (Vec<String>, Option<String>) {
+    let (media, text) = split_os(args);
+    let lossy = |s: OsString| s.to_string_lossy().into_owned();
+    (media.into_iter().map(lossy).collect(), text.map(lossy))
+}
+
+fn split_os(args: &PromptArgs) -> (Vec<OsString>, Option<OsString>) {
     if let Some(p) = &args.prompt {
-        return (args.inputs.clone(), Some(p.clone()));
+        return (args.inputs.clone(), Some(p.into()));
     }
     let mut media = args.inputs.clone();
     let Some(last) = media.pop() else {
         return (media, None);
     };
+    let text = last.to_string_lossy();
     let names_media = ["http://", "https://", "data:"]
         .iter()
-        .any(|p| last.starts_with(p))
+        .any(|p| text.starts_with(p))
         || (last != "-" && std::path::Path::new(&last).exists());
     if names_media {
         media.push(last);
-        return (media, Some(String::new()));
+        return (media, Some(OsString::new()));
     }
     (media, Some(last))
 }

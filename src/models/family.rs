@@ -66,6 +66,12 @@ pub struct ProcessorKwargs {
     /// processors see a prompt's images together (`batch_num_images`) and some tile an image
     /// differently when it is not alone (LLaVA-OneVision).
     pub prompt_images: usize,
+    /// MiniCPM-V's `max_slice_nums`: the most slices a high-resolution image is cut into.
+    pub max_slice_nums: Option<u64>,
+    /// The item's index among its prompt's image items, images and image embeddings alike
+    /// (0-based; for other items, the number of image items before it). Not a user setting: the app fills it per item, because some
+    /// processors number the images of a prompt (MiniCPM-V 2.6's `<image_id>N</image_id>`).
+    pub image_index: usize,
 }
 
 impl ProcessorKwargs {
@@ -80,11 +86,33 @@ impl ProcessorKwargs {
         }
     }
 
+    /// These settings for each item of a prompt whose media are `items`, in order: the
+    /// prompt's image count and each item's [`ProcessorKwargs::image_index`].
+    pub fn for_items<'a>(
+        &self,
+        items: impl IntoIterator<Item = &'a MediaItem> + Clone,
+    ) -> Vec<Self> {
+        let prompt = self.for_prompt(items.clone());
+        let mut images = 0;
+        items
+            .into_iter()
+            .map(|item| {
+                let k = Self {
+                    image_index: images,
+                    ..prompt
+                };
+                images += usize::from(item.modality() == crate::media::Modality::Image);
+                k
+            })
+            .collect()
+    }
+
     /// The names of the user settings given, as the manifest spells them.
     pub fn given(&self) -> Vec<&'static str> {
         [
             ("min_pixels", self.min_pixels.is_some()),
             ("max_pixels", self.max_pixels.is_some()),
+            ("max_slice_nums", self.max_slice_nums.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, set)| set.then_some(name))
@@ -333,5 +361,11 @@ mod tests {
         // Not a user setting: never reported as given.
         assert_eq!(k.given(), ["min_pixels"]);
         assert_eq!(user.for_prompt(&[]).prompt_images, 0);
+        let each = user.for_items(&items);
+        let index: Vec<usize> = each.iter().map(|k| k.image_index).collect();
+        assert_eq!(index, [0, 1, 1]);
+        assert!(each
+            .iter()
+            .all(|k| k.prompt_images == 2 && k.given() == ["min_pixels"]));
     }
 }

@@ -9,6 +9,7 @@ pub mod family;
 pub mod kv;
 pub mod llava;
 pub mod llava_onevision;
+pub mod minicpmv;
 pub mod qwen2_audio;
 pub mod qwen2_vl;
 pub mod registry;

@@ -12,6 +12,7 @@ pub static FAMILIES: &[Family] = &[
     super::qwen2_audio::FAMILY,
     super::whisper::FAMILY,
     super::ultravox::FAMILY,
+    super::minicpmv::FAMILY,
 ];
 
 /// Every `--model` alias with its repo id, from the family table.

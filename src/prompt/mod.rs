@@ -34,12 +34,18 @@ pub struct PromptStyle {
 
 /// How one media item appears in the token stream: `before`, then `slots` copies of
 /// `slot_token` (whose embeddings are replaced by the item's features), then `after`.
+/// Families whose media tokens are interleaved with text tokens (MiniCPM-V's slice markers and
+/// newlines between its feature runs) give the ids of the whole run in `slot_ids` instead; the
+/// item's features then cover every one of those positions, text tokens included.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expansion {
     pub before: Vec<u32>,
     pub slot_token: u32,
     pub slots: usize,
     pub after: Vec<u32>,
+    /// The ids at the `slots` positions when they are not all `slot_token` (then
+    /// `slot_ids.len() == slots`); empty otherwise.
+    pub slot_ids: Vec<u32>,
 }
 
 /// Where item `item`'s features go in the spliced ids: `start .. start + len`.
@@ -103,8 +109,19 @@ pub fn splice(
             start: out.ids.len(),
             len: exp.slots,
         });
-        out.ids
-            .extend(std::iter::repeat_n(exp.slot_token, exp.slots));
+        if exp.slot_ids.is_empty() {
+            out.ids
+                .extend(std::iter::repeat_n(exp.slot_token, exp.slots));
+        } else if exp.slot_ids.len() == exp.slots {
+            out.ids.extend_from_slice(&exp.slot_ids);
+        } else {
+            return Err(Error::Runtime(anyhow::anyhow!(
+                "media item {} has {} slot ids for {} slots",
+                item + 1,
+                exp.slot_ids.len(),
+                exp.slots
+            )));
+        }
         out.ids.extend_from_slice(&exp.after);
     }
     if let Some((modality, _)) = next.iter().find(|(_, q)| !q.is_empty()) {
@@ -161,6 +178,7 @@ mod tests {
             slot_token: 7,
             slots,
             after: vec![91],
+            slot_ids: Vec::new(),
         }
     }
 
@@ -203,6 +221,43 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// Slots interleaved with text tokens (MiniCPM-V's slices): the span covers them all and
+    /// the ids are the given ones; a length that disagrees with `slots` is refused.
+    #[test]
+    fn slot_ids_stand_in_the_span() {
+        let interleaved = Expansion {
+            slot_ids: vec![7, 7, 50, 51, 7, 7],
+            ..exp(6)
+        };
+        let s = splice(
+            &[1, 7, 2],
+            &[(Modality::Image, 7)],
+            &[(Modality::Image, interleaved)],
+            "p",
+        )
+        .unwrap();
+        assert_eq!(s.ids, [1, 90, 7, 7, 50, 51, 7, 7, 91, 2]);
+        assert_eq!(
+            s.spans,
+            [Span {
+                item: 0,
+                start: 2,
+                len: 6
+            }]
+        );
+        let short = Expansion {
+            slot_ids: vec![7],
+            ..exp(2)
+        };
+        assert!(splice(
+            &[7],
+            &[(Modality::Image, 7)],
+            &[(Modality::Image, short)],
+            "p"
+        )
+        .is_err());
     }
 
     #[test]

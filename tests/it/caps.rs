@@ -520,3 +520,29 @@ fn audio_past_the_models_window_is_reported_on_stderr() {
         assert!(!run(&short).contains("warning"), "{fixture}");
     }
 }
+
+#[test]
+fn media_with_non_utf8_names_are_read_and_a_non_utf8_prompt_is_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let name = std::ffi::OsStr::from_bytes(b"caf\xe9.jpg");
+    let photo = dir.path().join(name);
+    std::fs::copy(repo().join("tests/data/llava_photo_1.jpg"), &photo).unwrap();
+    let model = repo().join("tests/fixtures/llava-tiny");
+    let run = |prompt: &std::ffi::OsStr| {
+        mmllm()
+            .args(["image", "--model", model.to_str().unwrap(), "--dry-run"])
+            .arg(&photo)
+            .arg(prompt)
+            .output()
+            .unwrap()
+    };
+    let line = json_line(&run("hi".as_ref()));
+    assert_eq!(line["media"][0]["width"], 333);
+    assert!(line["media"][0]["input"]
+        .as_str()
+        .unwrap()
+        .ends_with("caf\u{fffd}.jpg"));
+    let out = run(std::ffi::OsStr::from_bytes(b"h\xe9"));
+    refused(&out, &["the prompt", "not valid UTF-8"]);
+}

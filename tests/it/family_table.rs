@@ -32,6 +32,12 @@ const STAND_INS: &[(&str, &str, &str, &str)] = &[
     ("qwen2-audio", "qwen2-audio-tiny", "audio", "speech_16k.wav"),
     ("whisper", "whisper-tiny-random", "audio", "speech_16k.wav"),
     ("ultravox", "ultravox-tiny", "audio", "speech_16k.wav"),
+    (
+        "minicpm-v",
+        "minicpmv-tiny",
+        "image",
+        "qwen_china_517x333.jpg",
+    ),
 ];
 
 /// Lays `fixture`'s files out as huggingface_hub caches `repo_id` (refs, blobs, snapshot links).

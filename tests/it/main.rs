@@ -15,6 +15,7 @@ mod llava_e2e;
 mod llava_onevision;
 mod llava_parity;
 mod media_av;
+mod minicpmv;
 mod qwen2_audio;
 mod qwen2_vl;
 mod qwen2_vl_e2e;

@@ -221,6 +221,7 @@ fn items_from_hf_pixels(
             slot_token: token,
             slots,
             after: vec![],
+            slot_ids: Vec::new(),
         };
         items.push((
             modality,
@@ -737,6 +738,7 @@ fn prefill_refuses_items_it_did_not_encode() {
             slot_token: model.config().image_token_id,
             slots: 12,
             after: vec![],
+            slot_ids: Vec::new(),
         },
         features,
         grid: None,

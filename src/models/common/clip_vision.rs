@@ -344,6 +344,44 @@ impl ClipVisionTower {
         &self.cfg
     }
 
+    /// Runs a SigLIP tower the navit way (MiniCPM-V): one image of any size `(1, C, H, W)`,
+    /// `H` and `W` multiples of the patch size, whose patches (row-major) take the rows
+    /// `position_ids` `(patches,)` of the position table. Returns the last loaded layer's
+    /// output `(1, patches, hidden)`.
+    pub fn navit_hidden_state(
+        &self,
+        pixel_values: &Tensor,
+        position_ids: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, c, hgt, wid) = pixel_values.dims4()?;
+        let p = self.cfg.patch_size;
+        if b != 1 || c != self.cfg.num_channels || hgt % p != 0 || wid % p != 0 {
+            return Err(Error::Runtime(anyhow::anyhow!(
+                "navit pixel values of shape {:?} (expected (1, {}, H, W) in whole patches of {p})",
+                pixel_values.dims(),
+                self.cfg.num_channels
+            )));
+        }
+        let (gh, gw) = (hgt / p, wid / p);
+        let dtype = self.patch_weight.dtype();
+        let patches = pixel_values
+            .to_dtype(dtype)?
+            .reshape((c, gh, p, gw, p))?
+            .permute((1, 3, 0, 2, 4))?
+            .contiguous()?
+            .reshape((gh * gw, c * p * p))?;
+        let mut xs = patches.matmul(&self.patch_weight.t()?)?;
+        if let Some(bias) = &self.patch_bias {
+            xs = xs.broadcast_add(bias)?;
+        }
+        let positions = self.position_embedding.index_select(position_ids, 0)?;
+        let mut xs = (xs + positions)?.unsqueeze(0)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs)?;
+        }
+        Ok(xs)
+    }
+
     /// Runs the tower on `pixel_values` `(B, C, S, S)` and returns `hidden_states[i]` for each
     /// requested `i` (HF numbering, `0..=layers loaded`), each `(B, 1 + patches, hidden)` (CLIP)
     /// or `(B, patches, hidden)` (SigLIP).

@@ -266,6 +266,7 @@ impl LlavaModel {
             slot_token: self.config.image_token_id,
             slots: self.config.image_slots()?,
             after: vec![],
+            slot_ids: Vec::new(),
         })
     }
 

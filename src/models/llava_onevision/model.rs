@@ -296,6 +296,7 @@ impl LlavaOnevisionModel {
             slot_token,
             slots,
             after: Vec::new(),
+            slot_ids: Vec::new(),
         }
     }
 }

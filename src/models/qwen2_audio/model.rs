@@ -114,6 +114,7 @@ impl Qwen2AudioModel {
             slot_token: self.config.audio_token_id,
             slots: output_lengths(valid_frames).1,
             after: Vec::new(),
+            slot_ids: Vec::new(),
         }
     }
 

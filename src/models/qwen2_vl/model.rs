@@ -238,6 +238,7 @@ impl Qwen2VlModel {
             slot_token,
             slots: self.slots(grid.grid_thw),
             after: Vec::new(),
+            slot_ids: Vec::new(),
         };
         Ok(EncodedItem::new(expansion, features).with_grid(grid))
     }

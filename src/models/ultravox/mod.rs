@@ -246,6 +246,7 @@ impl UltravoxModel {
             slot_token: self.slot_token,
             slots: self.chunks(valid_frames).iter().map(|c| c.tokens).sum(),
             after: Vec::new(),
+            slot_ids: Vec::new(),
         }
     }
 

@@ -370,6 +370,7 @@ impl Model for WhisperModel {
             slot_token: self.generation.decoder_start_token_id,
             slots: 0,
             after: Vec::new(),
+            slot_ids: Vec::new(),
         };
         Ok(EncodedItem::new(
             expansion,
