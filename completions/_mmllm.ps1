@@ -31,6 +31,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('embeds', 'embeds', [CompletionResultType]::ParameterValue, 'Prompt a model with precomputed embeddings instead of raw media')
             [CompletionResult]::new('batch', 'batch', [CompletionResultType]::ParameterValue, 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job')
             [CompletionResult]::new('merge', 'merge', [CompletionResultType]::ParameterValue, 'Join the outputs of sharded batch runs into one JSONL file, in manifest order')
+            [CompletionResult]::new('serve', 'serve', [CompletionResultType]::ParameterValue, 'Serve the model over HTTP with the OpenAI Chat Completions API (POST /v1/chat/completions, GET /v1/models, /health, /metrics); concurrent requests share one continuous batch. SIGTERM stops new requests and lets in-flight ones finish')
             [CompletionResult]::new('profile-decode', 'profile-decode', [CompletionResultType]::ParameterValue, 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line')
             [CompletionResult]::new('generate-docs', 'generate-docs', [CompletionResultType]::ParameterValue, 'Write the man pages and shell completions (for packagers)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
@@ -64,6 +65,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('--raw', '--raw', [CompletionResultType]::ParameterName, 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item')
             [CompletionResult]::new('--ignore-eos', '--ignore-eos', [CompletionResultType]::ParameterName, 'Keep generating past the end-of-sequence token (for benchmarks)')
             [CompletionResult]::new('--dry-run', '--dry-run', [CompletionResultType]::ParameterName, 'Decode the inputs and print the validated plan as JSON without loading weights')
+            [CompletionResult]::new('--allow-private-media-urls', '--allow-private-media-urls', [CompletionResultType]::ParameterName, 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
@@ -98,6 +100,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('--raw', '--raw', [CompletionResultType]::ParameterName, 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item')
             [CompletionResult]::new('--ignore-eos', '--ignore-eos', [CompletionResultType]::ParameterName, 'Keep generating past the end-of-sequence token (for benchmarks)')
             [CompletionResult]::new('--dry-run', '--dry-run', [CompletionResultType]::ParameterName, 'Decode the inputs and print the validated plan as JSON without loading weights')
+            [CompletionResult]::new('--allow-private-media-urls', '--allow-private-media-urls', [CompletionResultType]::ParameterName, 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)')
             [CompletionResult]::new('--as-images', '--as-images', [CompletionResultType]::ParameterName, 'Send the sampled frames as a multi-image prompt (counted against the image limit)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
@@ -128,6 +131,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('--raw', '--raw', [CompletionResultType]::ParameterName, 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item')
             [CompletionResult]::new('--ignore-eos', '--ignore-eos', [CompletionResultType]::ParameterName, 'Keep generating past the end-of-sequence token (for benchmarks)')
             [CompletionResult]::new('--dry-run', '--dry-run', [CompletionResultType]::ParameterName, 'Decode the inputs and print the validated plan as JSON without loading weights')
+            [CompletionResult]::new('--allow-private-media-urls', '--allow-private-media-urls', [CompletionResultType]::ParameterName, 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
@@ -159,6 +163,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('--raw', '--raw', [CompletionResultType]::ParameterName, 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item')
             [CompletionResult]::new('--ignore-eos', '--ignore-eos', [CompletionResultType]::ParameterName, 'Keep generating past the end-of-sequence token (for benchmarks)')
             [CompletionResult]::new('--dry-run', '--dry-run', [CompletionResultType]::ParameterName, 'Decode the inputs and print the validated plan as JSON without loading weights')
+            [CompletionResult]::new('--allow-private-media-urls', '--allow-private-media-urls', [CompletionResultType]::ParameterName, 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
@@ -175,6 +180,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('--strict', '--strict', [CompletionResultType]::ParameterName, 'Check every job''s media before running any, and fail listing all problems')
             [CompletionResult]::new('--resume', '--resume', [CompletionResultType]::ParameterName, 'Skip jobs whose id already has a result in the output file, and append')
             [CompletionResult]::new('--unordered', '--unordered', [CompletionResultType]::ParameterName, 'Write results in completion order instead of manifest order')
+            [CompletionResult]::new('--allow-private-media-urls', '--allow-private-media-urls', [CompletionResultType]::ParameterName, 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
@@ -183,6 +189,26 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'Write the merged JSONL here instead of stdout')
             [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Write the merged JSONL here instead of stdout')
             [CompletionResult]::new('--manifest', '--manifest', [CompletionResultType]::ParameterName, 'The manifest the runs came from: lines follow its order, and jobs with no result (missing, or only error lines) are listed with exit status 1. Without it, ids keep the order in which the inputs first name them')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
+        'mmllm;serve' {
+            [CompletionResult]::new('-m', '-m', [CompletionResultType]::ParameterName, 'Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory. Requests must name it as their `model`')
+            [CompletionResult]::new('--model', '--model', [CompletionResultType]::ParameterName, 'Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory. Requests must name it as their `model`')
+            [CompletionResult]::new('--host', '--host', [CompletionResultType]::ParameterName, 'Address to listen on')
+            [CompletionResult]::new('--port', '--port', [CompletionResultType]::ParameterName, 'Port to listen on (0: any free port; the address is printed on stderr)')
+            [CompletionResult]::new('--api-key', '--api-key', [CompletionResultType]::ParameterName, 'Require `Authorization: Bearer KEY` on /v1 requests')
+            [CompletionResult]::new('--allowed-local-media-path', '--allowed-local-media-path', [CompletionResultType]::ParameterName, 'Serve file:// media URLs below this directory (after resolving .. and links); without it file:// URLs are refused')
+            [CompletionResult]::new('--allowed-media-domains', '--allowed-media-domains', [CompletionResultType]::ParameterName, 'Fetch media URLs only from these hosts (comma-separated, exact host names)')
+            [CompletionResult]::new('--limit-mm-per-prompt', '--limit-mm-per-prompt', [CompletionResultType]::ParameterName, 'Maximum media items per prompt, e.g. image=2,video=1,audio=1 (default: the model''s)')
+            [CompletionResult]::new('--max-seqs', '--max-seqs', [CompletionResultType]::ParameterName, 'Most sequences generated at once (continuous batching)')
+            [CompletionResult]::new('--max-waiting', '--max-waiting', [CompletionResultType]::ParameterName, 'Requests queued beyond --max-seqs before new ones get 429 with Retry-After')
+            [CompletionResult]::new('--max-request-bytes', '--max-request-bytes', [CompletionResultType]::ParameterName, 'Largest request body in bytes (base64 media included); larger ones get 413')
+            [CompletionResult]::new('--shutdown-grace', '--shutdown-grace', [CompletionResultType]::ParameterName, 'Seconds in-flight requests may take to finish after SIGTERM')
+            [CompletionResult]::new('--device', '--device', [CompletionResultType]::ParameterName, 'Device: auto, cpu, cuda or cuda:N')
+            [CompletionResult]::new('--dtype', '--dtype', [CompletionResultType]::ParameterName, 'Weights dtype: auto (bf16 on CUDA, f32 on CPU), bf16, f16 or f32')
+            [CompletionResult]::new('--allow-private-media-urls', '--allow-private-media-urls', [CompletionResultType]::ParameterName, 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
@@ -211,6 +237,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('embeds', 'embeds', [CompletionResultType]::ParameterValue, 'Prompt a model with precomputed embeddings instead of raw media')
             [CompletionResult]::new('batch', 'batch', [CompletionResultType]::ParameterValue, 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job')
             [CompletionResult]::new('merge', 'merge', [CompletionResultType]::ParameterValue, 'Join the outputs of sharded batch runs into one JSONL file, in manifest order')
+            [CompletionResult]::new('serve', 'serve', [CompletionResultType]::ParameterValue, 'Serve the model over HTTP with the OpenAI Chat Completions API (POST /v1/chat/completions, GET /v1/models, /health, /metrics); concurrent requests share one continuous batch. SIGTERM stops new requests and lets in-flight ones finish')
             [CompletionResult]::new('profile-decode', 'profile-decode', [CompletionResultType]::ParameterValue, 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line')
             [CompletionResult]::new('generate-docs', 'generate-docs', [CompletionResultType]::ParameterValue, 'Write the man pages and shell completions (for packagers)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
@@ -232,6 +259,9 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             break
         }
         'mmllm;help;merge' {
+            break
+        }
+        'mmllm;help;serve' {
             break
         }
         'mmllm;help;profile-decode' {

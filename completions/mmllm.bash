@@ -40,6 +40,9 @@ _mmllm() {
             mmllm,profile-decode)
                 cmd="mmllm__subcmd__profile__subcmd__decode"
                 ;;
+            mmllm,serve)
+                cmd="mmllm__subcmd__serve"
+                ;;
             mmllm,video)
                 cmd="mmllm__subcmd__video"
                 ;;
@@ -67,6 +70,9 @@ _mmllm() {
             mmllm__subcmd__help,profile-decode)
                 cmd="mmllm__subcmd__help__subcmd__profile__subcmd__decode"
                 ;;
+            mmllm__subcmd__help,serve)
+                cmd="mmllm__subcmd__help__subcmd__serve"
+                ;;
             mmllm__subcmd__help,video)
                 cmd="mmllm__subcmd__help__subcmd__video"
                 ;;
@@ -77,7 +83,7 @@ _mmllm() {
 
     case "${cmd}" in
         mmllm)
-            opts="-h -V --help --version image video audio embeds batch merge profile-decode generate-docs help"
+            opts="-h -V --help --version image video audio embeds batch merge serve profile-decode generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -91,7 +97,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__audio)
-            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --sample-rate --help"
+            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --allow-private-media-urls --sample-rate --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -189,7 +195,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__batch)
-            opts="-o -h --output --shard --shards --strict --media-root --resume --unordered --max-seqs --device --dtype --help"
+            opts="-o -h --output --shard --shards --strict --media-root --resume --unordered --max-seqs --device --dtype --allow-private-media-urls --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -235,7 +241,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__embeds)
-            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --modality --image-grid-thw --image-sizes --help"
+            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --allow-private-media-urls --modality --image-grid-thw --image-sizes --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -359,7 +365,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__help)
-            opts="image video audio embeds batch merge profile-decode generate-docs help"
+            opts="image video audio embeds batch merge serve profile-decode generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -484,6 +490,20 @@ _mmllm() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        mmllm__subcmd__help__subcmd__serve)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         mmllm__subcmd__help__subcmd__video)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -499,7 +519,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__image)
-            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --min-pixels --max-pixels --max-slice-nums --num-crops --help"
+            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --allow-private-media-urls --min-pixels --max-pixels --max-slice-nums --num-crops --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -672,8 +692,78 @@ _mmllm() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        mmllm__subcmd__serve)
+            opts="-m -h --model --host --port --api-key --allowed-local-media-path --allowed-media-domains --allow-private-media-urls --limit-mm-per-prompt --max-seqs --max-waiting --max-request-bytes --shutdown-grace --device --dtype --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --model)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -m)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --host)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --api-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --allowed-local-media-path)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --allowed-media-domains)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --limit-mm-per-prompt)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-seqs)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-waiting)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-request-bytes)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --shutdown-grace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --device)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dtype)
+                    COMPREPLY=($(compgen -W "auto bf16 f16 f32" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         mmllm__subcmd__video)
-            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --min-pixels --max-pixels --max-slice-nums --num-crops --num-frames --fps --as-images --help"
+            opts="-p -m -o -h --prompt --system --raw --chat-template --limit-mm-per-prompt --model --output --max-tokens --temperature --top-p --top-k --repetition-penalty --seed --stop --logprobs --device --dtype --ignore-eos --id --dry-run --allow-private-media-urls --min-pixels --max-pixels --max-slice-nums --num-crops --num-frames --fps --as-images --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

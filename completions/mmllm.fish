@@ -32,6 +32,7 @@ complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "audio" -d 'Prompt a mod
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "embeds" -d 'Prompt a model with precomputed embeddings instead of raw media'
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "batch" -d 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job'
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "merge" -d 'Join the outputs of sharded batch runs into one JSONL file, in manifest order'
+complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "serve" -d 'Serve the model over HTTP with the OpenAI Chat Completions API (POST /v1/chat/completions, GET /v1/models, /health, /metrics); concurrent requests share one continuous batch. SIGTERM stops new requests and lets in-flight ones finish'
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "profile-decode" -d 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line'
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "generate-docs" -d 'Write the man pages and shell completions (for packagers)'
 complete -c mmllm -n "__fish_mmllm_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
@@ -63,6 +64,7 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l num-crops -d 'Most
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l raw -d 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item'
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l ignore-eos -d 'Keep generating past the end-of-sequence token (for benchmarks)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l dry-run -d 'Decode the inputs and print the validated plan as JSON without loading weights'
+complete -c mmllm -n "__fish_mmllm_using_subcommand image" -l allow-private-media-urls -d 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand image" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -s p -l prompt -d 'The prompt text (then every positional argument is a media item); - reads stdin' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l system -d 'System prompt, added as a system turn of the chat template' -r
@@ -94,6 +96,7 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l fps -d 'Sample fra
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l raw -d 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item'
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l ignore-eos -d 'Keep generating past the end-of-sequence token (for benchmarks)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l dry-run -d 'Decode the inputs and print the validated plan as JSON without loading weights'
+complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l allow-private-media-urls -d 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -l as-images -d 'Send the sampled frames as a multi-image prompt (counted against the image limit)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand video" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -s p -l prompt -d 'The prompt text (then every positional argument is a media item); - reads stdin' -r
@@ -121,6 +124,7 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l sample-rate -d 'Sa
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l raw -d 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item'
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l ignore-eos -d 'Keep generating past the end-of-sequence token (for benchmarks)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l dry-run -d 'Decode the inputs and print the validated plan as JSON without loading weights'
+complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -l allow-private-media-urls -d 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand audio" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -s p -l prompt -d 'The prompt text (then every positional argument is a media item); - reads stdin' -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l system -d 'System prompt, added as a system turn of the chat template' -r
@@ -151,6 +155,7 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l image-sizes -d 'i
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l raw -d 'Send the prompt verbatim, without the chat template; it must contain one placeholder (e.g. <image>) per media item'
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l ignore-eos -d 'Keep generating past the end-of-sequence token (for benchmarks)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l dry-run -d 'Decode the inputs and print the validated plan as JSON without loading weights'
+complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -l allow-private-media-urls -d 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused by default, as a server must)'
 complete -c mmllm -n "__fish_mmllm_using_subcommand embeds" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -s o -l output -d 'Write results here (JSONL) instead of stdout; {shard} in the path becomes the shard, K-of-N with K zero-padded (out-{shard}.jsonl: out-03-of-12.jsonl)' -r -F
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l shard -d 'Run only shard K of N (0-based): the jobs whose id hashes to K (FNV-1a 64 of the id, mod N). The whole manifest is still validated. Overrides the environment' -r
@@ -165,10 +170,29 @@ f32\t''"
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l strict -d 'Check every job\'s media before running any, and fail listing all problems'
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l resume -d 'Skip jobs whose id already has a result in the output file, and append'
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l unordered -d 'Write results in completion order instead of manifest order'
+complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -l allow-private-media-urls -d 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses'
 complete -c mmllm -n "__fish_mmllm_using_subcommand batch" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand merge" -s o -l output -d 'Write the merged JSONL here instead of stdout' -r -F
 complete -c mmllm -n "__fish_mmllm_using_subcommand merge" -l manifest -d 'The manifest the runs came from: lines follow its order, and jobs with no result (missing, or only error lines) are listed with exit status 1. Without it, ids keep the order in which the inputs first name them' -r -F
 complete -c mmllm -n "__fish_mmllm_using_subcommand merge" -s h -l help -d 'Print help'
+complete -c mmllm -n "__fish_mmllm_using_subcommand serve" -s m -l model -d 'Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory. Requests must name it as their `model`' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand serve" -l host -d 'Address to listen on' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand serve" -l port -d 'Port to listen on (0: any free port; the address is printed on stderr)' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand serve" -l api-key -d 'Require `Authorization: Bearer KEY` on /v1 requests' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand serve" -l allowed-local-media-path -d 'Serve file:// media URLs below this directory (after resolving .. and links); without it file:// URLs are refused' -r -F
+complete -c mmllm -n "__fish_mmllm_using_subcommand serve" -l allowed-media-domains -d 'Fetch media URLs only from these hosts (comma-separated, exact host names)' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand serve" -l limit-mm-per-prompt -d 'Maximum media items per prompt, e.g. image=2,video=1,audio=1 (default: the model\'s)' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand serve" -l max-seqs -d 'Most sequences generated at once (continuous batching)' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand serve" -l max-waiting -d 'Requests queued beyond --max-seqs before new ones get 429 with Retry-After' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand serve" -l max-request-bytes -d 'Largest request body in bytes (base64 media included); larger ones get 413' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand serve" -l shutdown-grace -d 'Seconds in-flight requests may take to finish after SIGTERM' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand serve" -l device -d 'Device: auto, cpu, cuda or cuda:N' -r
+complete -c mmllm -n "__fish_mmllm_using_subcommand serve" -l dtype -d 'Weights dtype: auto (bf16 on CUDA, f32 on CPU), bf16, f16 or f32' -r -f -a "auto\t''
+bf16\t''
+f16\t''
+f32\t''"
+complete -c mmllm -n "__fish_mmllm_using_subcommand serve" -l allow-private-media-urls -d 'Allow media URLs on loopback, private, link-local and cloud-metadata addresses'
+complete -c mmllm -n "__fish_mmllm_using_subcommand serve" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l model -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l device -r
 complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l dtype -r -f -a "auto\t''
@@ -181,12 +205,13 @@ complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -l image -d 
 complete -c mmllm -n "__fish_mmllm_using_subcommand profile-decode" -s h -l help -d 'Print help'
 complete -c mmllm -n "__fish_mmllm_using_subcommand generate-docs" -l out-dir -d 'Directory under which `man/` and `completions/` are written' -r -F
 complete -c mmllm -n "__fish_mmllm_using_subcommand generate-docs" -s h -l help -d 'Print help'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "image" -d 'Prompt a model with one or more images'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "video" -d 'Prompt a model with a video file or a directory of frames'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "audio" -d 'Prompt a model with audio (WAV, mp3, flac, ogg, m4a, .npy)'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "embeds" -d 'Prompt a model with precomputed embeddings instead of raw media'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "batch" -d 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "merge" -d 'Join the outputs of sharded batch runs into one JSONL file, in manifest order'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "profile-decode" -d 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "generate-docs" -d 'Write the man pages and shell completions (for packagers)'
-complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge profile-decode generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge serve profile-decode generate-docs help" -f -a "image" -d 'Prompt a model with one or more images'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge serve profile-decode generate-docs help" -f -a "video" -d 'Prompt a model with a video file or a directory of frames'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge serve profile-decode generate-docs help" -f -a "audio" -d 'Prompt a model with audio (WAV, mp3, flac, ogg, m4a, .npy)'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge serve profile-decode generate-docs help" -f -a "embeds" -d 'Prompt a model with precomputed embeddings instead of raw media'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge serve profile-decode generate-docs help" -f -a "batch" -d 'Run a YAML (or JSONL) manifest of jobs, writing one JSONL result per job'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge serve profile-decode generate-docs help" -f -a "merge" -d 'Join the outputs of sharded batch runs into one JSONL file, in manifest order'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge serve profile-decode generate-docs help" -f -a "serve" -d 'Serve the model over HTTP with the OpenAI Chat Completions API (POST /v1/chat/completions, GET /v1/models, /health, /metrics); concurrent requests share one continuous batch. SIGTERM stops new requests and lets in-flight ones finish'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge serve profile-decode generate-docs help" -f -a "profile-decode" -d 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge serve profile-decode generate-docs help" -f -a "generate-docs" -d 'Write the man pages and shell completions (for packagers)'
+complete -c mmllm -n "__fish_mmllm_using_subcommand help; and not __fish_seen_subcommand_from image video audio embeds batch merge serve profile-decode generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

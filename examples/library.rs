@@ -30,6 +30,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         device: DeviceChoice::Cpu,
         dtype: DTypeChoice::F32,
         dry_run: false,
+        // Media URLs on private addresses are refused, as the CLI does by default.
+        fetch: Default::default(),
     };
     let plan = Plan::from_settings(&settings, run, None)?;
     let resolved = pipeline::resolve(&plan.model)?;

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         }
         Command::Batch(args) => mmllm::app::batch::run(args),
         Command::Merge(args) => mmllm::app::merge::run(args),
+        Command::Serve(args) => mmllm::app::serve::run(args),
         Command::ProfileDecode {
             model,
             device,

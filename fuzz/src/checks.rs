@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use mmllm::app::pipeline::{self, Loaded};
 use mmllm::engine::device::{DTypeChoice, DeviceChoice};
 use mmllm::error::Result;
+use mmllm::media::fetch::FetchPolicy;
 use mmllm::media::{self, embeds, source::Source, MediaItem, Modality, MAX_AUDIO_BYTES};
 use mmllm::models::family::ProcessorKwargs;
 use mmllm::prompt::build::{PromptInput, PromptItem};
@@ -19,7 +20,7 @@ use mmllm::prompt::Expansion;
 pub type Check = fn(&[u8]);
 
 /// The targets, by name (the binaries in `fuzz/Cargo.toml`, the folders of the corpora).
-pub const TARGETS: [(&str, Check); 8] = [
+pub const TARGETS: [(&str, Check); 9] = [
     ("image", image),
     ("wav", wav),
     ("npy", npy),
@@ -28,7 +29,16 @@ pub const TARGETS: [(&str, Check); 8] = [
     ("manifest_jsonl", manifest_jsonl),
     ("data_url", data_url),
     ("chat_template", chat_template),
+    ("chat_request", chat_request),
 ];
+
+/// A `POST /v1/chat/completions` body through the function the server calls: it parses, or
+/// it is refused with a 4xx (never a 5xx, never a panic).
+pub fn chat_request(bytes: &[u8]) {
+    if let Err(e) = mmllm::app::serve::openai::parse_chat_request(bytes) {
+        assert!((400..500).contains(&e.status), "{}: {}", e.status, e.message);
+    }
+}
 
 /// A user's bad input must end in an input error (exit 2), never in anything else.
 fn input_error<T>(result: Result<T>, what: &str) -> Option<T> {
@@ -129,7 +139,9 @@ pub fn data_url(bytes: &[u8]) {
     if let Some(source @ Source::DataUrl { .. }) = input_error(Source::parse(&arg), "data url") {
         assert!(source.display().starts_with("data:"));
         let mut no_stdin = std::io::empty();
-        let read = source.read(Modality::Audio, MAX_AUDIO_BYTES, &mut no_stdin);
+        // The default policy: what the CLI applies without --allow-private-media-urls.
+        let policy = FetchPolicy::default();
+        let read = source.read(Modality::Audio, MAX_AUDIO_BYTES, &policy, &mut no_stdin);
         if let Some(b) = input_error(read, "data url read") {
             assert!(b.len() as u64 <= MAX_AUDIO_BYTES);
         }
@@ -272,6 +284,7 @@ pub fn chat_template(bytes: &[u8]) {
         system,
         raw,
         chat_template: template.as_ref(),
+        turns: None,
     };
     let built = fixture
         .loaded

@@ -116,6 +116,10 @@ pub fn run(args: &BatchArgs) -> Result<()> {
     let device = DeviceChoice::parse(&args.device)?;
     let name = args.manifest.display().to_string();
     let root = args.media_root.as_deref().map(media_root).transpose()?;
+    let fetch = crate::media::source::FetchPolicy {
+        allow_private: args.allow_private_media_urls,
+        ..Default::default()
+    };
     let mut plans = Vec::with_capacity(jobs.len());
     let mut problems = Vec::new();
     for job in &jobs {
@@ -124,7 +128,7 @@ pub fn run(args: &BatchArgs) -> Result<()> {
             Some(root) => confine(&job.settings, root),
             None => Ok(()),
         };
-        match confined.and_then(|()| Plan::from_job(job, device, args.dtype.into())) {
+        match confined.and_then(|()| Plan::from_job(job, device, args.dtype.into(), &fetch)) {
             Ok(plan) => plans.push(plan),
             Err(e) => problems.push(format!("  {name}:{}: job {:?}: {e}", job.line, job.id)),
         }

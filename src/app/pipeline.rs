@@ -306,6 +306,7 @@ fn request_with_items(
                 system: plan.system.as_deref(),
                 raw: plan.raw,
                 chat_template: plan.chat_template.as_ref(),
+                turns: plan.turns.as_deref(),
             };
             let prompt_items: Vec<PromptItem> = media
                 .iter()
@@ -372,6 +373,7 @@ fn decode_media(plan: &Plan, stdin: &mut dyn std::io::Read) -> Result<Vec<MediaI
         images: media::image::ImageLimits::from_env()?,
         frames: plan.frames.clone(),
         npy_sample_rate: plan.sample_rate,
+        fetch: plan.fetch.clone(),
     };
     let mut out = Vec::new();
     for arg in &plan.media {
@@ -383,7 +385,7 @@ fn decode_media(plan: &Plan, stdin: &mut dyn std::io::Read) -> Result<Vec<MediaI
         let mut item = media::load(&arg.source, modality, embeds, &opts, stdin)?;
         if let MediaItem::Embeds(mut e) = item {
             for (name, source) in &plan.extra_tensors {
-                let bytes = source.read(modality, media::MAX_EMBEDS_BYTES, stdin)?;
+                let bytes = source.read(modality, media::MAX_EMBEDS_BYTES, &plan.fetch, stdin)?;
                 e = media::embeds::merge_embeds(e, name, &bytes, &source.display())?;
             }
             item = MediaItem::Embeds(e);

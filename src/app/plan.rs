@@ -12,7 +12,7 @@ use crate::engine::device::{DTypeChoice, DeviceChoice};
 use crate::engine::sampler::SamplingParams;
 use crate::error::{Error, Result};
 use crate::manifest::{Job, Settings};
-use crate::media::source::Source;
+use crate::media::source::{FetchPolicy, Source};
 use crate::media::video::FrameSampling;
 use crate::media::{MediaItem, Modality};
 use crate::models::{FamilyDefaults, ProcessorKwargs};
@@ -66,6 +66,9 @@ pub struct Plan {
     pub id: String,
     pub prompt: String,
     pub system: Option<String>,
+    /// A conversation (from the server's `messages`) rendered instead of `system` + `prompt`;
+    /// `prompt` then holds the last user text (for families that build their own prompt).
+    pub turns: Option<Vec<crate::prompt::build::Turn>>,
     pub raw: bool,
     /// `--chat-template FILE`: (path, contents).
     pub chat_template: Option<(String, String)>,
@@ -83,6 +86,8 @@ pub struct Plan {
     pub device: DeviceChoice,
     pub dtype: DTypeChoice,
     pub dry_run: bool,
+    /// What media URLs may reach.
+    pub fetch: FetchPolicy,
 }
 
 /// What one invocation sets beside its [`Settings`].
@@ -93,6 +98,7 @@ pub struct RunOptions {
     pub device: DeviceChoice,
     pub dtype: DTypeChoice,
     pub dry_run: bool,
+    pub fetch: FetchPolicy,
 }
 
 impl Plan {
@@ -229,6 +235,7 @@ impl Plan {
             id: run.id,
             prompt,
             system: s.system.clone(),
+            turns: None,
             raw: s.raw.unwrap_or(false),
             chat_template,
             media,
@@ -249,6 +256,7 @@ impl Plan {
             device: run.device,
             dtype: run.dtype,
             dry_run: run.dry_run,
+            fetch: run.fetch,
         })
     }
 
@@ -265,6 +273,10 @@ impl Plan {
             device: DeviceChoice::parse(&gen.device)?,
             dtype: gen.dtype.into(),
             dry_run: gen.dry_run,
+            fetch: FetchPolicy {
+                allow_private: gen.allow_private_media_urls,
+                ..FetchPolicy::default()
+            },
         };
         let mut plan = Self::from_settings(&settings, run, Some(stdin))?;
         // One command fills one media list, so positional index k is the plan's item k.
@@ -277,13 +289,19 @@ impl Plan {
     }
 
     /// Builds the plan of one batch job (its settings already merged with the defaults).
-    pub fn from_job(job: &Job, device: DeviceChoice, dtype: DTypeChoice) -> Result<Plan> {
+    pub fn from_job(
+        job: &Job,
+        device: DeviceChoice,
+        dtype: DTypeChoice,
+        fetch: &FetchPolicy,
+    ) -> Result<Plan> {
         let run = RunOptions {
             id: job.id.clone(),
             output: OutputFormat::Jsonl,
             device,
             dtype,
             dry_run: false,
+            fetch: fetch.clone(),
         };
         Self::from_settings(&job.settings, run, None)
     }
@@ -511,7 +529,7 @@ fn frame_sampling(num_frames: Option<usize>, fps: Option<f64>) -> Result<FrameSa
 }
 
 /// Generation settings with the defaults filled in, checked.
-fn gen_settings(s: &Settings) -> Result<GenSettings> {
+pub(crate) fn gen_settings(s: &Settings) -> Result<GenSettings> {
     let sampling = SamplingParams {
         temperature: s.temperature.unwrap_or(DEFAULT_TEMPERATURE),
         top_p: s.top_p,

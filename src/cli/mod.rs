@@ -30,7 +30,8 @@ mmllm image --model llava \"$FILE\" -p \"$PROMPT\"   (in scripts: -p, so no prom
 mmllm embeds --model llava image_embeds.safetensors \"What is in this image?\"\n  \
 mmllm batch jobs.yaml -o results.jsonl\n  \
 mmllm batch jobs.yaml --shard 2/8 -o 'out-{shard}.jsonl'\n  \
-mmllm merge out-*.jsonl --manifest jobs.yaml -o results.jsonl"
+mmllm merge out-*.jsonl --manifest jobs.yaml -o results.jsonl\n  \
+mmllm serve --model qwen2-vl --port 8000"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -51,6 +52,10 @@ pub enum Command {
     Batch(BatchArgs),
     /// Join the outputs of sharded batch runs into one JSONL file, in manifest order.
     Merge(MergeArgs),
+    /// Serve the model over HTTP with the OpenAI Chat Completions API (POST
+    /// /v1/chat/completions, GET /v1/models, /health, /metrics); concurrent requests share one
+    /// continuous batch. SIGTERM stops new requests and lets in-flight ones finish.
+    Serve(ServeArgs),
     /// Time single-token decode steps of a model (for bench/gpu.py): step wall time, host
     /// time to enqueue a step and GPU time to run it. Prints a JSON line.
     #[command(hide = true)]
@@ -172,6 +177,11 @@ pub struct GenArgs {
     /// Decode the inputs and print the validated plan as JSON without loading weights.
     #[arg(long)]
     pub dry_run: bool,
+
+    /// Allow media URLs on loopback, private, link-local and cloud-metadata addresses (refused
+    /// by default, as a server must).
+    #[arg(long)]
+    pub allow_private_media_urls: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -294,6 +304,57 @@ pub struct BatchArgs {
     /// Most sequences of one model generated at once (continuous batching).
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = at_least_one)]
     pub max_seqs: usize,
+    /// Device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Weights dtype: auto (bf16 on CUDA, f32 on CPU), bf16, f16 or f32.
+    #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
+    pub dtype: DTypeArg,
+    /// Allow media URLs on loopback, private, link-local and cloud-metadata addresses.
+    #[arg(long)]
+    pub allow_private_media_urls: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ServeArgs {
+    /// Model: an alias (llava, qwen2-vl, ...), a Hugging Face repo id, or a local directory.
+    /// Requests must name it as their `model`.
+    #[arg(short, long, env = "MMLLM_MODEL")]
+    pub model: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the address is printed on stderr).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1 requests.
+    #[arg(long, env = "MMLLM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Serve file:// media URLs below this directory (after resolving .. and links); without
+    /// it file:// URLs are refused.
+    #[arg(long, value_name = "DIR")]
+    pub allowed_local_media_path: Option<PathBuf>,
+    /// Fetch media URLs only from these hosts (comma-separated, exact host names).
+    #[arg(long, value_name = "HOST,...")]
+    pub allowed_media_domains: Option<String>,
+    /// Allow media URLs on loopback, private, link-local and cloud-metadata addresses.
+    #[arg(long)]
+    pub allow_private_media_urls: bool,
+    /// Maximum media items per prompt, e.g. image=2,video=1,audio=1 (default: the model's).
+    #[arg(long, value_name = "MODALITY=N,...")]
+    pub limit_mm_per_prompt: Option<String>,
+    /// Most sequences generated at once (continuous batching).
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = at_least_one)]
+    pub max_seqs: usize,
+    /// Requests queued beyond --max-seqs before new ones get 429 with Retry-After.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = at_least_one)]
+    pub max_waiting: usize,
+    /// Largest request body in bytes (base64 media included); larger ones get 413.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+    pub max_request_bytes: usize,
+    /// Seconds in-flight requests may take to finish after SIGTERM.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    pub shutdown_grace: f64,
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokenizers::Tokenizer;
 
-use super::generate::{Completion, Request, Sequence};
+use super::generate::{Completion, Event, Request, Sequence};
 use crate::error::{Error, Result};
 use crate::models::kv::KvCache;
 use crate::models::Model;
@@ -53,6 +53,33 @@ struct Active {
     next: u32,
 }
 
+/// What a [`Feed`] has for the scheduler.
+// One value per request handed over, never stored in bulk: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Next {
+    /// A request (or the error that stopped it being built) under the caller's index.
+    Ready(usize, Result<Request>),
+    /// Nothing right now; more may come (a server between requests).
+    Nothing,
+    /// Nothing ever again: finish what is in flight and return.
+    End,
+}
+
+/// Where requests come from and where their events and results go: an iterator for `batch`,
+/// a channel of client requests for `serve`.
+pub trait Feed {
+    /// The next request. `idle` is true when nothing is in flight, so the feed may wait.
+    fn next(&mut self, idle: bool) -> Next;
+    /// Text and progress of request `index` as it decodes. An error cancels that request
+    /// (its client went away); it then gets [`Feed::done`] with the error.
+    fn event(&mut self, index: usize, event: Event) -> Result<()>;
+    /// Whether request `index` should stop now (checked before every step).
+    fn cancelled(&mut self, index: usize) -> bool;
+    /// Request `index` finished with its completion or error (in completion order); an
+    /// error returned here stops the run.
+    fn done(&mut self, index: usize, result: Result<Completion>) -> Result<()>;
+}
+
 /// Runs every request that `requests` yields, `(index, request)` pairs pulled one at a time as
 /// room frees up (so media for later jobs is encoded only when it is about to run). An `Err`
 /// item is passed straight to `on_done`. `on_done` receives each request's index with its
@@ -63,6 +90,42 @@ pub fn run(
     config: SchedulerConfig,
     requests: &mut dyn Iterator<Item = (usize, Result<Request>)>,
     on_done: &mut dyn FnMut(usize, Result<Completion>) -> Result<()>,
+) -> Result<Stats> {
+    struct IterFeed<'a> {
+        requests: &'a mut dyn Iterator<Item = (usize, Result<Request>)>,
+        on_done: &'a mut dyn FnMut(usize, Result<Completion>) -> Result<()>,
+    }
+    impl Feed for IterFeed<'_> {
+        fn next(&mut self, _idle: bool) -> Next {
+            match self.requests.next() {
+                Some((index, req)) => Next::Ready(index, req),
+                None => Next::End,
+            }
+        }
+        fn event(&mut self, _index: usize, _event: Event) -> Result<()> {
+            Ok(())
+        }
+        fn cancelled(&mut self, _index: usize) -> bool {
+            false
+        }
+        fn done(&mut self, index: usize, result: Result<Completion>) -> Result<()> {
+            (self.on_done)(index, result)
+        }
+    }
+    run_feed(
+        model,
+        tokenizer,
+        config,
+        &mut IterFeed { requests, on_done },
+    )
+}
+
+/// Runs the requests of `feed` until it says [`Next::End`] and all in flight are done.
+pub fn run_feed(
+    model: &dyn Model,
+    tokenizer: &Arc<Tokenizer>,
+    config: SchedulerConfig,
+    feed: &mut dyn Feed,
 ) -> Result<Stats> {
     let max_seqs = config.max_seqs.max(1);
     let mut stats = Stats::default();
@@ -76,13 +139,14 @@ pub fn run(
         // (later ones do not overtake it) until sequences finish.
         while active.len() < max_seqs {
             if waiting.is_none() && !exhausted {
-                match requests.next() {
-                    Some((index, Ok(req))) => waiting = Some((index, req)),
-                    Some((index, Err(e))) => {
-                        on_done(index, Err(e))?;
+                match feed.next(active.is_empty()) {
+                    Next::Ready(index, Ok(req)) => waiting = Some((index, req)),
+                    Next::Ready(index, Err(e)) => {
+                        feed.done(index, Err(e))?;
                         continue;
                     }
-                    None => exhausted = true,
+                    Next::Nothing => break,
+                    Next::End => exhausted = true,
                 }
             }
             let Some((_, req)) = &waiting else {
@@ -95,7 +159,7 @@ pub fn run(
             let Some((index, req)) = waiting.take() else {
                 break;
             };
-            match start(model, tokenizer, &req) {
+            match start(model, tokenizer, &req, &mut |ev| feed.event(index, ev)) {
                 Started::Running(seq, next) => {
                     reserved += need;
                     active.push(Active {
@@ -106,9 +170,20 @@ pub fn run(
                         next,
                     });
                 }
-                Started::Finished(done) => on_done(index, done)?,
+                Started::Finished(done) => feed.done(index, done)?,
             }
         }
+        // A cancelled sequence leaves now, freeing its cache and its place.
+        let mut kept = Vec::with_capacity(active.len());
+        for a in active.drain(..) {
+            if feed.cancelled(a.index) {
+                reserved -= a.reserved;
+                feed.done(a.index, Err(Error::Runtime(anyhow::anyhow!("cancelled"))))?;
+            } else {
+                kept.push(a);
+            }
+        }
+        active = kept;
         if active.is_empty() {
             if exhausted && waiting.is_none() {
                 return Ok(stats);
@@ -140,7 +215,7 @@ pub fn run(
                 let message = format!("{}", DisplayError(&e));
                 for a in active.drain(..) {
                     reserved -= a.reserved;
-                    on_done(a.index, Err(Error::Runtime(anyhow::anyhow!("{message}"))))?;
+                    feed.done(a.index, Err(Error::Runtime(anyhow::anyhow!("{message}"))))?;
                 }
                 continue;
             }
@@ -148,19 +223,20 @@ pub fn run(
         let mut still = Vec::with_capacity(active.len());
         for (mut a, row) in active.drain(..).zip(logits) {
             a.seq.set_logits(row);
-            match a.seq.step(&a.req, &mut |_| Ok(())) {
+            let index = a.index;
+            match a.seq.step(&a.req, &mut |ev| feed.event(index, ev)) {
                 Ok(Some(id)) => {
                     a.next = id;
                     still.push(a);
                 }
                 Ok(None) => {
                     reserved -= a.reserved;
-                    let done = a.seq.finish(&a.req, &mut |_| Ok(()));
-                    on_done(a.index, done)?;
+                    let done = a.seq.finish(&a.req, &mut |ev| feed.event(index, ev));
+                    feed.done(index, done)?;
                 }
                 Err(e) => {
                     reserved -= a.reserved;
-                    on_done(a.index, Err(e))?;
+                    feed.done(index, Err(e))?;
                 }
             }
         }
@@ -189,14 +265,19 @@ enum Started {
 }
 
 /// Prefills `req` and samples its first token.
-fn start(model: &dyn Model, tokenizer: &Arc<Tokenizer>, req: &Request) -> Started {
-    let mut seq = match Sequence::prefill(model, tokenizer, req, &mut |_| Ok(())) {
+fn start(
+    model: &dyn Model,
+    tokenizer: &Arc<Tokenizer>,
+    req: &Request,
+    on_event: &mut dyn FnMut(Event) -> Result<()>,
+) -> Started {
+    let mut seq = match Sequence::prefill(model, tokenizer, req, on_event) {
         Ok(seq) => seq,
         Err(e) => return Started::Finished(Err(e)),
     };
-    match seq.step(req, &mut |_| Ok(())) {
+    match seq.step(req, on_event) {
         Ok(Some(id)) => Started::Running(Box::new(seq), id),
-        Ok(None) => Started::Finished(seq.finish(req, &mut |_| Ok(()))),
+        Ok(None) => Started::Finished(seq.finish(req, on_event)),
         Err(e) => Started::Finished(Err(e)),
     }
 }

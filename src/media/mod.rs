@@ -3,6 +3,7 @@
 
 pub mod audio;
 pub mod embeds;
+pub mod fetch;
 mod ffmpeg;
 pub mod image;
 mod npy;
@@ -97,6 +98,8 @@ pub struct LoadOptions {
     pub frames: video::FrameSampling,
     /// Sample rate of `.npy` audio, which carries none.
     pub npy_sample_rate: Option<u32>,
+    /// What URLs may reach.
+    pub fetch: source::FetchPolicy,
 }
 
 /// Reads `source` and decodes it as `modality` (or as embeddings of it when `embeds`).
@@ -109,14 +112,14 @@ pub fn load(
 ) -> crate::error::Result<MediaItem> {
     let input = source.display();
     if embeds {
-        let bytes = source.read(modality, MAX_EMBEDS_BYTES, stdin)?;
+        let bytes = source.read(modality, MAX_EMBEDS_BYTES, &opts.fetch, stdin)?;
         return Ok(MediaItem::Embeds(embeds::load_embeds(
             &bytes, &input, modality,
         )?));
     }
     match modality {
         Modality::Image => {
-            let bytes = source.read(modality, opts.images.max_bytes, stdin)?;
+            let bytes = source.read(modality, opts.images.max_bytes, &opts.fetch, stdin)?;
             Ok(MediaItem::Image(image::decode_image(
                 &bytes,
                 &input,
@@ -124,7 +127,7 @@ pub fn load(
             )?))
         }
         Modality::Audio => {
-            let bytes = source.read(modality, MAX_AUDIO_BYTES, stdin)?;
+            let bytes = source.read(modality, MAX_AUDIO_BYTES, &opts.fetch, stdin)?;
             let is_npy = bytes.starts_with(b"\x93NUMPY");
             let audio = match (is_npy, opts.npy_sample_rate) {
                 (true, Some(rate)) => audio::audio_from_npy(&bytes, &input, rate, None)?,
@@ -158,7 +161,7 @@ pub fn load(
                     video::decode_video(p, &input, &opts.frames)?
                 }
                 _ => {
-                    let bytes = source.read(modality, MAX_VIDEO_BYTES, stdin)?;
+                    let bytes = source.read(modality, MAX_VIDEO_BYTES, &opts.fetch, stdin)?;
                     video::decode_video_bytes(&bytes, &input, &opts.frames)?
                 }
             };

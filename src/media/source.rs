@@ -9,6 +9,10 @@ use std::time::Duration;
 
 use base64::Engine as _;
 
+pub use super::fetch::{
+    default_fetch_timeout, fetch_timeout, fetch_timeout_var, fetch_timeout_with, FetchPolicy,
+};
+use super::fetch::{over_cap, percent_decode, read_capped, redact_userinfo};
 use super::Modality;
 use crate::error::{Error, Result};
 
@@ -81,15 +85,21 @@ impl Source {
         }
     }
 
-    /// Reads the item's bytes, refusing more than `cap` bytes. URLs are fetched with the
-    /// modality's timeout (see [`fetch_timeout`]).
-    pub fn read(&self, modality: Modality, cap: u64, stdin: &mut dyn Read) -> Result<Vec<u8>> {
+    /// Reads the item's bytes, refusing more than `cap` bytes. URLs are fetched under
+    /// `policy` with the modality's timeout (see [`fetch_timeout`]).
+    pub fn read(
+        &self,
+        modality: Modality,
+        cap: u64,
+        policy: &FetchPolicy,
+        stdin: &mut dyn Read,
+    ) -> Result<Vec<u8>> {
         let timeout = match self {
             // Only a URL needs the timeout: a bad env value must not break local files.
             Source::Url(_) => fetch_timeout(modality)?,
             _ => Duration::ZERO,
         };
-        self.read_with_timeout(modality, cap, timeout, stdin)
+        self.read_with_timeout(modality, cap, timeout, policy, stdin)
     }
 
     /// [`Source::read`] with the URL fetch timeout given explicitly (for callers that resolved
@@ -100,11 +110,12 @@ impl Source {
         modality: Modality,
         cap: u64,
         timeout: Duration,
+        policy: &FetchPolicy,
         stdin: &mut dyn Read,
     ) -> Result<Vec<u8>> {
         match self {
             Source::Path(p) => read_file(p, modality, cap),
-            Source::Url(u) => fetch_url(u, modality, cap, timeout),
+            Source::Url(u) => super::fetch::fetch_url(u, modality, cap, timeout, policy),
             Source::DataUrl { bytes, .. } => {
                 if bytes.len() as u64 > cap {
                     return Err(over_cap(self.display(), modality, cap));
@@ -120,50 +131,6 @@ impl Source {
                 Ok(bytes)
             }
         }
-    }
-}
-
-/// The environment variable that overrides the fetch timeout of `modality`.
-pub fn fetch_timeout_var(modality: Modality) -> &'static str {
-    match modality {
-        Modality::Image => "MMLLM_IMAGE_FETCH_TIMEOUT",
-        Modality::Video => "MMLLM_VIDEO_FETCH_TIMEOUT",
-        Modality::Audio => "MMLLM_AUDIO_FETCH_TIMEOUT",
-    }
-}
-
-/// The built-in fetch timeout of `modality` (images 5 s, video 30 s, audio 10 s).
-pub fn default_fetch_timeout(modality: Modality) -> Duration {
-    Duration::from_secs(match modality {
-        Modality::Image => 5,
-        Modality::Video => 30,
-        Modality::Audio => 10,
-    })
-}
-
-/// The whole-fetch timeout for a URL of `modality`: the `MMLLM_<MODALITY>_FETCH_TIMEOUT`
-/// environment variable in seconds, else the default. An invalid value is a usage error.
-pub fn fetch_timeout(modality: Modality) -> Result<Duration> {
-    fetch_timeout_with(modality, &|name| std::env::var(name).ok())
-}
-
-/// [`fetch_timeout`] reading variables through `lookup` (testable without touching the
-/// process environment).
-pub fn fetch_timeout_with(
-    modality: Modality,
-    lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<Duration> {
-    let var = fetch_timeout_var(modality);
-    let Some(raw) = lookup(var) else {
-        return Ok(default_fetch_timeout(modality));
-    };
-    let secs: Option<f64> = raw.trim().parse().ok();
-    match secs {
-        Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(Error::usage(format!(
-            "{var}={raw:?} is not a timeout (expected a positive number of seconds, e.g. {var}={})",
-            default_fetch_timeout(modality).as_secs()
-        ))),
     }
 }
 
@@ -228,29 +195,6 @@ fn base64_engine() -> base64::engine::GeneralPurpose {
     )
 }
 
-fn percent_decode(s: &str) -> std::result::Result<Vec<u8>, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
-            match hex {
-                Some(b) => out.push(b),
-                None => return Err(format!("bad percent escape at byte {i}")),
-            }
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    Ok(out)
-}
-
 /// `scheme` if `arg` starts with `scheme://` (RFC 3986 scheme characters).
 fn url_scheme(arg: &str) -> Option<&str> {
     let (scheme, _) = arg.split_once("://")?;
@@ -280,41 +224,6 @@ fn os_reason(e: &std::io::Error) -> String {
     }
 }
 
-fn over_cap(input: String, modality: Modality, cap: u64) -> Error {
-    Error::input(
-        input,
-        format!(
-            "larger than the {} cap for a {modality} input",
-            human_bytes(cap)
-        ),
-        format!("a {modality} of at most {}", human_bytes(cap)),
-    )
-}
-
-pub(crate) fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if n < 1024 {
-        return format!("{n} bytes");
-    }
-    let mut v = n as f64;
-    let mut unit = "bytes";
-    for u in UNITS {
-        if v < 1024.0 {
-            break;
-        }
-        v /= 1024.0;
-        unit = u;
-    }
-    format!("{v:.1} {unit}")
-}
-
-/// Reads at most `cap + 1` bytes, so that "over the cap" is detectable without reading more.
-fn read_capped(r: &mut dyn Read, cap: u64) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    r.take(cap.saturating_add(1)).read_to_end(&mut out)?;
-    Ok(out)
-}
-
 fn read_file(path: &Path, modality: Modality, cap: u64) -> Result<Vec<u8>> {
     let input = path.display().to_string();
     let expected = format!("a readable {modality} file");
@@ -335,158 +244,6 @@ fn read_file(path: &Path, modality: Modality, cap: u64) -> Result<Vec<u8>> {
         return Err(over_cap(input, modality, cap));
     }
     Ok(bytes)
-}
-
-fn format_secs(d: Duration) -> String {
-    let s = d.as_secs_f64();
-    if s.fract() == 0.0 {
-        format!("{}", s as u64)
-    } else {
-        format!("{s}")
-    }
-}
-
-/// Redirects a media URL may take.
-const MAX_REDIRECTS: usize = 5;
-
-fn fetch_url(url: &str, modality: Modality, cap: u64, timeout: Duration) -> Result<Vec<u8>> {
-    let timed_out = || {
-        let secs = format_secs(timeout);
-        Error::input(
-            url,
-            format!("fetch timed out after {secs} s"),
-            format!(
-                "a server that answers within {secs} s (raise the limit with {}=<seconds>)",
-                fetch_timeout_var(modality)
-            ),
-        )
-    };
-    let expected = format!("a reachable {modality} URL");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        // Zero means "no limit", for callers that resolved none.
-        .timeout_global(Some(timeout).filter(|t| !t.is_zero()))
-        .http_status_as_error(false)
-        // Redirects are followed here, one hop at a time, so each target is checked.
-        .max_redirects(0)
-        .max_redirects_will_error(false)
-        .user_agent(concat!("mmllm/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into();
-    let shown = Source::Url(url.to_string()).display();
-    let mut current = url.to_string();
-    let mut hops = 0;
-    let mut response = loop {
-        let response = match agent.get(&current).call() {
-            Ok(r) => r,
-            Err(e) if is_timeout(&e) => return Err(timed_out()),
-            Err(e) => return Err(Error::input(&shown, format!("fetch failed: {e}"), expected)),
-        };
-        if !matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
-            break response;
-        }
-        let Some(location) = response
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-        else {
-            return Err(Error::input(
-                &shown,
-                format!("HTTP {} redirect without a Location", response.status()),
-                format!("a {modality} URL that answers 200 OK"),
-            ));
-        };
-        let next = crate::hub::join_url(&current, location);
-        if !(next.starts_with("http://") || next.starts_with("https://")) {
-            return Err(Error::input(
-                &shown,
-                format!(
-                    "redirected to {}, which is not http(s)",
-                    Source::Url(next).display()
-                ),
-                "redirects to http:// or https:// URLs only",
-            ));
-        }
-        hops += 1;
-        if hops > MAX_REDIRECTS {
-            return Err(Error::input(
-                &shown,
-                format!("more than {MAX_REDIRECTS} redirects"),
-                format!("a {modality} URL that answers within {MAX_REDIRECTS} redirects"),
-            ));
-        }
-        current = next;
-    };
-    let status = response.status();
-    if !status.is_success() {
-        return Err(Error::input(
-            url,
-            format!("server answered HTTP {status}"),
-            format!("a {modality} URL that answers 200 OK"),
-        ));
-    }
-    if let Some(len) = response.body().content_length() {
-        if len > cap {
-            return Err(over_cap(url.to_string(), modality, cap));
-        }
-    }
-    let mut reader = response.body_mut().as_reader();
-    let bytes = match read_capped(&mut reader, cap) {
-        Ok(b) => b,
-        Err(e) if is_io_timeout(&e) => return Err(timed_out()),
-        Err(e) => {
-            return Err(Error::input(
-                url,
-                format!("download failed: {}", os_reason(&e)),
-                expected,
-            ))
-        }
-    };
-    if bytes.len() as u64 > cap {
-        return Err(over_cap(url.to_string(), modality, cap));
-    }
-    Ok(bytes)
-}
-
-fn is_timeout(e: &ureq::Error) -> bool {
-    match e {
-        ureq::Error::Timeout(_) => true,
-        ureq::Error::Io(io) => is_io_timeout(io),
-        _ => false,
-    }
-}
-
-/// ureq reports body-read timeouts as an `io::Error` wrapping its own `Timeout`.
-fn is_io_timeout(e: &std::io::Error) -> bool {
-    if matches!(
-        e.kind(),
-        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
-    ) {
-        return true;
-    }
-    e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<ureq::Error>())
-        .is_some_and(is_timeout)
-}
-
-/// A URL as errors and results may show it: a password (`user:secret@`) becomes `***`.
-fn redact_userinfo(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            let shown = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                user.to_string()
-            };
-            format!("{scheme}://{shown}@{host}{tail}")
-        }
-        None => url.to_string(),
-    }
 }
 
 #[cfg(test)]
@@ -572,7 +329,7 @@ mod tests {
 
     #[test]
     fn human_sizes() {
-        assert_eq!(human_bytes(10), "10 bytes");
-        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
+        assert_eq!(super::super::fetch::human_bytes(10), "10 bytes");
+        assert_eq!(super::super::fetch::human_bytes(3 * 1024 * 1024), "3.0 MiB");
     }
 }

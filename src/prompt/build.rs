@@ -41,6 +41,23 @@ pub struct PromptInput<'a> {
     pub raw: bool,
     /// `--chat-template FILE`: (path, contents).
     pub chat_template: Option<&'a (String, String)>,
+    /// A whole conversation (the server's `messages`) instead of `system` + `text`.
+    pub turns: Option<&'a [Turn]>,
+}
+
+/// One message of a conversation: its role and its parts in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Turn {
+    pub role: String,
+    pub parts: Vec<TurnPart>,
+}
+
+/// A part of a [`Turn`]: text, or the place of the prompt's next media item (items are taken
+/// in order across the whole conversation).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TurnPart {
+    Text(String),
+    Media,
 }
 
 /// One media item of the prompt: the name errors use, its modality and its expansion.
@@ -123,6 +140,9 @@ impl PromptAssets {
                 "a chat template: pass --chat-template FILE, or --raw with the model's placeholders",
             )
         })?;
+        if let Some(turns) = input.turns {
+            return self.render_turns(template, turns, items);
+        }
         if self.style.string_content {
             return self.render_string_content(template, input, items);
         }
@@ -152,6 +172,79 @@ impl PromptAssets {
     /// The user turn for a template that takes string content: one placeholder per media
     /// item, each on its own line, then the text, as vLLM's `_get_full_multimodal_text_prompt`
     /// joins them (`"\n".join(placeholders + [text])`).
+    /// Renders a conversation; media parts become the model's content parts (or, for
+    /// templates that take string content, its placeholder on a line of its own, as a single
+    /// prompt's media are).
+    fn render_turns(
+        &self,
+        template: &ChatTemplate,
+        turns: &[Turn],
+        items: &[PromptItem],
+    ) -> Result<String> {
+        let media_parts = turns
+            .iter()
+            .flat_map(|t| &t.parts)
+            .filter(|p| matches!(p, TurnPart::Media))
+            .count();
+        if media_parts != items.len() {
+            return Err(Error::Runtime(anyhow::anyhow!(
+                "{media_parts} media parts in the messages for {} media items",
+                items.len()
+            )));
+        }
+        let mut next = items.iter();
+        if self.style.string_content {
+            let mut messages = Vec::with_capacity(turns.len());
+            for turn in turns {
+                let mut lines = Vec::with_capacity(turn.parts.len());
+                for part in &turn.parts {
+                    match part {
+                        TurnPart::Text(text) => lines.push(text.as_str()),
+                        TurnPart::Media => {
+                            let Some(item) = next.next() else { break };
+                            let placeholder =
+                                self.style.placeholders.get(&item.modality).ok_or_else(|| {
+                                    Error::input(
+                                        item.input,
+                                        format!(
+                                            "this model has no placeholder for {} items",
+                                            item.modality
+                                        ),
+                                        "media of a modality the model accepts",
+                                    )
+                                })?;
+                            lines.push(placeholder.as_str());
+                        }
+                    }
+                }
+                messages.push(TextMessage {
+                    role: turn.role.clone(),
+                    content: lines.join("\n"),
+                });
+            }
+            return template.render_text(&messages, true);
+        }
+        let mut messages = Vec::with_capacity(turns.len());
+        for turn in turns {
+            let mut content = Vec::with_capacity(turn.parts.len());
+            for part in &turn.parts {
+                match part {
+                    TurnPart::Text(text) => content.push(ContentPart::Text { text: text.clone() }),
+                    TurnPart::Media => {
+                        if let Some(item) = next.next() {
+                            content.push(ContentPart::media(item.modality));
+                        }
+                    }
+                }
+            }
+            messages.push(Message {
+                role: turn.role.clone(),
+                content,
+            });
+        }
+        template.render(&messages, true)
+    }
+
     fn render_string_content(
         &self,
         template: &ChatTemplate,

@@ -49,7 +49,7 @@ fn setup_with(
     let device = DeviceChoice::Cpu;
     let plans: Vec<Plan> = parsed
         .iter()
-        .map(|job| Plan::from_job(job, device, DTypeChoice::F32).unwrap())
+        .map(|job| Plan::from_job(job, device, DTypeChoice::F32, &Default::default()).unwrap())
         .collect();
     let resolved = pipeline::resolve(parsed[0].model()).unwrap();
     let loaded = pipeline::load(&resolved, device, DTypeChoice::F32).unwrap();

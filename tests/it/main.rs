@@ -22,6 +22,7 @@ mod qwen2_audio;
 mod qwen2_vl;
 mod qwen2_vl_e2e;
 mod qwen2_vl_pixels;
+mod serve;
 mod shard;
 mod source;
 mod ultravox;

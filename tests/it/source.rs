@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use mmllm::error::Error;
-use mmllm::media::source::{fetch_timeout_with, Source};
+use mmllm::media::source::{fetch_timeout_with, FetchPolicy, Source};
 use mmllm::media::Modality;
 
 use crate::util::input_error;
@@ -22,7 +22,13 @@ fn small_png() -> Vec<u8> {
 }
 
 fn read(src: &Source, cap: u64, timeout: Duration) -> Result<Vec<u8>, Error> {
-    src.read_with_timeout(Modality::Image, cap, timeout, &mut std::io::empty())
+    src.read_with_timeout(
+        Modality::Image,
+        cap,
+        timeout,
+        &FetchPolicy::permissive(),
+        &mut std::io::empty(),
+    )
 }
 
 #[test]
@@ -102,11 +108,12 @@ fn argument_kinds() {
 fn stdin_is_read_with_the_cap() {
     let mut stdin = Cursor::new(b"abcdef".to_vec());
     let bytes = Source::Stdin
-        .read(Modality::Audio, 6, &mut stdin)
+        .read(Modality::Audio, 6, &FetchPolicy::default(), &mut stdin)
         .expect("read stdin");
     assert_eq!(bytes, b"abcdef");
     let mut stdin = Cursor::new(b"abcdefg".to_vec());
-    let (input, _, _) = input_error(Source::Stdin.read(Modality::Audio, 6, &mut stdin));
+    let (input, _, _) =
+        input_error(Source::Stdin.read(Modality::Audio, 6, &FetchPolicy::default(), &mut stdin));
     assert_eq!(input, "<stdin>");
 }
 
@@ -115,24 +122,44 @@ fn missing_file_directory_and_oversized_file() {
     let dir = tempfile::tempdir().expect("temp dir");
     let missing = dir.path().join("nope.jpg");
     let src = Source::Path(missing.clone());
-    let (input, problem, _) = input_error(src.read(Modality::Image, CAP, &mut std::io::empty()));
+    let (input, problem, _) = input_error(src.read(
+        Modality::Image,
+        CAP,
+        &FetchPolicy::default(),
+        &mut std::io::empty(),
+    ));
     assert_eq!(input, missing.display().to_string());
     assert!(problem.contains("No such file"), "{problem}");
 
     let src = Source::Path(dir.path().to_path_buf());
-    let (_, problem, _) = input_error(src.read(Modality::Image, CAP, &mut std::io::empty()));
+    let (_, problem, _) = input_error(src.read(
+        Modality::Image,
+        CAP,
+        &FetchPolicy::default(),
+        &mut std::io::empty(),
+    ));
     assert!(problem.contains("directory"), "{problem}");
 
     let big = dir.path().join("big.bin");
     std::fs::write(&big, vec![0u8; 2000]).expect("write");
     let src = Source::Path(big.clone());
-    let (input, problem, _) = input_error(src.read(Modality::Video, 1999, &mut std::io::empty()));
+    let (input, problem, _) = input_error(src.read(
+        Modality::Video,
+        1999,
+        &FetchPolicy::default(),
+        &mut std::io::empty(),
+    ));
     assert_eq!(input, big.display().to_string());
     assert!(problem.contains("cap"), "{problem}");
     assert_eq!(
-        src.read(Modality::Video, 2000, &mut std::io::empty())
-            .expect("exactly at the cap")
-            .len(),
+        src.read(
+            Modality::Video,
+            2000,
+            &FetchPolicy::default(),
+            &mut std::io::empty()
+        )
+        .expect("exactly at the cap")
+        .len(),
         2000
     );
 }
@@ -261,4 +288,155 @@ fn redirects_are_checked_at_every_hop() {
         !input.contains("secret") && input.contains("me:***@"),
         "{input}"
     );
+}
+
+/// Loopback, private and metadata addresses are refused unless allowed; the check runs on the
+/// resolved address (a name such as `localhost` is no way around it), and at every redirect hop
+/// the domain list applies again.
+#[test]
+fn private_addresses_and_domains_are_refused_unless_allowed() {
+    let png = small_png();
+    let server = Server::start(move |req| match req.path.as_str() {
+        "/a.png" => Reply::ok(png.clone()),
+        "/away" => Reply::status(302).header("Location", "http://elsewhere.test/a.png"),
+        _ => Reply::status(404),
+    });
+    let fetch = |url: &str, policy: &FetchPolicy| {
+        Source::parse(url).expect("url").read_with_timeout(
+            Modality::Image,
+            CAP,
+            Duration::from_secs(5),
+            policy,
+            &mut std::io::empty(),
+        )
+    };
+    let url = server.url("/a.png");
+    let by_name = url.replacen("127.0.0.1", "localhost", 1);
+    for u in [&url, &by_name] {
+        let (input, problem, expected) = input_error(fetch(u, &FetchPolicy::default()));
+        assert_eq!(&input, u);
+        assert!(problem.contains("loopback address"), "{problem}");
+        assert!(
+            expected.contains("--allow-private-media-urls"),
+            "{expected}"
+        );
+    }
+    assert!(server.requests().is_empty(), "nothing may be sent");
+    assert_eq!(
+        fetch(&url, &FetchPolicy::permissive()).expect("allowed"),
+        small_png()
+    );
+
+    let listed = FetchPolicy::permissive()
+        .with_domains("127.0.0.1")
+        .expect("domains");
+    assert!(fetch(&url, &listed).is_ok());
+    let (_, problem, _) = input_error(fetch(&server.url("/away"), &listed));
+    assert!(
+        problem.contains("\"elsewhere.test\" is not an allowed media domain"),
+        "{problem}"
+    );
+    let (_, problem, _) = input_error(fetch(&by_name, &listed));
+    assert!(problem.contains("\"localhost\""), "{problem}");
+}
+
+/// The command line applies the same rules: a loopback URL needs --allow-private-media-urls.
+#[test]
+fn cli_refuses_loopback_media_urls_without_the_flag() {
+    let png = small_png();
+    let server = Server::start(move |_| Reply::ok(png.clone()));
+    let model = crate::util::repo().join("tests/fixtures/qwen2-vl-tiny");
+    let url = server.url("/a.png");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["image", "--model", model.to_str().unwrap(), "--dry-run"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[&url, "hi"]);
+        crate::util::run_mmllm(&args)
+    };
+    let out = run(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("loopback address") && stderr.contains("--allow-private-media-urls"),
+        "{stderr}"
+    );
+    let out = run(&["--allow-private-media-urls"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn file_urls_stay_below_the_allowed_directory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path().join("media");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(root.join("a.png"), small_png()).unwrap();
+    std::fs::write(dir.path().join("secret.png"), small_png()).unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(dir.path().join("secret.png"), root.join("link.png")).unwrap();
+    let policy = FetchPolicy::default().with_local_root(&root).unwrap();
+    let url = |p: &std::path::Path| format!("file://{}", p.display());
+    let inside = policy
+        .local_file(&url(&root.join("a.png")))
+        .expect("inside");
+    assert_eq!(inside, root.canonicalize().unwrap().join("a.png"));
+    for escape in [
+        root.join("../secret.png"),
+        root.join("link.png"),
+        dir.path().join("secret.png"),
+        std::path::PathBuf::from("/etc/passwd"),
+    ] {
+        let (_, problem, expected) = input_error(policy.local_file(&url(&escape)));
+        assert!(problem.contains("not below"), "{escape:?}: {problem}");
+        assert!(expected.contains("media"), "{expected}");
+    }
+    let (_, problem, _) = input_error(FetchPolicy::default().local_file(&url(&root.join("a.png"))));
+    assert!(problem.contains("not allowed"), "{problem}");
+}
+
+/// Batch manifests follow the same rules: a loopback URL fails its job unless
+/// `mmllm batch --allow-private-media-urls`.
+#[test]
+fn batch_refuses_loopback_media_urls_without_the_flag() {
+    let png = small_png();
+    let server = Server::start(move |_| Reply::ok(png.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::util::repo().join("tests/fixtures/qwen2-vl-tiny");
+    let manifest = dir.path().join("jobs.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "defaults: {{model: {}, max_tokens: 1}}\njobs:\n  - {{id: a, prompt: hi, images: [\"{}\"]}}\n",
+            model.display(),
+            server.url("/a.png")
+        ),
+    )
+    .unwrap();
+    let out_path = dir.path().join("out.jsonl");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "batch",
+            manifest.to_str().unwrap(),
+            "-o",
+            out_path.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = crate::util::run_mmllm(&args);
+        (
+            out.status.code(),
+            std::fs::read_to_string(&out_path).unwrap(),
+        )
+    };
+    let (code, lines) = run(&[]);
+    assert_eq!(code, Some(1), "{lines}");
+    assert!(
+        lines.contains("loopback address") && lines.contains("\"error\""),
+        "{lines}"
+    );
+    let (code, lines) = run(&["--allow-private-media-urls"]);
+    assert_eq!(code, Some(0), "{lines}");
+    assert!(lines.contains("\"token_ids\""), "{lines}");
 }
