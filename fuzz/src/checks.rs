@@ -36,7 +36,12 @@ pub const TARGETS: [(&str, Check); 9] = [
 /// it is refused with a 4xx (never a 5xx, never a panic).
 pub fn chat_request(bytes: &[u8]) {
     if let Err(e) = mmllm::app::serve::openai::parse_chat_request(bytes) {
-        assert!((400..500).contains(&e.status), "{}: {}", e.status, e.message);
+        assert!(
+            (400..500).contains(&e.status),
+            "{}: {}",
+            e.status,
+            e.message
+        );
     }
 }
 
