@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Instant;
 
-use crate::util::{json_line, mmllm, repo};
+use crate::util::{json_line, mmllm, npy_f32, repo};
 
 fn ultravox() -> String {
     repo()
@@ -27,6 +27,31 @@ fn ffmpeg(args: &[&str]) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A one-second 64x48 test-pattern MP4 at 4 fps.
+fn test_clip(path: &Path) {
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=64x48:rate=4:duration=1",
+        "-pix_fmt",
+        "yuv420p",
+        path.to_str().unwrap(),
+    ]);
+}
+
+/// A temporary copy of the files of fixture `name` (to break one of them).
+fn copy_of_fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(repo().join("tests/fixtures").join(name)).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    dir
 }
 
 /// `mmllm audio --dry-run` on `file` with the ultravox fixture, `MMLLM_MAX_AUDIO_SECONDS` set
@@ -102,17 +127,7 @@ fn the_audio_duration_cap_holds_on_every_decode_path_and_can_be_raised() {
     }
     // A (2, 48000) float32 .npy: 3 s at 16 kHz, in two channels.
     let npy = dir.path().join("three_seconds.npy");
-    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 48000), }";
-    let mut header = header.to_string();
-    while !(10 + header.len() + 1).is_multiple_of(64) {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.resize(bytes.len() + 2 * 48000 * 4, 0);
-    std::fs::write(&npy, bytes).unwrap();
+    std::fs::write(&npy, npy_f32(&[2, 48000], &vec![0.0; 2 * 48000])).unwrap();
 
     for (file, extra) in [
         (&wav, &[][..]),
@@ -164,15 +179,7 @@ fn a_playlist_cannot_make_ffmpeg_read_another_local_file() {
     json_line(&dry_run_audio(&segment, None, &[]));
 
     let video = dir.path().join("clip.mp4");
-    ffmpeg(&[
-        "-f",
-        "lavfi",
-        "-i",
-        "testsrc=size=64x48:rate=4:duration=1",
-        "-pix_fmt",
-        "yuv420p",
-        video.to_str().unwrap(),
-    ]);
+    test_clip(&video);
     let list = dir.path().join("clips.m3u8");
     std::fs::write(
         &list,
@@ -196,14 +203,7 @@ fn a_playlist_cannot_make_ffmpeg_read_another_local_file() {
 fn a_whisper_prompt_is_checked_before_anything_loads() {
     // A copy of the tiny Whisper fixture whose weights are garbage: a refusal must come before
     // they are read, and `--dry-run` must refuse what a real run would.
-    let dir = tempfile::tempdir().unwrap();
-    let src = repo().join("tests/fixtures/whisper-tiny-random");
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-        }
-    }
+    let dir = copy_of_fixture("whisper-tiny-random");
     std::fs::write(dir.path().join("model.safetensors"), b"not weights").unwrap();
     let speech = repo().join("tests/data/speech_16k.wav");
     let run = |extra: &[&str], prompt: &str| {
@@ -312,14 +312,7 @@ fn clap_usage_errors_take_the_mmllm_error_form_and_exit_2() {
 
 #[test]
 fn a_truncated_weights_file_is_named_in_our_error_form() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = repo().join("tests/fixtures/llava-tiny");
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-        }
-    }
+    let dir = copy_of_fixture("llava-tiny");
     let weights = dir.path().join("model.safetensors");
     let len = std::fs::metadata(&weights).unwrap().len();
     let f = std::fs::OpenOptions::new()
@@ -442,15 +435,7 @@ fn dry_run_refuses_a_prompt_longer_than_the_context() {
 fn video_frames_are_held_to_the_image_pixel_cap() {
     let dir = tempfile::tempdir().unwrap();
     let video = dir.path().join("clip.mp4");
-    ffmpeg(&[
-        "-f",
-        "lavfi",
-        "-i",
-        "testsrc=size=64x48:rate=4:duration=1",
-        "-pix_fmt",
-        "yuv420p",
-        video.to_str().unwrap(),
-    ]);
+    test_clip(&video);
     let qwen = repo().join("tests/fixtures/qwen2-vl-tiny");
     let run = |cap: &str| {
         mmllm()

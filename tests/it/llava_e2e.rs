@@ -159,17 +159,7 @@ fn embeds_of_the_wrong_shape_name_the_expected_shape() {
     let tmp = tempfile::tempdir().unwrap();
     let bad = tmp.path().join("bad.npy");
     // A (2, 3) float32 .npy: wrong rank for LLaVA's (num_items, 576, hidden).
-    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
-    let mut h = header.to_string();
-    while !(10 + h.len() + 1).is_multiple_of(64) {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((h.len() as u16).to_le_bytes());
-    bytes.extend(h.as_bytes());
-    bytes.extend(std::iter::repeat_n(0u8, 24));
-    std::fs::write(&bad, bytes).unwrap();
+    std::fs::write(&bad, crate::util::npy_f32(&[2, 3], &[0.0; 6])).unwrap();
     let out = run_mmllm(&["embeds", "--model", &fixture(), bad.to_str().unwrap(), "hi"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");

@@ -185,17 +185,7 @@ fn resampling_8k_and_48k_to_16k_matches_python_soxr_hq() {
 
 #[test]
 fn npy_audio_downmixes_channels_first_and_keeps_native_rate() {
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    let mut header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }".to_string();
-    while !(10 + header.len() + 1).is_multiple_of(64) {
-        header.push(' ');
-    }
-    header.push('\n');
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    for v in [0.5f32, 1.0, -1.0, 0.25, 0.0, 0.5] {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
+    let bytes = crate::util::npy_f32(&[2, 3], &[0.5, 1.0, -1.0, 0.25, 0.0, 0.5]);
     let a = audio_from_npy(&bytes, "two.npy", 8000, None).expect("npy");
     assert_eq!(a.sample_rate, 8000);
     assert_eq!(a.samples, vec![0.375, 0.5, -0.25]);

@@ -38,6 +38,12 @@ impl MelConfig {
         }
     }
 
+    /// Seconds of audio the features cover (`n_samples` at `sampling_rate`); longer audio
+    /// is cut.
+    pub fn window_s(&self) -> f64 {
+        self.n_samples as f64 / f64::from(self.sampling_rate)
+    }
+
     /// Reads `feature_size`, `n_fft`, `hop_length`, `sampling_rate`, `chunk_length` /
     /// `n_samples` from a `preprocessor_config.json` value (absent keys keep Whisper's defaults).
     pub fn from_preprocessor(value: &serde_json::Value, what: &str) -> Result<Self> {

@@ -138,8 +138,7 @@ impl Model for Qwen2AudioModel {
     }
 
     fn audio_window_s(&self) -> Option<f64> {
-        let c = self.mel.config();
-        Some(c.n_samples as f64 / f64::from(c.sampling_rate))
+        Some(self.mel.config().window_s())
     }
 
     fn encode_with(&self, item: &MediaItem, _kwargs: &ProcessorKwargs) -> Result<EncodedItem> {

@@ -345,8 +345,7 @@ impl Model for WhisperModel {
     }
 
     fn audio_window_s(&self) -> Option<f64> {
-        let c = self.mel.config();
-        Some(c.n_samples as f64 / f64::from(c.sampling_rate))
+        Some(self.mel.config().window_s())
     }
 
     fn own_prompt(&self, text: &str, items: &[EncodedItem]) -> Option<Result<Vec<u32>>> {
