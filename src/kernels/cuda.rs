@@ -707,3 +707,90 @@ pub fn vision_rotary(qkv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor
     );
     Ok((q, k))
 }
+
+/// Bytes per pinned staging buffer of [`upload_safetensors`].
+const STAGING_BYTES: usize = 64 << 20;
+
+/// Every tensor of `st` on the CUDA `device`, converted to `dtype` there. The bytes pass
+/// through two pinned staging buffers, one filled by several threads while the other's copy
+/// to the GPU runs: a copy from pageable (here mmapped) memory is staged by the driver
+/// itself at a fraction of the bus speed.
+pub fn upload_safetensors(
+    st: &candle_core::safetensors::MmapedSafetensors,
+    dtype: DType,
+    device: &Device,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    use candle_core::cuda_backend::cudarc::driver::{result, HostSlice};
+
+    let Device::Cuda(dev) = device else {
+        bail!("upload_safetensors needs a CUDA device");
+    };
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    // SAFETY: staging bytes are written before they are copied.
+    let mut staging = [
+        unsafe { ctx.alloc_pinned::<u8>(STAGING_BYTES) }.map_err(candle_core::Error::wrap)?,
+        unsafe { ctx.alloc_pinned::<u8>(STAGING_BYTES) }.map_err(candle_core::Error::wrap)?,
+    ];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let mut tensors = st.tensors();
+    // File order: sequential reads when the page cache is cold.
+    tensors.sort_by_key(|(_, view)| view.data().as_ptr() as usize);
+    let mut out = std::collections::HashMap::with_capacity(tensors.len());
+    let mut turn = 0;
+    for (name, view) in tensors {
+        let stored = match DType::try_from(view.dtype()) {
+            Ok(d @ (DType::BF16 | DType::F16 | DType::F32)) => d,
+            _ => {
+                // Rare dtypes (integer buffers): candle's own path.
+                out.insert(name.clone(), st.load(&name, device)?.to_dtype(dtype)?);
+                continue;
+            }
+        };
+        let bytes = view.data();
+        let shape = Shape::from(view.shape());
+        if bytes.len() != shape.elem_count() * stored.size_in_bytes() {
+            bail!("tensor {name}: {} bytes for shape {shape:?}", bytes.len());
+        }
+        let tensor = alloc(dev, stored, shape)?;
+        {
+            let (storage, _) = tensor.storage_and_layout();
+            let Storage::Cuda(cs) = &*storage else {
+                bail!("upload_safetensors: not a CUDA tensor");
+            };
+            let base = match &cs.slice {
+                CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
+                CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
+                CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
+                _ => bail!("upload_safetensors: unexpected storage"),
+            };
+            for (i, piece) in bytes.chunks(STAGING_BYTES).enumerate() {
+                let buf = &mut staging[turn];
+                turn ^= 1;
+                // Waits until this buffer's previous copy has finished.
+                let host = buf.as_mut_slice().map_err(candle_core::Error::wrap)?;
+                let part = piece.len().div_ceil(threads).max(1 << 20);
+                std::thread::scope(|scope| {
+                    for (dst, src) in host[..piece.len()].chunks_mut(part).zip(piece.chunks(part)) {
+                        scope.spawn(move || dst.copy_from_slice(src));
+                    }
+                });
+                // SAFETY: the destination holds `bytes.len()` bytes from `base`; the staged
+                // slice stays alive and unwritten until the event recorded when `_record`
+                // drops (after the copy is queued) has passed.
+                unsafe {
+                    let (host, _record) = buf.stream_synced_slice(&stream);
+                    result::memcpy_htod_async(
+                        base + (i * STAGING_BYTES) as u64,
+                        &host[..piece.len()],
+                        stream.cu_stream(),
+                    )
+                    .map_err(candle_core::Error::wrap)?;
+                }
+            }
+        }
+        out.insert(name, tensor.to_dtype(dtype)?);
+    }
+    stream.synchronize().map_err(candle_core::Error::wrap)?;
+    Ok(out)
+}

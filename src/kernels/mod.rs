@@ -11,7 +11,7 @@ mod cuda;
 #[cfg(feature = "cuda")]
 pub use cuda::{
     copy_to_f32, decode_attention, embedding, flash_attention, flash_attention_supported, matmul_t,
-    profile_step, rope_write_kv, write, Graph, StepTable,
+    profile_step, rope_write_kv, upload_safetensors, write, Graph, StepTable,
 };
 
 /// Without CUDA, attention takes the eager path everywhere.
