@@ -597,7 +597,7 @@ fn strided_ptr(t: &Tensor) -> Result<(u64, [i64; 3])> {
         _ => bail!("flash attention supports f16 and bf16, not {:?}", t.dtype()),
     };
     let address = base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64;
-    if address % 16 != 0 {
+    if !address.is_multiple_of(16) {
         bail!("flash attention input is not 16-byte aligned");
     }
     Ok((address, [st[0] as i64, st[1] as i64, st[2] as i64]))

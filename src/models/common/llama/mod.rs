@@ -330,7 +330,7 @@ impl Llama {
             let first_table = self
                 .long_rope
                 .as_ref()
-                .is_none_or(|l| Self::next_position(cache) + 1 <= l.original as i64);
+                .is_none_or(|l| Self::next_position(cache) < l.original as i64);
             if self.graph_usable() && first_table {
                 return Ok(vec![self.decode_graph(*id, cache)?]);
             }
