@@ -10,12 +10,14 @@ kernels and without them, MMLLM_UNFUSED_DECODE=1), against the copy-bandwidth li
 Runs on a machine with an NVIDIA GPU, PyTorch and transformers, no Rust toolchain and no
 network, given an `mmllm` binary built with `--features cuda`:
 
-    python3 bench/gpu.py --mmllm ./mmllm [--skip-7b] [--skip-qwen] [--skip-1b]
+    python3 bench/gpu.py --mmllm ./mmllm [--skip-7b] [--skip-qwen] [--skip-1b] [--commit C]
 
-Prints tables on stdout and exits non-zero if a parity check fails.
+Prints tables on stdout, writes every measured row as JSON to
+`bench/results/<date>-<card>.json` (or --json), and exits non-zero if a parity check fails.
 """
 
 import argparse
+import datetime
 import json
 import os
 import shutil
@@ -34,6 +36,18 @@ QWEN_TINY = os.path.join(REPO, "tests/fixtures/qwen2-vl-tiny")
 ULTRAVOX_TINY = os.path.join(REPO, "tests/fixtures/ultravox-tiny")
 PHOTO = os.path.join(REPO, "tests/data/llava_photo_1.jpg")
 PROMPT = "What is in this image?"
+
+
+RESULTS = []  # one dict per measured row, written as JSON at the end
+
+
+BASELINE = None  # --baseline: an older mmllm binary measured beside the new one
+
+
+def record(workload, unit, hf, mmllm, limit=None, goal=None, note=None, baseline=None):
+    """One row of the JSON table (hf/mmllm/limit/baseline in `unit`; None where not measured)."""
+    RESULTS.append({"workload": workload, "unit": unit, "hf": hf, "mmllm": mmllm,
+                    "baseline": baseline, "limit": limit, "goal": goal, "note": note})
 
 
 def run_mmllm(binary, model, *extra, image=PHOTO):
@@ -190,13 +204,15 @@ def hf_speed(model, model_dir, image, new_tokens):
 
 
 def run_batch(binary, model, image, new_tokens, jobs, max_seqs):
-    """`mmllm batch` of identical jobs (model loaded once): all result lines and the wall time."""
+    """`mmllm batch` of `jobs` jobs (model loaded once), each with `image`, or with
+    `image[i]` when `image` is a list: all result lines and the wall time."""
     d = tempfile.mkdtemp(prefix="batch-")
     manifest = os.path.join(d, "jobs.yaml")
     with open(manifest, "w") as f:
         f.write(f"defaults:\n  model: {model}\n  max_tokens: {new_tokens}\n  ignore_eos: true\njobs:\n")
         for i in range(jobs):
-            f.write(f"  - id: j{i}\n    prompt: {json.dumps(PROMPT)}\n    images: [{json.dumps(image)}]\n")
+            img = image[i % len(image)] if isinstance(image, list) else image
+            f.write(f"  - id: j{i}\n    prompt: {json.dumps(PROMPT)}\n    images: [{json.dumps(img)}]\n")
     cmd = [binary, "batch", manifest, "--device", "cuda", "--dtype", "bf16", "--max-seqs", str(max_seqs)]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -206,7 +222,34 @@ def run_batch(binary, model, image, new_tokens, jobs, max_seqs):
         raise SystemExit(f"mmllm batch failed ({out.returncode})")
     lines = [json.loads(l) for l in out.stdout.strip().splitlines()]
     shutil.rmtree(d, ignore_errors=True)
-    return lines, wall, " ".join(cmd) + f"  (manifest: {jobs} identical jobs, model {model})"
+    kind = "distinct images" if isinstance(image, list) else "identical jobs"
+    return lines, wall, " ".join(cmd) + f"  (manifest: {jobs} {kind}, model {model})"
+
+
+def batch_tps(binary, model, image, new_tokens, jobs):
+    """Output tok/s of `jobs` jobs at --max-seqs `jobs`, wall time minus model load."""
+    lines, wall, cmd = run_batch(binary, model, image, new_tokens, jobs=jobs, max_seqs=jobs)
+    load_s = lines[0]["timing"]["load_ms"] / 1e3
+    return sum(l["usage"]["completion_tokens"] for l in lines) / max(wall - load_s, 1e-9), cmd
+
+
+def large_jpegs(n, out_dir):
+    """`n` distinct 12-megapixel (4000x3000) JPEGs made from the test photo: each a different
+    crop, flip and tint, saved at quality 92, so no two decode or preprocess alike."""
+    src = Image.open(PHOTO).convert("RGB")
+    paths = []
+    for i in range(n):
+        w, h = src.size
+        crop = src.crop((i % 7, i % 5, w - (i % 3), h - (i % 4)))
+        img = crop.resize((4000, 3000), Image.BICUBIC)
+        if i % 2:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        tint = Image.new("RGB", img.size, ((37 * i) % 256, (91 * i) % 256, (53 * i) % 256))
+        img = Image.blend(img, tint, 0.1 + 0.02 * (i % 5))
+        path = os.path.join(out_dir, f"large_{i:02d}.jpg")
+        img.save(path, quality=92)
+        paths.append(path)
+    return paths
 
 
 def copy_bandwidth():
@@ -265,6 +308,14 @@ def profile(binary, d, context, steps, image=None, env_extra=None):
 
 VARIANTS = len(PROFILE_VARIANTS)
 
+# Issue #16's goals per workload (H200, bf16).
+GOALS = {
+    "LLaVA-1.5-7B shape": {"ttft": "<= 20", "decode": ">= 270", "batch16": ">= 2500",
+                           "oneshot": "<= 1200"},
+    "Qwen2-VL-2B shape": {"ttft": "<= 12 (vision tower <= 6)", "decode": ">= 950",
+                          "batch16": ">= 5000"},
+}
+
 
 def profile_rows(binary, d, context, steps, limit_tps, image=None):
     """Prints where a decode step's time goes for each decode path; returns the default's."""
@@ -307,9 +358,11 @@ def speed_rows(name, binary, d, model, hf_fn, image, new_tokens, bandwidth, summ
     cold, wall, cmd = run_mmllm(binary, d, *extra, image=image)
     lines, _, warm_cmd = run_batch(binary, d, image, new_tokens, jobs=3, max_seqs=1)
     warm = lines[-1]
-    lines16, wall16, batch_cmd = run_batch(binary, d, image, new_tokens, jobs=16, max_seqs=16)
-    load_s = lines16[0]["timing"]["load_ms"] / 1e3
-    out_tps = sum(l["usage"]["completion_tokens"] for l in lines16) / max(wall16 - load_s, 1e-9)
+    out_tps, batch_cmd = batch_tps(binary, d, image, new_tokens, 16)
+    peak = {n: batch_tps(binary, d, image, new_tokens, n)[0] for n in (32, 64)}
+    big_dir = tempfile.mkdtemp(prefix="large-")
+    big_tps, big_cmd = batch_tps(binary, d, large_jpegs(16, big_dir), new_tokens, 16)
+    shutil.rmtree(big_dir, ignore_errors=True)
     weight_bytes = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
                        if f.endswith(".safetensors"))
     print(f"\n| {name}, bf16, {n_prompt} prompt tokens (HF count) | TTFT ms | decode tok/s (batch 1) | output tok/s, 16 prompts |")
@@ -318,11 +371,43 @@ def speed_rows(name, binary, d, model, hf_fn, image, new_tokens, bandwidth, summ
     print(f"| mmllm image, new process per prompt | {cold['timing']['ttft_ms']:.1f} | {cold['timing']['tokens_per_s']:.1f} | |")
     print(f"| mmllm batch, 3rd identical job (warm, --max-seqs 1) | {warm['timing']['ttft_ms']:.1f} | {warm['timing']['tokens_per_s']:.1f} | |")
     print(f"| mmllm batch, 16 jobs, --max-seqs 16 (wall minus load) | | | {out_tps:.0f} |")
+    print(f"| mmllm batch, 32 / 64 jobs (--max-seqs 32 / 64) | | | {peak[32]:.0f} / {peak[64]:.0f} |")
+    print(f"| mmllm batch, 16 distinct 12-MP JPEGs, --max-seqs 16 | | | {big_tps:.0f} |")
     print(f"  mmllm prompt tokens {cold['usage']['prompt_tokens']}; checkpoint {weight_bytes / 1e9:.2f} GB; "
           f"bytes read per decode step {lm_bytes / 1e9:.2f} GB -> limit {limit_tps:.0f} tok/s at "
           f"{bandwidth / 1e12:.2f} TB/s; load {cold['timing']['load_ms']:.0f} ms")
-    print(f"  commands: {cmd}\n            {warm_cmd}\n            {batch_cmd}")
+    print(f"  commands: {cmd}\n            {warm_cmd}\n            {batch_cmd}\n            {big_cmd}")
     fused = profile_rows(binary, d, cold["usage"]["prompt_tokens"], new_tokens, limit_tps, image=image)
+    short = name.split(",")[0]
+    goals = GOALS.get(short, {})
+    base = {}
+    if BASELINE:
+        b_lines, _, _ = run_batch(BASELINE, d, image, new_tokens, jobs=3, max_seqs=1)
+        base = {"ttft": b_lines[-1]["timing"]["ttft_ms"],
+                "decode": b_lines[-1]["timing"]["tokens_per_s"],
+                "batch16": batch_tps(BASELINE, d, image, new_tokens, 16)[0]}
+        b_prof, _ = profile(BASELINE, d, cold["usage"]["prompt_tokens"], new_tokens, image=image)
+        base["parts"] = [b_prof.get("encode_image_ms"), b_prof.get("prefill_ms")]
+        print(f"  baseline {BASELINE}: TTFT {base['ttft']:.1f} ms, decode {base['decode']:.1f} "
+              f"tok/s, 16 prompts {base['batch16']:.0f} tok/s, encode/prefill {base['parts']}")
+    record(f"{short} TTFT (warm batch job, incl. preprocessing)", "ms", hf_ttft * 1e3,
+           warm["timing"]["ttft_ms"], goal=goals.get("ttft"), baseline=base.get("ttft"))
+    record(f"{short} TTFT parts: image encode / prefill (synchronised)", "ms", None,
+           [fused.get("encode_image_ms"), fused.get("prefill_ms")],
+           note=f"vision tower GPU {fused.get('encode_image_gpu_ms')} ms, prefill GPU "
+                f"{fused.get('prefill_gpu_ms')} ms", baseline=base.get("parts"))
+    record(f"{short} decode, batch 1", "tok/s", hf_tps, warm["timing"]["tokens_per_s"],
+           limit=limit_tps, goal=goals.get("decode"),
+           note=f"profile-decode {fused['tokens_per_s']:.1f} tok/s", baseline=base.get("decode"))
+    record(f"{short} output, 16 prompts", "tok/s", hf_batch_tps, out_tps, goal=goals.get("batch16"),
+           baseline=base.get("batch16"))
+    record(f"{short} output, peak of 32 / 64 prompts", "tok/s", None, max(peak.values()),
+           note=f"32: {peak[32]:.0f}, 64: {peak[64]:.0f}")
+    record(f"{short} output, 16 distinct 12-MP JPEGs", "tok/s", None, big_tps,
+           goal=f">= {0.9 * out_tps:.0f} (90% of the 16-prompt row)")
+    record(f"{short} one-shot CLI, new process: load + TTFT", "ms", None,
+           cold["timing"]["load_ms"] + cold["timing"]["ttft_ms"], goal=goals.get("oneshot"),
+           note=f"load {cold['timing']['load_ms']:.0f} ms, TTFT {cold['timing']['ttft_ms']:.1f} ms")
     summary.append((name, hf_ttft * 1e3, warm["timing"]["ttft_ms"], hf_tps,
                     warm["timing"]["tokens_per_s"], fused["tokens_per_s"], limit_tps))
 
@@ -379,6 +464,9 @@ def llama_rows(binary, d, model, new_tokens, bandwidth, summary):
     print(f"| HF transformers {transformers.__version__} generate (warm process) | {ttft * 1e3:.1f} | {hf_tps:.1f} | {hf_batch:.0f} |")
     print(f"  bytes read per decode step {lm_bytes / 1e9:.2f} GB -> limit {limit_tps:.0f} tok/s")
     fused = profile_rows(binary, d, context, new_tokens, limit_tps)
+    record("Llama-3.2-1B decode, batch 1 (profile-decode)", "tok/s", hf_tps, fused["tokens_per_s"],
+           limit=limit_tps, goal=">= 1200")
+    record("Llama-3.2-1B prefill of 128 tokens (synchronised)", "ms", ttft * 1e3, fused["prefill_ms"])
     summary.append(("Llama-3.2-1B shape (mmllm: text model of an Ultravox checkpoint)", ttft * 1e3,
                     fused["prefill_ms"], hf_tps, None, fused["tokens_per_s"], limit_tps))
 
@@ -390,11 +478,17 @@ def main():
     ap.add_argument("--skip-qwen", action="store_true")
     ap.add_argument("--skip-1b", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--baseline", default=None,
+                    help="an older mmllm binary: its TTFT, decode and 16-prompt rows beside ours")
+    ap.add_argument("--commit", default=None, help="the binary's commit, for the JSON rows")
+    ap.add_argument("--json", default=None, help="JSON output path "
+                    "(default bench/results/<date>-<card>.json)")
     ap.add_argument("--variants", type=int, default=len(PROFILE_VARIANTS),
                     help="profile only the first N decode paths (the default path first)")
     args = ap.parse_args()
-    global VARIANTS
+    global VARIANTS, BASELINE
     VARIANTS = max(1, args.variants)
+    BASELINE = args.baseline
     bandwidth = copy_bandwidth()
     print(f"card: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
           f"transformers {transformers.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
@@ -439,8 +533,43 @@ def main():
     for name, hf_ttft, mm_ttft, hf_tps, mm_tps, prof_tps, limit in summary:
         mm = f"{mm_tps:.1f}" if mm_tps is not None else ""
         print(f"| {name} | {hf_ttft:.1f} | {mm_ttft:.1f} | {hf_tps:.1f} | {mm} | {prof_tps:.1f} | {limit:.0f} |")
+    write_json(args, bandwidth)
     if not ok:
         raise SystemExit("parity check failed on the GPU (f32)")
+
+
+def write_json(args, bandwidth):
+    """Every recorded row, with the card and commit, as JSON; and the rows as markdown."""
+    card = torch.cuda.get_device_name(0)
+    commit = args.commit
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
+                                    text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+    path = args.json or os.path.join(
+        REPO, "bench/results",
+        f"{datetime.date.today().isoformat()}-{card.replace('NVIDIA ', '').replace(' ', '-')}.json")
+    rows = [dict(r, card=card, commit=commit, hf_version=transformers.__version__,
+                 copy_bandwidth_tb_s=round(bandwidth / 1e12, 3)) for r in RESULTS]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"\n## All rows ({card}, commit {commit}; JSON: {path})")
+    print("| workload | unit | HF | mmllm | mmllm baseline | limit | goal | note |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def fmt(v):
+        if v is None:
+            return ""
+        if isinstance(v, list):
+            return " / ".join(fmt(x) for x in v)
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
+    for r in RESULTS:
+        print(f"| {r['workload']} | {r['unit']} | {fmt(r['hf'])} | {fmt(r['mmllm'])} | "
+              f"{fmt(r['baseline'])} | "
+              f"{fmt(r['limit'])} | {r['goal'] or ''} | {r['note'] or ''} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 //! Launching the kernels of `decode.cu` (PTX built by build.rs) on candle's CUDA stream.
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor};
@@ -10,6 +12,8 @@ use super::DecodeOptions;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 const MODULE: &str = "mmllm_decode";
+const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
+const FLASH_MODULE: &str = "mmllm_flash_attention";
 
 fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     match t.device() {
@@ -89,8 +93,11 @@ fn alloc(dev: &CudaDevice, dtype: DType, shape: impl Into<Shape>) -> Result<Tens
 }
 
 macro_rules! launch {
-    ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let func = $dev.get_or_load_custom_func($name, MODULE, PTX)?;
+    ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {
+        launch!(@module MODULE, PTX, $dev, $name, $cfg, $($arg),*)
+    };
+    (@module $module:expr, $ptx:expr, $dev:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let func = $dev.get_or_load_custom_func($name, $module, $ptx)?;
         let mut builder = func.builder();
         $(builder.arg($arg);)*
         // SAFETY: the argument list matches the kernel's signature in decode.cu, and every
@@ -548,4 +555,242 @@ pub fn profile_step<E: From<candle_core::Error>>(
     end.synchronize().map_err(candle_core::Error::wrap)?;
     let gpu_ms = start.elapsed_ms(&end).map_err(candle_core::Error::wrap)?;
     Ok((host, gpu_ms as f64 / 1e3))
+}
+
+/// Element strides (batch, head, row) of q, k, v and out: `struct Strides` in
+/// flash_attention.cu, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FlashStrides([i64; 12]);
+
+// SAFETY: plain data with the layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for FlashStrides {}
+
+/// Head sizes flash_attention.cu is instantiated for.
+const FLASH_HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
+
+/// Whether [`flash_attention`] runs attention of this dtype and head size on `device`.
+pub fn flash_attention_supported(device: &Device, dtype: DType, head_dim: usize) -> bool {
+    device.is_cuda()
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && FLASH_HEAD_DIMS.contains(&head_dim)
+}
+
+/// Address and (batch, head, row) element strides of a rank-4 view whose last dimension is
+/// contiguous, with 16-byte aligned rows (what the kernel's vector loads need).
+fn strided_ptr(t: &Tensor) -> Result<(u64, [i64; 3])> {
+    let (storage, layout) = t.storage_and_layout();
+    let st = layout.stride();
+    if st.len() != 4 || st[3] != 1 || st[..3].iter().any(|s| s % 8 != 0) {
+        bail!(
+            "flash attention input of shape {:?} has strides {st:?}",
+            t.dims()
+        );
+    }
+    let Storage::Cuda(cs) = &*storage else {
+        bail!("flash attention input is not on a CUDA device");
+    };
+    let stream = cs.device.cuda_stream();
+    let base = match &cs.slice {
+        CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
+        _ => bail!("flash attention supports f16 and bf16, not {:?}", t.dtype()),
+    };
+    let address = base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64;
+    if address % 16 != 0 {
+        bail!("flash attention input is not 16-byte aligned");
+    }
+    Ok((address, [st[0] as i64, st[1] as i64, st[2] as i64]))
+}
+
+/// Softmax attention of `q` `(b, heads, t, hd)` over `k`, `v` `(b, kv_heads, s, hd)` (any
+/// strides on the first three dimensions; grouped-query heads share their key/value head),
+/// scores scaled by `scale`. With `causal_start`, query `i` sees keys `0..=start + i` (a
+/// prefill after `start` cached positions); without, every key. Returns `(b, t, heads, hd)`
+/// contiguous, i.e. the heads already side by side for the output projection.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal_start: Option<usize>,
+    scale: f32,
+) -> Result<Tensor> {
+    let dev = cuda_device(q)?;
+    let (b, heads, t, hd) = q.dims4()?;
+    let (kb, kv_heads, s, khd) = k.dims4()?;
+    if !flash_attention_supported(q.device(), q.dtype(), hd)
+        || k.dims() != v.dims()
+        || (kb, khd) != (b, hd)
+        || k.dtype() != q.dtype()
+        || v.dtype() != q.dtype()
+        || kv_heads == 0
+        || heads % kv_heads != 0
+        || t == 0
+        || s == 0
+    {
+        bail!(
+            "flash attention: q {:?} {:?}, k {:?}, v {:?}",
+            q.dims(),
+            q.dtype(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let out = alloc(&dev, q.dtype(), (b, t, heads, hd))?;
+    let (qp, qs) = strided_ptr(q)?;
+    let (kp, ks) = strided_ptr(k)?;
+    let (vp, vs) = strided_ptr(v)?;
+    let op = ptr(&out)?;
+    // out (b, t, heads, hd) seen as (b, heads, t, hd).
+    let os = [(t * heads * hd) as i64, hd as i64, (heads * hd) as i64];
+    let strides = FlashStrides([
+        qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os[0], os[1], os[2],
+    ]);
+    let ints = [
+        t as i32,
+        s as i32,
+        heads as i32,
+        kv_heads as i32,
+        causal_start.map_or(-1, |c| c as i32),
+    ];
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let name = match q.dtype() {
+        DType::BF16 => format!("flash_attention_bf16_{hd}"),
+        _ => format!("flash_attention_f16_{hd}"),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (t.div_ceil(64) as u32, heads as u32, b as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(
+        @module FLASH_MODULE, FLASH_PTX, dev, &name, cfg, &qp, &kp, &vp, &op, &ints[0], &ints[1],
+        &ints[2], &ints[3], &ints[4], &scale_log2, &strides
+    );
+    Ok(out)
+}
+
+/// [`super::vision_rotary`] in one kernel: `qkv` `(n, 3, heads, hd)` contiguous, `cos`/`sin`
+/// `(n, 1, hd)` f32.
+pub fn vision_rotary(qkv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dev = cuda_device(qkv)?;
+    let (n, three, heads, hd) = qkv.dims4()?;
+    if three != 3 || cos.dims() != [n, 1, hd] || sin.dims() != [n, 1, hd] || hd % 2 != 0 {
+        bail!(
+            "vision_rotary: qkv {:?}, cos {:?}, sin {:?}",
+            qkv.dims(),
+            cos.dims(),
+            sin.dims()
+        );
+    }
+    let (cos, sin) = (
+        cos.to_dtype(DType::F32)?.contiguous()?,
+        sin.to_dtype(DType::F32)?.contiguous()?,
+    );
+    let q = alloc(&dev, qkv.dtype(), (n, heads, hd))?;
+    let k = alloc(&dev, qkv.dtype(), (n, heads, hd))?;
+    let (xp, cp, sp, qp, kp) = (ptr(qkv)?, ptr(&cos)?, ptr(&sin)?, ptr(&q)?, ptr(&k)?);
+    let dims = [n as i32, heads as i32, hd as i32];
+    let name = kernel(instances!("vision_rotary"), qkv.dtype())?;
+    launch!(
+        dev,
+        name,
+        elementwise(n * 2 * heads * hd),
+        &xp,
+        &cp,
+        &sp,
+        &qp,
+        &kp,
+        &dims[0],
+        &dims[1],
+        &dims[2]
+    );
+    Ok((q, k))
+}
+
+/// Bytes per pinned staging buffer of [`upload_safetensors`].
+const STAGING_BYTES: usize = 64 << 20;
+
+/// Every tensor of `st` on the CUDA `device`, converted to `dtype` there. The bytes pass
+/// through two pinned staging buffers, one filled by several threads while the other's copy
+/// to the GPU runs: a copy from pageable (here mmapped) memory is staged by the driver
+/// itself at a fraction of the bus speed.
+pub fn upload_safetensors(
+    st: &candle_core::safetensors::MmapedSafetensors,
+    dtype: DType,
+    device: &Device,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    use candle_core::cuda_backend::cudarc::driver::{result, HostSlice};
+
+    let Device::Cuda(dev) = device else {
+        bail!("upload_safetensors needs a CUDA device");
+    };
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    // SAFETY: staging bytes are written before they are copied.
+    let mut staging = [
+        unsafe { ctx.alloc_pinned::<u8>(STAGING_BYTES) }.map_err(candle_core::Error::wrap)?,
+        unsafe { ctx.alloc_pinned::<u8>(STAGING_BYTES) }.map_err(candle_core::Error::wrap)?,
+    ];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let mut tensors = st.tensors();
+    // File order: sequential reads when the page cache is cold.
+    tensors.sort_by_key(|(_, view)| view.data().as_ptr() as usize);
+    let mut out = std::collections::HashMap::with_capacity(tensors.len());
+    let mut turn = 0;
+    for (name, view) in tensors {
+        let stored = match DType::try_from(view.dtype()) {
+            Ok(d @ (DType::BF16 | DType::F16 | DType::F32)) => d,
+            _ => {
+                // Rare dtypes (integer buffers): candle's own path.
+                out.insert(name.clone(), st.load(&name, device)?.to_dtype(dtype)?);
+                continue;
+            }
+        };
+        let bytes = view.data();
+        let shape = Shape::from(view.shape());
+        if bytes.len() != shape.elem_count() * stored.size_in_bytes() {
+            bail!("tensor {name}: {} bytes for shape {shape:?}", bytes.len());
+        }
+        let tensor = alloc(dev, stored, shape)?;
+        {
+            let (storage, _) = tensor.storage_and_layout();
+            let Storage::Cuda(cs) = &*storage else {
+                bail!("upload_safetensors: not a CUDA tensor");
+            };
+            let base = match &cs.slice {
+                CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
+                CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
+                CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
+                _ => bail!("upload_safetensors: unexpected storage"),
+            };
+            for (i, piece) in bytes.chunks(STAGING_BYTES).enumerate() {
+                let buf = &mut staging[turn];
+                turn ^= 1;
+                // Waits until this buffer's previous copy has finished.
+                let host = buf.as_mut_slice().map_err(candle_core::Error::wrap)?;
+                let part = piece.len().div_ceil(threads).max(1 << 20);
+                std::thread::scope(|scope| {
+                    for (dst, src) in host[..piece.len()].chunks_mut(part).zip(piece.chunks(part)) {
+                        scope.spawn(move || dst.copy_from_slice(src));
+                    }
+                });
+                // SAFETY: the destination holds `bytes.len()` bytes from `base`; the staged
+                // slice stays alive and unwritten until the event recorded when `_record`
+                // drops (after the copy is queued) has passed.
+                unsafe {
+                    let (host, _record) = buf.stream_synced_slice(&stream);
+                    result::memcpy_htod_async(
+                        base + (i * STAGING_BYTES) as u64,
+                        &host[..piece.len()],
+                        stream.cu_stream(),
+                    )
+                    .map_err(candle_core::Error::wrap)?;
+                }
+            }
+        }
+        out.insert(name, tensor.to_dtype(dtype)?);
+    }
+    stream.synchronize().map_err(candle_core::Error::wrap)?;
+    Ok(out)
 }

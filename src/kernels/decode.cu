@@ -1,5 +1,5 @@
 // Fused kernels for the decode step of the Llama/Qwen2 decoder (one new position per
-// sequence). Each has a CPU reference in mod.rs and a test comparing the two.
+// sequence), and the vision towers' rotary embedding. Each has a CPU reference in mod.rs and a test comparing the two.
 // Rounding follows HF's bf16/f16 order where it is observable: a value that HF materialises
 // as a tensor of the model dtype is rounded to that dtype here too.
 // Compiled to PTX by build.rs with the nvcc the candle build uses; no fast-math (cosf/sinf
@@ -342,6 +342,29 @@ template <typename T> __device__ void copy_to_f32(const T *x, float *out, int n)
         out[i] = to_f(x[i]);
 }
 
+// The vision towers' rotary embedding in f32, as transformers applies it:
+// x * cos + rotate_half(x) * sin over the head dimension, then rounded to T. qkv is
+// (n, 3, heads, hd) straight from the fused projection; q_out and k_out are (n, heads, hd);
+// cos and sin are (n, hd) f32. Separate rounded products and sum (no fma), as the candle ops
+// it replaces compute them, so the results are the same bits.
+template <typename T>
+__device__ void vision_rotary(const T *qkv, const float *cos, const float *sin, T *q_out,
+                              T *k_out, int n, int heads, int hd) {
+    const size_t width = (size_t)heads * hd, total = (size_t)n * 2 * width;
+    const int half = hd / 2;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t row = i / (2 * width), rest = i % (2 * width);
+        const int which = rest / width;  // 0: q, 1: k
+        const int d = rest % hd;
+        const T *x = qkv + row * 3 * width + which * width + (rest % width - d);
+        const float v = to_f(x[d]);
+        const float other = d < half ? -to_f(x[d + half]) : to_f(x[d - half]);
+        const float out = __fadd_rn(__fmul_rn(v, cos[row * hd + d]), __fmul_rn(other, sin[row * hd + d]));
+        (which == 0 ? q_out : k_out)[row * width + rest % width] = from_f<T>(out);
+    }
+}
+
 #define DTYPES(X) X(float, f32) X(__half, f16) X(__nv_bfloat16, bf16)
 
 #define GEMV_INSTANCE(T, S, R)                                                                 \
@@ -384,6 +407,11 @@ template <typename T> __device__ void copy_to_f32(const T *x, float *out, int n)
     }                                                                                          \
     extern "C" __global__ void copy_to_f32_##S(const T *x, float *out, int n) {                \
         copy_to_f32<T>(x, out, n);                                                             \
+    }                                                                                          \
+    extern "C" __global__ void vision_rotary_##S(const T *qkv, const float *cos,               \
+                                                 const float *sin, T *q_out, T *k_out, int n,  \
+                                                 int heads, int hd) {                          \
+        vision_rotary<T>(qkv, cos, sin, q_out, k_out, n, heads, hd);                           \
     }                                                                                          \
     GEMV_INSTANCE(T, S, 1) GEMV_INSTANCE(T, S, 2) GEMV_INSTANCE(T, S, 3)                      \
     GEMV_INSTANCE(T, S, 4) GEMV_INSTANCE(T, S, 5) GEMV_INSTANCE(T, S, 6)                       \

@@ -11,9 +11,31 @@ pub mod cpu;
 mod cuda;
 #[cfg(feature = "cuda")]
 pub use cuda::{
-    copy_to_f32, decode_attention, embedding, matmul_t, profile_step, rope_write_kv, write, Graph,
-    StepTable,
+    copy_to_f32, decode_attention, embedding, flash_attention, flash_attention_supported, matmul_t,
+    profile_step, rope_write_kv, upload_safetensors, write, Graph, StepTable,
 };
+
+/// Without CUDA, attention takes the eager path everywhere.
+#[cfg(not(feature = "cuda"))]
+pub fn flash_attention_supported(
+    _device: &candle_core::Device,
+    _dtype: DType,
+    _head_dim: usize,
+) -> bool {
+    false
+}
+
+/// Never called without CUDA: [`flash_attention_supported`] is false there.
+#[cfg(not(feature = "cuda"))]
+pub fn flash_attention(
+    _q: &Tensor,
+    _k: &Tensor,
+    _v: &Tensor,
+    _causal_start: Option<usize>,
+    _scale: f32,
+) -> Result<Tensor> {
+    candle_core::bail!("flash attention needs a binary built with --features cuda")
+}
 
 /// Without CUDA there is no GPU time to separate from host time.
 #[cfg(not(feature = "cuda"))]
@@ -138,6 +160,34 @@ pub fn argmax_slice(values: &[f32]) -> u32 {
     best as u32
 }
 
+/// `rotate_half`: `[-x2, x1]` over the last dimension.
+pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// The vision towers' rotary embedding of q and k: `qkv` `(n, 3, heads, head_dim)` from the
+/// fused projection, `cos`/`sin` `(n, 1, head_dim)` f32; returns the rotated q and k
+/// `(n, heads, head_dim)` in `qkv`'s dtype, computed in f32 as transformers does
+/// (`x * cos + rotate_half(x) * sin`). One kernel on CUDA, with the same bits.
+pub fn vision_rotary(qkv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if qkv.device().is_cuda() {
+        return cuda::vision_rotary(qkv, cos, sin);
+    }
+    vision_rotary_reference(qkv, cos, sin)
+}
+
+fn vision_rotary_reference(qkv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+    let rope = |part: usize| -> Result<Tensor> {
+        let t = qkv.narrow(1, part, 1)?.squeeze(1)?.to_dtype(DType::F32)?;
+        (t.broadcast_mul(cos)? + rotate_half(&t)?.broadcast_mul(sin)?)?.to_dtype(qkv.dtype())
+    };
+    Ok((rope(0)?, rope(1)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +279,121 @@ mod tests {
             .flatten_all()?;
         let scale = a.abs()?.max(0)?.to_scalar::<f32>()?;
         Ok((a - b)?.abs()?.max(0)?.to_scalar::<f32>()? / scale)
+    }
+
+    /// The vision rotary kernel gives the same bits as the candle ops it replaces, on the
+    /// same GPU, in each dtype.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_vision_rotary_equals_candle_ops() -> Result<()> {
+        let gpu = Device::new_cuda(0)?;
+        let (n, heads, hd) = (37, 3, 80);
+        let qkv = Tensor::randn(0f32, 1.0, (n, 3, heads, hd), &gpu)?;
+        let angles = Tensor::randn(0f32, 3.0, (n, 1, hd), &gpu)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let qkv = qkv.to_dtype(dtype)?;
+            let (q, k) = vision_rotary(&qkv, &cos, &sin)?;
+            let (q_ref, k_ref) = vision_rotary_reference(&qkv, &cos, &sin)?;
+            assert_eq!(q.dims(), [n, heads, hd]);
+            for (got, want) in [(q, q_ref), (k, k_ref)] {
+                let got = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let want = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                assert_eq!(got, want, "{dtype:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Softmax attention in f32 on the CPU, keys and values repeated for grouped heads:
+    /// `(b, t, heads, hd)`, as [`flash_attention`] returns it.
+    #[cfg(feature = "cuda")]
+    fn attention_reference(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        causal_start: Option<usize>,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let f = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+        let (q, k, v) = (f(q)?, f(k)?, f(v)?);
+        let (b, heads, t, hd) = q.dims4()?;
+        let (_, kv, s, _) = k.dims4()?;
+        let repeat = |x: Tensor| {
+            x.unsqueeze(2)?
+                .expand((b, kv, heads / kv, s, hd))?
+                .reshape((b, heads, s, hd))
+        };
+        let (k, v) = (repeat(k)?, repeat(v)?);
+        let mut scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+        if let Some(start) = causal_start {
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..s).map(move |j| {
+                        if j > start + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+                .collect();
+            scores = scores.broadcast_add(&Tensor::from_vec(mask, (t, s), &Device::Cpu)?)?;
+        }
+        candle_nn::ops::softmax_last_dim(&scores)?
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// The flash attention kernel against the f32 reference on random inputs: every head size
+    /// it is built for, grouped heads, causal with and without cached positions, one query
+    /// (decode), bidirectional, several query and key tiles, batches, and strided views (q
+    /// straight from a `(b, t, heads, hd)` projection, k and v from a longer cache).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_flash_attention_matches_f32_reference() -> Result<()> {
+        let gpu = Device::new_cuda(0)?;
+        // (batch, heads, kv heads, head_dim, t, s, causal start)
+        let cases = [
+            (1, 4, 2, 64, 37, 37, Some(0)),
+            (1, 4, 4, 128, 37, 57, Some(20)),
+            (2, 6, 2, 80, 1, 70, None),
+            (1, 4, 4, 96, 130, 130, None),
+            (2, 8, 2, 128, 200, 203, Some(3)),
+            (1, 3, 1, 64, 129, 129, Some(0)),
+            (1, 16, 16, 80, 1024, 1024, None),
+        ];
+        for (dtype, tol) in [(DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+            for &(b, heads, kv, hd, t, s, causal) in &cases {
+                let scale = (hd as f64).powf(-0.5);
+                let q = Tensor::randn(0f32, 1.0, (b, t, heads, hd), &gpu)?
+                    .to_dtype(dtype)?
+                    .transpose(1, 2)?;
+                let cache = |seed: f32| -> Result<Tensor> {
+                    Ok(Tensor::randn(seed, 1.0, (b, kv, s + 5, hd), &gpu)?
+                        .to_dtype(dtype)?
+                        .narrow(2, 0, s)?)
+                };
+                let (k, v) = (cache(0.0)?, cache(0.5)?);
+                let got = flash_attention(&q, &k, &v, causal, scale as f32)?;
+                assert_eq!(got.dims(), [b, t, heads, hd]);
+                let want = attention_reference(&q, &k, &v, causal, scale)?;
+                let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                let err = ((&got - &want)?
+                    .sqr()?
+                    .sum_all()?
+                    .sqrt()?
+                    .to_scalar::<f32>()?)
+                    / want.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+                let case = format!("{dtype:?} b{b} h{heads}/{kv} d{hd} t{t} s{s} {causal:?}");
+                assert!(
+                    err.is_finite() && err <= tol,
+                    "{case}: relative error {err}"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Each CUDA kernel against its CPU reference, in f32 (to rounding) and bf16 (to a few

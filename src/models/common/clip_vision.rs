@@ -13,6 +13,7 @@ use candle_nn::{layer_norm, linear_b, LayerNorm, LayerNormConfig, Linear, VarBui
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::kernels;
 
 /// A `SiglipVisionConfig` (`config.json`'s `vision_config`) as the tower's config, with
 /// transformers' SigLIP defaults for missing keys.
@@ -209,6 +210,19 @@ impl Attention {
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, h) = xs.dims3()?;
+        if kernels::flash_attention_supported(xs.device(), xs.dtype(), self.head_dim) {
+            let heads = |x: Tensor| -> candle_core::Result<Tensor> {
+                x.reshape((b, t, self.heads, self.head_dim))?
+                    .transpose(1, 2)
+            };
+            let (q, k, v) = (
+                heads(self.q.forward(xs)?)?,
+                heads(self.k.forward(xs)?)?,
+                heads(self.v.forward(xs)?)?,
+            );
+            let out = kernels::flash_attention(&q, &k, &v, None, self.scale as f32)?;
+            return self.out.forward(&out.reshape((b, t, h))?);
+        }
         let split = |x: Tensor| -> candle_core::Result<Tensor> {
             x.reshape((b, t, self.heads, self.head_dim))?
                 .transpose(1, 2)?

@@ -3,11 +3,12 @@
 //! image or frame (Qwen2.5-VL: per window, except the full-attention blocks), and the patch
 //! merger that concatenates each `merge x merge` block and projects it to the language model.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, Linear, RmsNorm, VarBuilder};
 
 use super::config::{Variant, VisionConfig};
 use crate::error::{Error, Result};
+use crate::kernels;
 
 /// Activation by transformers' name.
 #[derive(Debug, Clone, Copy)]
@@ -103,14 +104,6 @@ struct Block {
     mlp: Mlp,
 }
 
-/// `rotate_half`: `[-x2, x1]` over the last dimension.
-pub(crate) fn rotate_half(x: &Tensor) -> candle_core::Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
-}
-
 impl Block {
     /// `x`: `(n, width)`; `cos`/`sin`: `(n, 1, head_dim)`; `segments`: boundaries of the
     /// independent attention groups along `n`.
@@ -128,13 +121,33 @@ impl Block {
         let qkv = self.qkv.forward(&h)?.reshape((n, 3, heads, head_dim))?;
         let dtype = qkv.dtype();
         // The rotary embedding is applied in float32, as transformers does.
-        let rope = |t: Tensor| -> candle_core::Result<Tensor> {
-            let t = t.to_dtype(DType::F32)?;
-            (t.broadcast_mul(cos)? + rotate_half(&t)?.broadcast_mul(sin)?)?.to_dtype(dtype)
-        };
-        let q = rope(qkv.narrow(1, 0, 1)?.squeeze(1)?)?;
-        let k = rope(qkv.narrow(1, 1, 1)?.squeeze(1)?)?;
+        let (q, k) = kernels::vision_rotary(&qkv, cos, sin)?;
         let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
+        if kernels::flash_attention_supported(x.device(), dtype, head_dim) {
+            // (1, heads, len, head_dim) views of each segment; the kernel's output is
+            // (1, len, heads, head_dim), i.e. the segment's rows of `(n, width)`.
+            let heads_view = |t: &Tensor, s: usize, len: usize| {
+                t.narrow(0, s, len)?.transpose(0, 1)?.unsqueeze(0)
+            };
+            let mut outs = Vec::with_capacity(segments.len());
+            for w in segments.windows(2) {
+                let (s, len) = (w[0], w[1] - w[0]);
+                if len == 0 {
+                    continue;
+                }
+                let o = kernels::flash_attention(
+                    &heads_view(&q, s, len)?,
+                    &heads_view(&k, s, len)?,
+                    &heads_view(&v, s, len)?,
+                    None,
+                    (head_dim as f32).powf(-0.5),
+                )?;
+                outs.push(o.reshape((len, width))?);
+            }
+            let x = (x + self.proj.forward(&Tensor::cat(&outs, 0)?)?)?;
+            let h = self.mlp.forward(&self.norm2.forward(&x)?)?;
+            return x + h;
+        }
         // (heads, n, head_dim)
         let q = q.transpose(0, 1)?.contiguous()?;
         let k = k.transpose(0, 1)?.contiguous()?;

@@ -108,6 +108,8 @@ pub(super) struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// The flash attention kernel where it applies; off only to compare with the eager path.
+    pub(super) use_flash: bool,
 }
 
 /// One matmul for several projections of the same input: the weights of `parts` stacked by
@@ -187,6 +189,7 @@ impl Attention {
             heads,
             kv_heads: kv,
             head_dim: hd,
+            use_flash: true,
         })
     }
 
@@ -226,12 +229,28 @@ impl Attention {
         let q = candle_nn::rotary_emb::rope(&q, &rot.cos, &rot.sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &rot.cos, &rot.sin)?;
         let (k, v) = cache.append(layer, &k, &v)?;
-        let out = self.attend(&q, &k, &v, mask)?.transpose(1, 2)?.reshape((
-            b,
-            t,
-            self.heads * self.head_dim,
-        ))?;
+        let width = self.heads * self.head_dim;
+        let out = if self.flash(&q) {
+            // Causal after the cached positions: query i sits at position s - t + i.
+            let start = k.dim(2)? - t;
+            let scale = (self.head_dim as f32).powf(-0.5);
+            kernels::flash_attention(&q, &k, &v, Some(start), scale)?.reshape((b, t, width))?
+        } else {
+            self.attend(&q, &k, &v, mask)?
+                .transpose(1, 2)?
+                .reshape((b, t, width))?
+        };
         linear(&self.o, &out)
+    }
+
+    /// Whether attention on `device` in `dtype` runs in the fused kernel (CUDA, f16 or
+    /// bf16): then the decoder builds no mask, the kernel being causal by construction.
+    pub(super) fn flash_on(&self, device: &Device, dtype: DType) -> bool {
+        self.use_flash && kernels::flash_attention_supported(device, dtype, self.head_dim)
+    }
+
+    fn flash(&self, q: &Tensor) -> bool {
+        self.flash_on(q.device(), q.dtype())
     }
 
     /// One new position for each of `B` sequences: `xs` is `(B, hidden)`, row `i` belonging
@@ -254,7 +273,13 @@ impl Attention {
         let mut outs = Vec::with_capacity(b);
         for (i, cache) in caches.iter_mut().enumerate() {
             let (ck, cv) = cache.append(layer, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
-            let out = self.attend(&q.narrow(0, i, 1)?, &ck, &cv, None)?;
+            let qi = q.narrow(0, i, 1)?;
+            let out = if self.flash(&qi) {
+                let scale = (self.head_dim as f32).powf(-0.5);
+                kernels::flash_attention(&qi, &ck, &cv, None, scale)?
+            } else {
+                self.attend(&qi, &ck, &cv, None)?
+            };
             outs.push(out.reshape((1, self.heads * self.head_dim))?);
         }
         linear(&self.o, &Tensor::cat(&outs, 0)?)

@@ -299,7 +299,8 @@ impl Llama {
         let start = cache.len();
         let half = self.inv_freqs.len();
         let rot = self.rotary_at(positions, &[t, half], false)?;
-        let mask = if t > 1 {
+        let flash = self.blocks[0].attn.flash_on(&self.device, self.dtype);
+        let mask = if t > 1 && !flash {
             Some(causal_mask(start, t, self.dtype, &self.device)?)
         } else {
             None
