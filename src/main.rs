@@ -7,6 +7,7 @@ use mmllm::cli::{Cli, Command};
 use mmllm::error::Error;
 
 fn main() -> ExitCode {
+    mmllm::kernels::cpu::keep_freed_memory();
     // Ctrl-C: stop at once with the conventional status; finished output was already flushed.
     let _ = ctrlc::set_handler(|| {
         // Destructors do not run on exit: remove the temp copies of media ffmpeg is reading.

@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+pub mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]

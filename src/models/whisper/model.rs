@@ -6,6 +6,7 @@ use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::config::WhisperConfig;
 use crate::error::{Error, Result};
+use crate::kernels::cpu::linear as linear_cpu;
 use crate::models::kv::KvCache;
 
 const LN_EPS: f64 = 1e-5;
@@ -75,8 +76,8 @@ impl Attention {
 
     fn project_kv(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         Ok((
-            self.split(&self.k.forward(x)?)?,
-            self.split(&self.v.forward(x)?)?,
+            self.split(&linear_cpu(&self.k, x)?)?,
+            self.split(&linear_cpu(&self.v, x)?)?,
         ))
     }
 
@@ -87,9 +88,9 @@ impl Attention {
         v: &Tensor,
         mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let q = self.split(&self.q.forward(x)?)?;
+        let q = self.split(&linear_cpu(&self.q, x)?)?;
         let y = attend(&q, k, v, mask)?;
-        self.out.forward(&self.merge(&y)?)
+        linear_cpu(&self.out, &self.merge(&y)?)
     }
 }
 
@@ -110,8 +111,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.fc1.forward(&self.norm.forward(x)?)?.gelu_erf()?;
-        x + self.fc2.forward(&h)?
+        let h = linear_cpu(&self.fc1, &self.norm.forward(x)?)?.gelu_erf()?;
+        x + linear_cpu(&self.fc2, &h)?
     }
 }
 
@@ -263,11 +264,8 @@ impl Decoder {
         }
         cache.advance(seq);
         let last = self.norm.forward(&x.narrow(1, seq - 1, 1)?)?;
-        let logits = last
-            .squeeze(0)?
-            .squeeze(0)?
-            .unsqueeze(0)?
-            .matmul(&self.proj_out.t()?)?;
+        let logits = last.squeeze(0)?.squeeze(0)?.unsqueeze(0)?;
+        let logits = crate::kernels::cpu::matmul_t(&logits, &self.proj_out)?;
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
     }
 

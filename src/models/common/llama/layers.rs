@@ -2,7 +2,7 @@
 //! SwiGLU MLP, rotary tables and the causal mask, as the unfused (CPU and plain candle) path
 //! runs them; the fused CUDA step (`fused.rs`) reads their weights.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{linear_b, Linear, VarBuilder};
 
 use super::config::{LlamaConfig, Rope, RopeScaling};
@@ -73,6 +73,11 @@ fn divided(theta: f32, head_dim: usize, factors: &[f32]) -> Vec<f32> {
         .zip(factors)
         .map(|(i, f)| 1.0 / (f * theta.powf(i as f32 / dim)))
         .collect()
+}
+
+/// `l.forward(x)`; a decode step's few rows go through the CPU's multithreaded GEMV.
+pub(super) fn linear(l: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    kernels::cpu::linear(l, x)
 }
 
 /// RMSNorm, normalised in f32 in HF's order ([`kernels::add_rms_norm`]; one kernel on CUDA).
@@ -194,7 +199,7 @@ impl Attention {
         xs: &Tensor,
         split: impl Fn(Tensor, usize) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let mut qkv = self.qkv.forward(xs)?;
+        let mut qkv = linear(&self.qkv, xs)?;
         if let Some(b) = &self.qkv_bias {
             qkv = qkv.broadcast_add(b)?;
         }
@@ -235,7 +240,7 @@ impl Attention {
                 .transpose(1, 2)?
                 .reshape((b, t, width))?
         };
-        self.o.forward(&out)
+        linear(&self.o, &out)
     }
 
     /// Whether attention on `device` in `dtype` runs in the fused kernel (CUDA, f16 or
@@ -277,7 +282,7 @@ impl Attention {
             };
             outs.push(out.reshape((1, self.heads * self.head_dim))?);
         }
-        self.o.forward(&Tensor::cat(&outs, 0)?)
+        linear(&self.o, &Tensor::cat(&outs, 0)?)
     }
 
     /// Scaled dot-product attention of `q` `(b, heads, t, hd)` over cached `k`, `v`
@@ -341,11 +346,11 @@ impl Mlp {
     }
 
     pub(super) fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let mut gate_up = self.gate_up.forward(xs)?;
+        let mut gate_up = linear(&self.gate_up, xs)?;
         if let Some(b) = &self.gate_up_bias {
             gate_up = gate_up.broadcast_add(b)?;
         }
-        self.down.forward(&kernels::silu_mul(&gate_up)?)
+        linear(&self.down, &kernels::silu_mul(&gate_up)?)
     }
 }
 

@@ -316,7 +316,7 @@ impl Llama {
         }
         cache.advance(t);
         let last = xs.narrow(1, t - 1, 1)?;
-        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        let logits = layers::linear(&self.lm_head, &self.norm.forward(&last)?)?;
         Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
     }
 
@@ -376,7 +376,7 @@ impl Llama {
         for cache in caches.iter_mut() {
             cache.advance(1);
         }
-        let logits = self.lm_head.forward(&self.norm.forward(&xs)?)?;
+        let logits = layers::linear(&self.lm_head, &self.norm.forward(&xs)?)?;
         Ok(logits.to_dtype(DType::F32)?)
     }
 

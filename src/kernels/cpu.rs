@@ -1,0 +1,245 @@
+//! CPU kernels for what candle's CPU backend runs on one thread: the matrix-vector products of
+//! a decode step (the `gemm` crate takes a single-threaded path when one side has one row,
+//! so decode read the weights at one core's bandwidth) and the bf16 -> f32 conversion of
+//! weights at load.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use rayon::prelude::*;
+
+/// Rows of `x` up to which [`matmul_t`] multiplies by the weight one output at a time (a
+/// decode step); above it, candle's blocked GEMM is faster.
+pub const MAX_GEMV_ROWS: usize = 4;
+
+/// Output columns per parallel task: enough work to amortise scheduling, enough tasks to
+/// spread over the cores.
+const COLS_PER_TASK: usize = 64;
+
+/// `x @ w^T` for `x` `(..., k)` and `w` `(n, k)`, as `candle_nn::Linear` computes it without
+/// the bias. On the CPU with f32 and at most [`MAX_GEMV_ROWS`] rows it runs [`gemv_t`] over
+/// all cores; otherwise candle's matmul.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, k) = w.dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    let fast = matches!(x.device(), Device::Cpu)
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && x.dim(candle_core::D::Minus1)? == k
+        && (1..=MAX_GEMV_ROWS).contains(&rows)
+        && k > 0
+        && w.is_contiguous();
+    if !fast {
+        return candle_nn::Linear::new(w.clone(), None).forward(x);
+    }
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let ws = w.storage_and_layout();
+    let wv = match &*ws.0 {
+        candle_core::Storage::Cpu(s) => s.as_slice::<f32>()?,
+        _ => candle_core::bail!("matmul_t: weight not on the CPU"),
+    };
+    let start = ws.1.start_offset();
+    let out = gemv_t(&xs, rows, &wv[start..start + n * k], n, k);
+    let mut shape = x.dims().to_vec();
+    *shape.last_mut().expect("rank >= 1") = n;
+    Tensor::from_vec(out, shape, x.device())
+}
+
+/// `l.forward(x)`, with [`matmul_t`] for the product: a decode step's few rows run over all
+/// cores.
+pub fn linear(l: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
+    let y = matmul_t(x, l.weight())?;
+    match l.bias() {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// `out[r][j] = x[r] . w[j]` for `rows` rows of `x` (`rows * k`) and `n` rows of `w` (`n *
+/// k`), row-major `(rows, n)`; output columns are split over the rayon pool so that every
+/// core streams its share of `w`.
+pub fn gemv_t(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    assert_eq!(x.len(), rows * k, "gemv_t: x");
+    assert_eq!(w.len(), n * k, "gemv_t: w");
+    assert!(rows > 0 && k > 0, "gemv_t: empty");
+    // Column-major while computing, so that each task writes one contiguous slice.
+    let mut cols = vec![0f32; n * rows];
+    cols.par_chunks_mut(COLS_PER_TASK * rows)
+        .zip(w.par_chunks(COLS_PER_TASK * k))
+        .for_each(|(out, w)| {
+            for (j, wj) in w.chunks_exact(k).enumerate() {
+                for r in 0..rows {
+                    out[j * rows + r] = dot(&x[r * k..(r + 1) * k], wj);
+                }
+            }
+        });
+    if rows == 1 {
+        return cols;
+    }
+    let mut out = vec![0f32; rows * n];
+    for j in 0..n {
+        for r in 0..rows {
+            out[r * n + j] = cols[j * rows + r];
+        }
+    }
+    out
+}
+
+/// Dot product with sixteen independent partial sums, so that the compiler can keep them in
+/// vector registers (a single running sum is a serial chain it may not reorder).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, which is all `dot_avx2` is compiled for.
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_portable(a, b)
+}
+
+#[inline(always)]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..L {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = 0f32;
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+/// Little-endian bf16 bytes as f32 values (exact: bf16 is f32's upper half), converted in
+/// parallel chunks.
+pub fn bf16_bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
+    let mut out = vec![0f32; bytes.len() / 2];
+    advise_huge_pages(&mut out);
+    out.par_chunks_mut(1 << 16)
+        .zip(bytes.par_chunks(2 << 16))
+        .for_each(|(o, b)| {
+            for (v, p) in o.iter_mut().zip(b.chunks_exact(2)) {
+                *v = f32::from_bits(u32::from(u16::from_le_bytes([p[0], p[1]])) << 16);
+            }
+        });
+    out
+}
+
+/// Asks the kernel to back a large, not yet touched buffer with 2 MiB pages (where THP is in
+/// `madvise` mode): a 2B model's f32 weights are 2.2M page faults in 4 KiB pages, and the
+/// weights' TLB misses slow every matmul that streams them.
+fn advise_huge_pages(buf: &mut [f32]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = buf.as_mut_ptr() as usize;
+        let end = start + std::mem::size_of_val(buf);
+        let (lo, hi) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if hi > lo {
+            // SAFETY: [lo, hi) lies inside `buf`'s allocation; MADV_HUGEPAGE is advice that
+            // changes neither the contents nor the validity of the mapping.
+            unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
+/// glibc returns every freed block above 32 MiB to the kernel, so each large tensor of a
+/// forward (a vision tower's or Whisper's attention scores, its MLP activations) comes back
+/// as fresh pages, faulted in and zeroed: on Whisper tiny that was a third of the CPU time.
+/// Keeping freed memory in the heap lets the next forward reuse it. Call once at start-up.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; it is called before other threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Largest error of `got` against the exact (f64) `x @ w^T`, relative to the sum of the
+    /// products' magnitudes (the scale of a dot product's rounding error, whatever the order
+    /// of summation; a plain relative error blows up where the sum cancels to near zero).
+    fn max_err(got: &Tensor, x: &Tensor, w: &Tensor) -> f64 {
+        let (n, k) = w.dims2().unwrap();
+        let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let w: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        let mut worst = 0f64;
+        for (i, g) in got.iter().enumerate() {
+            let (r, j) = (i / n, i % n);
+            let (mut exact, mut scale) = (0f64, 0f64);
+            for t in 0..k {
+                let p = x[r * k + t] as f64 * w[j * k + t] as f64;
+                exact += p;
+                scale += p.abs();
+            }
+            worst = worst.max((*g as f64 - exact).abs() / scale.max(1e-30));
+        }
+        worst
+    }
+
+    /// The GEMV path against candle's matmul on odd sizes, 1..=MAX_GEMV_ROWS rows, 2-D and
+    /// 3-D inputs (the decoder's `(1, 1, hidden)`).
+    #[test]
+    fn matmul_t_matches_candle_on_odd_sizes() -> Result<()> {
+        let dev = Device::Cpu;
+        for (rows, k, n) in [
+            (1, 1, 1),
+            (1, 37, 129),
+            (3, 1537, 65),
+            (4, 15, 1000),
+            (2, 16, 64),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let want = x.matmul(&w.broadcast_left(1)?.t()?)?;
+            let got = matmul_t(&x, &w)?;
+            assert_eq!(got.dims(), want.dims());
+            // As close to the exact product as candle's own GEMM is.
+            let bound = 1e-6f64.max(2.0 * max_err(&want, &x, &w));
+            assert!(max_err(&got, &x, &w) <= bound, "{rows}x{k}x{n}");
+            let got2 = matmul_t(&x.squeeze(0)?, &w)?;
+            assert_eq!(got2.dims(), want.squeeze(0)?.dims());
+            assert!(max_err(&got2, &x, &w) <= bound, "{rows}x{k}x{n} (2-D)");
+        }
+        // Above the GEMV bound it is candle's own result.
+        let x = Tensor::randn(0f32, 1.0, (1, MAX_GEMV_ROWS + 1, 33), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (7, 33), &dev)?;
+        let want: Vec<f32> = x
+            .matmul(&w.broadcast_left(1)?.t()?)?
+            .flatten_all()?
+            .to_vec1()?;
+        let got: Vec<f32> = matmul_t(&x, &w)?.flatten_all()?.to_vec1()?;
+        assert_eq!(got, want);
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_conversion_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let t = Tensor::randn(0f32, 3.0, 200_001, &dev)?.to_dtype(DType::BF16)?;
+        let bytes: Vec<u8> = t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect();
+        let want: Vec<f32> = t.to_dtype(DType::F32)?.to_vec1()?;
+        assert_eq!(bf16_bytes_to_f32(&bytes), want);
+        Ok(())
+    }
+}
