@@ -142,6 +142,9 @@ pub fn run(
     Ok(())
 }
 
+/// One image processor: pixel values and their shape.
+type Processor = dyn Fn(&RgbImage) -> Result<(Vec<f32>, Vec<usize>)>;
+
 /// `mmllm profile-preprocess`: decode `image` and run one image processor on it, `runs` timed
 /// times each after an untimed run; prints the best times as one JSON line.
 pub fn preprocess(
@@ -167,7 +170,7 @@ pub fn preprocess(
         Error::input(&config_name, e.to_string(), "a preprocessor_config.json")
     };
     // Parsed before the image is read, so a bad config fails first.
-    let run: Box<dyn Fn(&RgbImage) -> Result<(Vec<f32>, Vec<usize>)>> = match processor {
+    let run: Box<Processor> = match processor {
         ProcessorArg::Clip => {
             let cfg = match &config_text {
                 Some(text) => ClipProcessorConfig::from_json(text).map_err(|e| bad_config(&e))?,

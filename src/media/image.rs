@@ -244,6 +244,13 @@ fn dims_of<D: ImageDecoder>(decoder: ::image::ImageResult<D>) -> ::image::ImageR
 // ---------------------------------------------------------------------------------------- JPEG
 
 fn decode_jpeg(bytes: &[u8], input: &str) -> Result<RgbImage> {
+    match decode_jpeg_split(bytes, input, SPLIT_DECODE_PIXELS)? {
+        Some(img) => Ok(img),
+        None => decode_jpeg_whole(bytes, input),
+    }
+}
+
+fn decode_jpeg_whole(bytes: &[u8], input: &str) -> Result<RgbImage> {
     let fmt = ImageFormat::Jpeg;
     let mut dec = turbojpeg::Decompressor::new().map_err(|e| corrupt(input, fmt, e))?;
     let header = dec.read_header(bytes).map_err(|e| corrupt(input, fmt, e))?;
@@ -277,6 +284,145 @@ fn decode_jpeg(bytes: &[u8], input: &str) -> Result<RgbImage> {
             tolerate_warnings(dec.decompress(bytes, out.as_deref_mut()), input)?;
             rgb_image(w as u32, h as u32, out.pixels, input)
         }
+    }
+}
+
+/// Images at least this large are decoded by two threads, each decoding half of the rows.
+const SPLIT_DECODE_PIXELS: usize = 1 << 21;
+
+/// A baseline JPEG decoded in two parts at once: the top rows by one libjpeg-turbo decoder,
+/// the rest by another that skips the top (entropy decoding only, no IDCT, upsampling or
+/// colour conversion). libjpeg-turbo's skip and crop produce exactly the rows of a full
+/// decode (its croptest checks this), and each half writes its own rows of the buffer.
+/// `None` when the image is not one this applies to (progressive, arithmetic, lossless, not
+/// YCbCr/gray, small, or a single thread); the caller then decodes it whole.
+fn decode_jpeg_split(bytes: &[u8], input: &str, min_pixels: usize) -> Result<Option<RgbImage>> {
+    use turbojpeg::raw as sys;
+    if rayon::current_num_threads() < 2 {
+        return Ok(None);
+    }
+    let header = Decoder::new(input)?;
+    if header.read_header(bytes, input).is_err() {
+        // The whole-image path reports the error.
+        return Ok(None);
+    }
+    let get = |p| header.get(p);
+    let (w, h) = (
+        get(sys::TJPARAM_TJPARAM_JPEGWIDTH),
+        get(sys::TJPARAM_TJPARAM_JPEGHEIGHT),
+    );
+    let colorspace = get(sys::TJPARAM_TJPARAM_COLORSPACE);
+    let plain = get(sys::TJPARAM_TJPARAM_PROGRESSIVE) == 0
+        && get(sys::TJPARAM_TJPARAM_ARITHMETIC) == 0
+        && get(sys::TJPARAM_TJPARAM_LOSSLESS) == 0
+        && !matches!(colorspace as u32, sys::TJCS_TJCS_CMYK | sys::TJCS_TJCS_YCCK);
+    let (w, h) = (
+        usize::try_from(w).unwrap_or(0),
+        usize::try_from(h).unwrap_or(0),
+    );
+    if !plain || w * h < min_pixels || h < 32 {
+        return Ok(None);
+    }
+    // The bottom decoder entropy-decodes the top rows too (about half the cost of decoding
+    // them), so the top part is the larger: 2/3 balances the two.
+    let split = h * 2 / 3;
+    let mut pixels = vec![0u8; w * h * 3];
+    let (top, bottom) = pixels.split_at_mut(split * w * 3);
+    let (a, b) = rayon::join(
+        || decode_rows(bytes, input, top, w, 0, split),
+        || decode_rows(bytes, input, bottom, w, split, h - split),
+    );
+    a?;
+    b?;
+    rgb_image(w as u32, h as u32, pixels, input).map(Some)
+}
+
+/// Decodes rows `y..y + rows` of a JPEG `w` pixels wide into `out` as RGB.
+fn decode_rows(
+    bytes: &[u8],
+    input: &str,
+    out: &mut [u8],
+    w: usize,
+    y: usize,
+    rows: usize,
+) -> Result<()> {
+    use turbojpeg::raw as sys;
+    let dec = Decoder::new(input)?;
+    dec.read_header(bytes, input)?;
+    let region = sys::tjregion {
+        x: 0,
+        y: y as i32,
+        w: 0,
+        h: rows as i32,
+    };
+    // SAFETY: the handle is valid (owned by `dec`).
+    if unsafe { sys::tj3SetCroppingRegion(dec.0, region) } != 0 {
+        return Err(dec.error(input));
+    }
+    debug_assert_eq!(out.len(), w * rows * 3);
+    // SAFETY: `out` holds `rows` rows of `w * 3` bytes, the cropped region's size; the
+    // decoder writes only those and reads `bytes` within its length.
+    let rc = unsafe {
+        sys::tj3Decompress8(
+            dec.0,
+            bytes.as_ptr(),
+            bytes.len() as _,
+            out.as_mut_ptr(),
+            (w * 3) as i32,
+            sys::TJPF_TJPF_RGB,
+        )
+    };
+    if rc != 0 {
+        tolerate_warnings(Err(turbojpeg::Error::TurboJpegError(dec.message())), input)?;
+    }
+    Ok(())
+}
+
+/// An owned TurboJPEG decompressor handle.
+struct Decoder(turbojpeg::raw::tjhandle);
+
+impl Decoder {
+    fn new(input: &str) -> Result<Self> {
+        // SAFETY: plain constructor; a null handle is checked.
+        let handle =
+            unsafe { turbojpeg::raw::tj3Init(turbojpeg::raw::TJINIT_TJINIT_DECOMPRESS as i32) };
+        if handle.is_null() {
+            return Err(corrupt(input, ImageFormat::Jpeg, "cannot create a decoder"));
+        }
+        Ok(Decoder(handle))
+    }
+
+    fn read_header(&self, bytes: &[u8], input: &str) -> Result<()> {
+        // SAFETY: valid handle; `bytes` is read within its length.
+        if unsafe { turbojpeg::raw::tj3DecompressHeader(self.0, bytes.as_ptr(), bytes.len() as _) }
+            != 0
+        {
+            return Err(self.error(input));
+        }
+        Ok(())
+    }
+
+    fn get(&self, param: turbojpeg::raw::TJPARAM) -> i32 {
+        // SAFETY: valid handle.
+        unsafe { turbojpeg::raw::tj3Get(self.0, param as i32) }
+    }
+
+    fn message(&self) -> String {
+        // SAFETY: valid handle; the error string is NUL-terminated and lives in the handle.
+        unsafe { std::ffi::CStr::from_ptr(turbojpeg::raw::tj3GetErrorStr(self.0)) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn error(&self, input: &str) -> Error {
+        corrupt(input, ImageFormat::Jpeg, self.message())
+    }
+}
+
+impl Drop for Decoder {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from tj3Init and is destroyed once.
+        unsafe { turbojpeg::raw::tj3Destroy(self.0) }
     }
 }
 
@@ -577,6 +723,63 @@ mod tests {
     fn composite_extremes() {
         assert_eq!(composite_on_white([10, 20, 30], 255), [10, 20, 30]);
         assert_eq!(composite_on_white([10, 20, 30], 0), [255, 255, 255]);
+    }
+
+    /// Every JPEG of the test data, and 12-MP ones encoded here (4:2:0, 4:2:2, 4:4:4, gray),
+    /// decoded in two parts equal the whole decode.
+    #[test]
+    fn split_decode_equals_whole_decode() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        for dir in [data.clone(), data.join("image")] {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                if ImageFormat::sniff(&bytes) == Some(ImageFormat::Jpeg) {
+                    files.push((path.display().to_string(), bytes));
+                }
+            }
+        }
+        assert!(files.len() >= 10, "{}", files.len());
+        let photo = decode_image(&files[0].1, &files[0].0, &ImageLimits::default()).unwrap();
+        let big = crate::media::RgbImage::from_fn(4001, 2999, |x, y| {
+            let p = photo.get_pixel(x % photo.width(), y % photo.height()).0;
+            let n = ((x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503)) >> 7) % 7;
+            ::image::Rgb(p.map(|v| v.saturating_add(n as u8)))
+        });
+        for subsamp in [
+            turbojpeg::Subsamp::Sub2x2,
+            turbojpeg::Subsamp::Sub2x1,
+            turbojpeg::Subsamp::None,
+            turbojpeg::Subsamp::Gray,
+        ] {
+            let image = turbojpeg::Image {
+                pixels: big.as_raw().as_slice(),
+                width: 4001,
+                pitch: 4001 * 3,
+                height: 2999,
+                format: turbojpeg::PixelFormat::RGB,
+            };
+            let jpeg = turbojpeg::compress(image, 90, subsamp).unwrap();
+            files.push((format!("12 MP {subsamp:?}"), jpeg.to_vec()));
+        }
+        let mut split = 0;
+        for (name, bytes) in &files {
+            let whole = decode_jpeg_whole(bytes, name);
+            match pool.install(|| decode_jpeg_split(bytes, name, 0)) {
+                Ok(Some(img)) => {
+                    split += 1;
+                    assert!(img == whole.unwrap(), "{name}");
+                }
+                Ok(None) => {}
+                Err(e) => assert!(whole.is_err(), "{name}: {e}"),
+            }
+        }
+        assert!(split >= 10, "{split}");
     }
 
     #[test]
