@@ -16,6 +16,7 @@
 use std::io::Cursor;
 
 use ::image::{ColorType, ImageDecoder};
+use rayon::prelude::*;
 
 use super::RgbImage;
 use crate::error::{Error, Result};
@@ -667,23 +668,34 @@ fn xmp_orientation(xmp: &[u8]) -> Option<u32> {
 
 /// `Image.transpose` as `exif_transpose` maps orientations 2..=8 to it.
 fn apply_orientation(img: RgbImage, orientation: u32) -> RgbImage {
-    let (w, h) = img.dimensions();
-    // Source coordinates of output pixel (x, y) for each orientation; ow/oh the output size.
-    let map: fn(u32, u32, u32, u32) -> (u32, u32) = match orientation {
-        2 => |x, y, w, _h| (w - 1 - x, y),        // FLIP_LEFT_RIGHT
-        3 => |x, y, w, h| (w - 1 - x, h - 1 - y), // ROTATE_180
-        4 => |x, y, _w, h| (x, h - 1 - y),        // FLIP_TOP_BOTTOM
-        5 => |x, y, _w, _h| (y, x),               // TRANSPOSE
-        6 => |x, y, _w, h| (y, h - 1 - x),        // ROTATE_270 (90 degrees clockwise)
-        7 => |x, y, w, h| (w - 1 - y, h - 1 - x), // TRANSVERSE
-        8 => |x, y, w, _h| (w - 1 - y, x),        // ROTATE_90 (90 degrees counter-clockwise)
+    let (w, h) = (img.width() as isize, img.height() as isize);
+    // The source pixel of output pixel (x, y) is `start + x * dx + y * dy` (in pixels):
+    // an affine map for each orientation.
+    let (start, dx, dy) = match orientation {
+        2 => (w - 1, -1, w),                // FLIP_LEFT_RIGHT: (w-1-x, y)
+        3 => ((h - 1) * w + w - 1, -1, -w), // ROTATE_180: (w-1-x, h-1-y)
+        4 => ((h - 1) * w, 1, -w),          // FLIP_TOP_BOTTOM: (x, h-1-y)
+        5 => (0, w, 1),                     // TRANSPOSE: (y, x)
+        6 => ((h - 1) * w, -w, 1),          // ROTATE_270 (90 degrees clockwise): (y, h-1-x)
+        7 => ((h - 1) * w + w - 1, -w, -1), // TRANSVERSE: (w-1-y, h-1-x)
+        8 => (w - 1, w, -1),                // ROTATE_90 (90 degrees counter-clockwise): (w-1-y, x)
         _ => return img,
     };
     let (ow, oh) = if orientation >= 5 { (h, w) } else { (w, h) };
-    RgbImage::from_fn(ow, oh, |x, y| {
-        let (sx, sy) = map(x, y, w, h);
-        *img.get_pixel(sx, sy)
-    })
+    let src = img.as_raw();
+    let mut out = vec![0u8; (ow * oh * 3) as usize];
+    // Rows in parallel: a 12-MP rotation is tens of milliseconds on one core.
+    out.par_chunks_mut((ow * 3) as usize)
+        .enumerate()
+        .for_each(|(y, row)| {
+            let mut p = start + y as isize * dy;
+            for px in row.chunks_exact_mut(3) {
+                let i = p as usize * 3;
+                px.copy_from_slice(&src[i..i + 3]);
+                p += dx;
+            }
+        });
+    RgbImage::from_raw(ow as u32, oh as u32, out).unwrap_or_else(|| RgbImage::new(0, 0))
 }
 
 #[cfg(test)]
