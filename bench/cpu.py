@@ -283,9 +283,9 @@ def main():
     ap.add_argument("--out-dir", default=os.path.join(REPO, "bench/results"))
     args = ap.parse_args()
     binary = os.path.abspath(args.mmllm)
-    cpu, cores = cpu_name(), len(os.sched_getaffinity(0))
+    cpu, cores, sha = cpu_name(), len(os.sched_getaffinity(0)), commit()
     print(f"cpu: {cpu}; {cores} cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          f"transformers {transformers.__version__}; commit {commit()}")
+          f"transformers {transformers.__version__}; commit {sha}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="mmllm-cpu-bench-") as workdir:
         jpeg = os.path.join(workdir, "photo_12mp.jpg")
@@ -300,7 +300,6 @@ def main():
                       "(bash scripts/fetch_whisper_tiny_en.sh)", file=sys.stderr)
         if not args.skip_2b:
             rows += qwen2b_rows(binary, args.cache, args.new_tokens, workdir)
-    sha = commit()
     for r in rows:
         r.update(cpu=cpu, cores=cores, commit=sha)
     print("\n| workload | HF | mmllm | unit | mmllm vs HF | goal |")
