@@ -684,15 +684,25 @@ fn apply_orientation(img: RgbImage, orientation: u32) -> RgbImage {
     let (ow, oh) = if orientation >= 5 { (h, w) } else { (w, h) };
     let src = img.as_raw();
     let mut out = vec![0u8; (ow * oh * 3) as usize];
-    // Rows in parallel: a 12-MP rotation is tens of milliseconds on one core.
-    out.par_chunks_mut((ow * 3) as usize)
+    // Bands of rows in parallel, each copied in square tiles so that a rotation reads each
+    // source cache line while it is still cached (column-wise reads of a 12-MP image miss on
+    // every pixel otherwise).
+    const TILE: usize = 64;
+    let row_bytes = (ow * 3) as usize;
+    out.par_chunks_mut(row_bytes * TILE)
         .enumerate()
-        .for_each(|(y, row)| {
-            let mut p = start + y as isize * dy;
-            for px in row.chunks_exact_mut(3) {
-                let i = p as usize * 3;
-                px.copy_from_slice(&src[i..i + 3]);
-                p += dx;
+        .for_each(|(band, rows)| {
+            for x0 in (0..ow as usize).step_by(TILE) {
+                let x1 = (x0 + TILE).min(ow as usize);
+                for (r, row) in rows.chunks_exact_mut(row_bytes).enumerate() {
+                    let y = (band * TILE + r) as isize;
+                    let mut p = start + y * dy + x0 as isize * dx;
+                    for px in row[x0 * 3..x1 * 3].chunks_exact_mut(3) {
+                        let i = p as usize * 3;
+                        px.copy_from_slice(&src[i..i + 3]);
+                        p += dx;
+                    }
+                }
             }
         });
     RgbImage::from_raw(ow as u32, oh as u32, out).unwrap_or_else(|| RgbImage::new(0, 0))
@@ -809,6 +819,30 @@ mod tests {
             Some(3)
         );
         assert_eq!(xmp_orientation(b"tiff:Orientation='6'"), None);
+    }
+
+    /// The tiled copy equals Pillow's per-pixel definitions on an image of several odd tiles.
+    #[test]
+    fn tiled_orientations_equal_the_per_pixel_maps() {
+        let (w, h) = (150u32, 131u32);
+        let img = RgbImage::from_fn(w, h, |x, y| ::image::Rgb([x as u8, y as u8, (x ^ y) as u8]));
+        for o in 2..=8u32 {
+            let got = apply_orientation(img.clone(), o);
+            let (ow, oh) = if o >= 5 { (h, w) } else { (w, h) };
+            let want = RgbImage::from_fn(ow, oh, |x, y| {
+                let (sx, sy) = match o {
+                    2 => (w - 1 - x, y),
+                    3 => (w - 1 - x, h - 1 - y),
+                    4 => (x, h - 1 - y),
+                    5 => (y, x),
+                    6 => (y, h - 1 - x),
+                    7 => (w - 1 - y, h - 1 - x),
+                    _ => (w - 1 - y, x),
+                };
+                *img.get_pixel(sx, sy)
+            });
+            assert!(got == want, "orientation {o}");
+        }
     }
 
     #[test]
