@@ -33,6 +33,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('merge', 'merge', [CompletionResultType]::ParameterValue, 'Join the outputs of sharded batch runs into one JSONL file, in manifest order')
             [CompletionResult]::new('serve', 'serve', [CompletionResultType]::ParameterValue, 'Serve the model over HTTP with the OpenAI Chat Completions API (POST /v1/chat/completions, GET /v1/models, /health, /metrics); concurrent requests share one continuous batch. SIGTERM stops new requests and lets in-flight ones finish')
             [CompletionResult]::new('profile-decode', 'profile-decode', [CompletionResultType]::ParameterValue, 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line')
+            [CompletionResult]::new('profile-preprocess', 'profile-preprocess', [CompletionResultType]::ParameterValue, 'Time decoding an image file and one image processor on it (for bench/cpu.py): the best of `--runs` runs of each. Prints a JSON line; `--dump` writes the pixel values as .npy')
             [CompletionResult]::new('generate-docs', 'generate-docs', [CompletionResultType]::ParameterValue, 'Write the man pages and shell completions (for packagers)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -224,6 +225,15 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
             break
         }
+        'mmllm;profile-preprocess' {
+            [CompletionResult]::new('--processor', '--processor', [CompletionResultType]::ParameterName, 'Which processor: transformers'' slow `CLIPImageProcessor` or `Qwen2VLImageProcessor`')
+            [CompletionResult]::new('--config', '--config', [CompletionResultType]::ParameterName, 'A `preprocessor_config.json` (default: the processor''s transformers defaults)')
+            [CompletionResult]::new('--runs', '--runs', [CompletionResultType]::ParameterName, 'Timed runs of decode and of preprocessing (after one untimed run)')
+            [CompletionResult]::new('--dump', '--dump', [CompletionResultType]::ParameterName, 'Write the `pixel_values` (f32, the processor''s output shape) to this .npy file')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            break
+        }
         'mmllm;generate-docs' {
             [CompletionResult]::new('--out-dir', '--out-dir', [CompletionResultType]::ParameterName, 'Directory under which `man/` and `completions/` are written')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -239,6 +249,7 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             [CompletionResult]::new('merge', 'merge', [CompletionResultType]::ParameterValue, 'Join the outputs of sharded batch runs into one JSONL file, in manifest order')
             [CompletionResult]::new('serve', 'serve', [CompletionResultType]::ParameterValue, 'Serve the model over HTTP with the OpenAI Chat Completions API (POST /v1/chat/completions, GET /v1/models, /health, /metrics); concurrent requests share one continuous batch. SIGTERM stops new requests and lets in-flight ones finish')
             [CompletionResult]::new('profile-decode', 'profile-decode', [CompletionResultType]::ParameterValue, 'Time single-token decode steps of a model (for bench/gpu.py): step wall time, host time to enqueue a step and GPU time to run it. Prints a JSON line')
+            [CompletionResult]::new('profile-preprocess', 'profile-preprocess', [CompletionResultType]::ParameterValue, 'Time decoding an image file and one image processor on it (for bench/cpu.py): the best of `--runs` runs of each. Prints a JSON line; `--dump` writes the pixel values as .npy')
             [CompletionResult]::new('generate-docs', 'generate-docs', [CompletionResultType]::ParameterValue, 'Write the man pages and shell completions (for packagers)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -265,6 +276,9 @@ Register-ArgumentCompleter -Native -CommandName 'mmllm' -ScriptBlock {
             break
         }
         'mmllm;help;profile-decode' {
+            break
+        }
+        'mmllm;help;profile-preprocess' {
             break
         }
         'mmllm;help;generate-docs' {

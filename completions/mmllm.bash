@@ -40,6 +40,9 @@ _mmllm() {
             mmllm,profile-decode)
                 cmd="mmllm__subcmd__profile__subcmd__decode"
                 ;;
+            mmllm,profile-preprocess)
+                cmd="mmllm__subcmd__profile__subcmd__preprocess"
+                ;;
             mmllm,serve)
                 cmd="mmllm__subcmd__serve"
                 ;;
@@ -70,6 +73,9 @@ _mmllm() {
             mmllm__subcmd__help,profile-decode)
                 cmd="mmllm__subcmd__help__subcmd__profile__subcmd__decode"
                 ;;
+            mmllm__subcmd__help,profile-preprocess)
+                cmd="mmllm__subcmd__help__subcmd__profile__subcmd__preprocess"
+                ;;
             mmllm__subcmd__help,serve)
                 cmd="mmllm__subcmd__help__subcmd__serve"
                 ;;
@@ -83,7 +89,7 @@ _mmllm() {
 
     case "${cmd}" in
         mmllm)
-            opts="-h -V --help --version image video audio embeds batch merge serve profile-decode generate-docs help"
+            opts="-h -V --help --version image video audio embeds batch merge serve profile-decode profile-preprocess generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -365,7 +371,7 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__help)
-            opts="image video audio embeds batch merge serve profile-decode generate-docs help"
+            opts="image video audio embeds batch merge serve profile-decode profile-preprocess generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -477,6 +483,20 @@ _mmllm() {
             return 0
             ;;
         mmllm__subcmd__help__subcmd__profile__subcmd__decode)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        mmllm__subcmd__help__subcmd__profile__subcmd__preprocess)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -682,6 +702,36 @@ _mmllm() {
                     return 0
                     ;;
                 --image)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        mmllm__subcmd__profile__subcmd__preprocess)
+            opts="-h --processor --config --runs --dump --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --processor)
+                    COMPREPLY=($(compgen -W "clip qwen2-vl" -- "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --runs)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dump)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

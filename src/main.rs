@@ -33,6 +33,19 @@ fn main() -> ExitCode {
             steps,
             image,
         } => mmllm::app::profile::run(model, device, *dtype, *context, *steps, image.as_deref()),
+        Command::ProfilePreprocess {
+            image,
+            processor,
+            config,
+            runs,
+            dump,
+        } => mmllm::app::profile::preprocess(
+            image,
+            *processor,
+            config.as_deref(),
+            *runs,
+            dump.as_deref(),
+        ),
         cmd => mmllm::app::oneshot::run(cmd),
     };
     match result {

@@ -308,67 +308,79 @@ fn run_model(
     };
     // Jobs are prepared a group at a time (up to --max-seqs) so that their media go through
     // the encoder together where the family can stack them; the scheduler then pulls the
-    // ready requests one by one as room frees up.
+    // ready requests one by one as room frees up. Media files are read and decoded on a worker
+    // thread, up to a group ahead, so that decoding (a 12-MP JPEG takes tens of ms) overlaps
+    // the running decode steps instead of stalling them.
     let group = config.max_seqs;
-    let mut first = Some(first);
-    let mut ready: VecDeque<(usize, Result<Request>)> = VecDeque::new();
-    let mut requests = std::iter::from_fn(|| {
-        if ready.is_empty() {
-            let mut prepared: Vec<(usize, Result<Vec<MediaInput>>)> = Vec::new();
-            if let Some((i, media)) = first.take() {
-                prepared.push((i, Ok(media)));
-            }
-            while prepared.len() < group {
-                let Some(i) = todo.next() else {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(group);
+        scope.spawn(move || {
+            let mut no_stdin = std::io::empty();
+            for i in todo {
+                let media = pipeline::prepare_media(&plans[i], resolved, &mut no_stdin);
+                // The receiver is gone when the run stopped early.
+                if tx.send((i, media)).is_err() {
                     break;
-                };
-                prepared.push((
-                    i,
-                    pipeline::prepare_media(&plans[i], resolved, &mut no_stdin),
-                ));
+                }
             }
-            let ok: Vec<(&Plan, &[MediaInput])> = prepared
-                .iter()
-                .filter_map(|(i, m)| m.as_ref().ok().map(|m| (&plans[*i], m.as_slice())))
-                .collect();
-            let built = pipeline::requests_batched(resolved, &loaded, &ok);
-            drop(ok);
-            let mut built = built.into_iter();
-            for (i, media) in prepared {
-                let request = match media {
-                    Ok(_) => built.next().unwrap_or_else(|| {
-                        Err(Error::Runtime(anyhow::anyhow!(
-                            "no request built for job {i}"
-                        )))
-                    }),
-                    Err(e) => Err(e),
-                };
-                ready.push_back((i, request));
+        });
+        let mut first = Some(first);
+        let mut ready: VecDeque<(usize, Result<Request>)> = VecDeque::new();
+        let mut requests = std::iter::from_fn(|| {
+            if ready.is_empty() {
+                let mut prepared: Vec<(usize, Result<Vec<MediaInput>>)> = Vec::new();
+                if let Some((i, media)) = first.take() {
+                    prepared.push((i, Ok(media)));
+                }
+                while prepared.len() < group {
+                    let Ok(next) = rx.recv() else {
+                        break;
+                    };
+                    prepared.push(next);
+                }
+                let ok: Vec<(&Plan, &[MediaInput])> = prepared
+                    .iter()
+                    .filter_map(|(i, m)| m.as_ref().ok().map(|m| (&plans[*i], m.as_slice())))
+                    .collect();
+                let built = pipeline::requests_batched(resolved, &loaded, &ok);
+                drop(ok);
+                let mut built = built.into_iter();
+                for (i, media) in prepared {
+                    let request = match media {
+                        Ok(_) => built.next().unwrap_or_else(|| {
+                            Err(Error::Runtime(anyhow::anyhow!(
+                                "no request built for job {i}"
+                            )))
+                        }),
+                        Err(e) => Err(e),
+                    };
+                    ready.push_back((i, request));
+                }
             }
-        }
-        ready.pop_front()
-    });
-    scheduler::run(
-        loaded.model.as_ref(),
-        &loaded.tokenizer,
-        config,
-        &mut requests,
-        &mut |i, done| {
-            let plan = &plans[i];
-            let line = done.and_then(|done| {
-                let line = serde_json::to_string(&JsonResult::new(
-                    &plan.id,
-                    &plan.model,
-                    &done,
-                    loaded.load_s,
-                ))
-                .map_err(|e| Error::Runtime(e.into()))?;
-                Ok((line, done.token_ids.len()))
-            });
-            tally.finished(&jobs[i], i, line)
-        },
-    )?;
-    Ok(())
+            ready.pop_front()
+        });
+        scheduler::run(
+            loaded.model.as_ref(),
+            &loaded.tokenizer,
+            config,
+            &mut requests,
+            &mut |i, done| {
+                let plan = &plans[i];
+                let line = done.and_then(|done| {
+                    let line = serde_json::to_string(&JsonResult::new(
+                        &plan.id,
+                        &plan.model,
+                        &done,
+                        loaded.load_s,
+                    ))
+                    .map_err(|e| Error::Runtime(e.into()))?;
+                    Ok((line, done.token_ids.len()))
+                });
+                tally.finished(&jobs[i], i, line)
+            },
+        )?;
+        Ok(())
+    })
 }
 
 /// Lines written so far, failures and generated tokens.

@@ -1,3 +1,6 @@
+//! `mmllm profile-preprocess` (hidden; run by bench/cpu.py) times decoding one image and one
+//! image processor on it, and can dump the pixel values for comparison with transformers.
+//!
 //! `mmllm profile-decode` (hidden; run by bench/gpu.py): where the time of one decode step
 //! goes. Prefills `--context` text tokens, then times single-token steps three ways: the wall
 //! time of a step including the argmax crossing to the host (what generation sees), the host
@@ -13,10 +16,15 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
-use crate::cli::DTypeArg;
+use crate::cli::{DTypeArg, ProcessorArg};
 use crate::engine::device::DeviceChoice;
 use crate::error::{Error, Result};
 use crate::kernels;
+use crate::media::image::{decode_image, ImageLimits};
+use crate::media::RgbImage;
+use crate::models::common::clip_processor::ClipProcessorConfig;
+use crate::models::qwen2_vl::config::ProcessorConfig;
+use crate::models::qwen2_vl::preprocessor::preprocess_image;
 
 use super::pipeline;
 
@@ -132,4 +140,126 @@ pub fn run(
     });
     println!("{line}");
     Ok(())
+}
+
+/// One image processor: pixel values and their shape.
+type Processor = dyn Fn(&RgbImage) -> Result<(Vec<f32>, Vec<usize>)>;
+
+/// `mmllm profile-preprocess`: decode `image` and run one image processor on it, `runs` timed
+/// times each after an untimed run; prints the best times as one JSON line.
+pub fn preprocess(
+    image: &Path,
+    processor: ProcessorArg,
+    config: Option<&Path>,
+    runs: u32,
+    dump: Option<&Path>,
+) -> Result<()> {
+    let name = image.display().to_string();
+    let config_text = match config {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+            Error::input(
+                path.display().to_string(),
+                e.to_string(),
+                "a readable JSON file",
+            )
+        })?),
+        None => None,
+    };
+    let config_name = config.map_or(String::new(), |p| p.display().to_string());
+    let bad_config = |e: &dyn std::fmt::Display| {
+        Error::input(&config_name, e.to_string(), "a preprocessor_config.json")
+    };
+    // Parsed before the image is read, so a bad config fails first.
+    let run: Box<Processor> = match processor {
+        ProcessorArg::Clip => {
+            let cfg = match &config_text {
+                Some(text) => ClipProcessorConfig::from_json(text).map_err(|e| bad_config(&e))?,
+                None => ClipProcessorConfig::default(),
+            };
+            Box::new(move |img| {
+                let pv = cfg.preprocess(img)?;
+                let shape = vec![1, 3, pv.height as usize, pv.width as usize];
+                Ok((pv.data, shape))
+            })
+        }
+        ProcessorArg::Qwen2Vl => {
+            let mut cfg = ProcessorConfig::image_default();
+            if let Some(text) = &config_text {
+                let v: serde_json::Value =
+                    serde_json::from_str(text).map_err(|e| bad_config(&e))?;
+                cfg = cfg.apply(&v, &config_name)?;
+            }
+            Box::new(move |img| {
+                let p = preprocess_image(img, &cfg)?;
+                let shape = vec![p.num_patches(), p.patch_dim];
+                Ok((p.pixel_values, shape))
+            })
+        }
+    };
+    let bytes =
+        std::fs::read(image).map_err(|e| Error::input(&name, e.to_string(), "a readable image"))?;
+    let limits = ImageLimits::from_env()?;
+    let (mut decode_s, mut pre_s, mut total_s) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+    let mut last = None;
+    for i in 0..=runs {
+        let start = Instant::now();
+        let img = decode_image(&bytes, &name, &limits)?;
+        let decoded = Instant::now();
+        let out = run(&img)?;
+        let end = Instant::now();
+        if i > 0 {
+            decode_s = decode_s.min((decoded - start).as_secs_f64());
+            pre_s = pre_s.min((end - decoded).as_secs_f64());
+            total_s = total_s.min((end - start).as_secs_f64());
+        }
+        last = Some((img.dimensions(), out));
+    }
+    let Some(((width, height), (data, shape))) = last else {
+        return Err(Error::usage("--runs: expected a positive number"));
+    };
+    if let Some(path) = dump {
+        write_npy(path, &data, &shape)?;
+    }
+    let line = serde_json::json!({
+        "image": name,
+        "width": width,
+        "height": height,
+        "processor": match processor {
+            ProcessorArg::Clip => "clip",
+            ProcessorArg::Qwen2Vl => "qwen2-vl",
+        },
+        "runs": runs,
+        "threads": rayon::current_num_threads(),
+        "shape": shape,
+        "decode_ms": decode_s * 1e3,
+        "preprocess_ms": pre_s * 1e3,
+        "total_ms": total_s * 1e3,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// A little-endian f32 .npy file (format 1.0) of `data` in C order.
+fn write_npy(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let tuple = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple}, }}");
+    // Magic (6) + version (2) + length (2) + header + newline, padded to 64 bytes.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(path, out)
+        .map_err(|e| Error::input(path.display().to_string(), e.to_string(), "a writable path"))
 }

@@ -76,6 +76,25 @@ pub enum Command {
         #[arg(long)]
         image: Option<PathBuf>,
     },
+    /// Time decoding an image file and one image processor on it (for bench/cpu.py): the best
+    /// of `--runs` runs of each. Prints a JSON line; `--dump` writes the pixel values as .npy.
+    #[command(hide = true)]
+    ProfilePreprocess {
+        /// The image file.
+        image: PathBuf,
+        /// Which processor: transformers' slow `CLIPImageProcessor` or `Qwen2VLImageProcessor`.
+        #[arg(long, value_enum)]
+        processor: ProcessorArg,
+        /// A `preprocessor_config.json` (default: the processor's transformers defaults).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Timed runs of decode and of preprocessing (after one untimed run).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        runs: u32,
+        /// Write the `pixel_values` (f32, the processor's output shape) to this .npy file.
+        #[arg(long, value_name = "FILE")]
+        dump: Option<PathBuf>,
+    },
     /// Write the man pages and shell completions (for packagers).
     #[command(hide = true)]
     GenerateDocs {
@@ -83,6 +102,14 @@ pub enum Command {
         #[arg(long, default_value = ".")]
         out_dir: PathBuf,
     },
+}
+
+/// The image processors `profile-preprocess` can time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProcessorArg {
+    Clip,
+    #[value(name = "qwen2-vl")]
+    Qwen2Vl,
 }
 
 /// Media items followed by the prompt text.

@@ -272,3 +272,87 @@ fn err_expected(bytes: &[u8]) -> String {
         other => panic!("expected an input error, got {other:?}"),
     }
 }
+
+/// The f32 values of a `.npy` file written by `profile-preprocess --dump`.
+fn npy_values(path: &std::path::Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    assert!(bytes.starts_with(b"\x93NUMPY\x01\x00"));
+    let header = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    bytes[10 + header..]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[test]
+fn profile_preprocess_times_and_dumps_the_processors_pixels() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = cases()["clip"][0].as_str().unwrap().to_string();
+    let image = repo().join("tests/data/image").join(&name);
+    let image = image.to_str().unwrap();
+    let config = fixture_path("llava15_preprocessor_config.json");
+    let dump = dir.path().join("pv.npy");
+    let run = |args: &[&str]| {
+        crate::util::run_mmllm(
+            &[
+                &[
+                    "profile-preprocess",
+                    "--runs",
+                    "2",
+                    "--dump",
+                    dump.to_str().unwrap(),
+                ],
+                args,
+                &[image],
+            ]
+            .concat(),
+        )
+    };
+    // CLIP with LLaVA-1.5's config: HF's 336x336 pixel values (the fixture), and exactly the
+    // library's.
+    let line = crate::util::json_line(&run(&[
+        "--processor",
+        "clip",
+        "--config",
+        config.to_str().unwrap(),
+    ]));
+    assert_eq!(line["shape"], serde_json::json!([1, 3, 336, 336]));
+    assert_eq!(line["runs"], 2);
+    for key in ["decode_ms", "preprocess_ms", "total_ms"] {
+        assert!(line[key].as_f64().unwrap() > 0.0, "{key}: {line}");
+    }
+    let got = npy_values(&dump);
+    let want = hf_pixel_values(&name);
+    assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-5));
+    let text = std::fs::read_to_string(&config).unwrap();
+    let cfg = ClipProcessorConfig::from_json(&text).unwrap();
+    assert_eq!(got, cfg.preprocess(&decode(&name)).unwrap().data);
+    // Without --config, transformers' defaults: a 224x224 crop.
+    let line = crate::util::json_line(&run(&["--processor", "clip"]));
+    assert_eq!(line["shape"], serde_json::json!([1, 3, 224, 224]));
+    // Qwen2-VL: the patch rows of the library's image processor.
+    let line = crate::util::json_line(&run(&["--processor", "qwen2-vl"]));
+    let cfg = mmllm::models::qwen2_vl::config::ProcessorConfig::image_default();
+    let want =
+        mmllm::models::qwen2_vl::preprocessor::preprocess_image(&decode(&name), &cfg).unwrap();
+    assert_eq!(
+        line["shape"],
+        serde_json::json!([want.num_patches(), want.patch_dim])
+    );
+    assert_eq!(npy_values(&dump), want.pixel_values);
+    // A config the processor cannot use, and no runs, are usage/input errors.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"resample": 0}"#).unwrap();
+    let out = run(&["--processor", "clip", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.json"));
+    let out = crate::util::run_mmllm(&[
+        "profile-preprocess",
+        "--processor",
+        "clip",
+        "--runs",
+        "0",
+        image,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -97,19 +97,17 @@ fn smart_resize_named(
     Ok((h_bar as u32, w_bar as u32))
 }
 
-/// One frame as planar `(C, H, W)` normalized float32 values.
-fn normalize(img: &RgbImage, cfg: &ProcessorConfig, fused: bool) -> Vec<f32> {
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let mut out = vec![0f32; 3 * h * w];
+/// The normalized float32 value of every byte, per channel: the processors map each 8-bit
+/// sample independently, so a table gives exactly their values.
+fn normalize_table(cfg: &ProcessorConfig, fused: bool) -> [[f32; 256]; 3] {
     // The PIL image processor rescales in float64 then casts, then normalizes in float32; the
     // video processor fuses both into `(x - mean/scale) / (std/scale)` in float32.
     let scale = cfg.rescale_factor;
     let fused_mean: [f32; 3] = std::array::from_fn(|c| cfg.image_mean[c] * (1.0 / scale) as f32);
     let fused_std: [f32; 3] = std::array::from_fn(|c| cfg.image_std[c] * (1.0 / scale) as f32);
-    for (i, px) in img.pixels().enumerate() {
-        for c in 0..3 {
-            let x = px.0[c];
-            let v = if fused && cfg.do_rescale && cfg.do_normalize {
+    std::array::from_fn(|c| {
+        std::array::from_fn(|x| {
+            if fused && cfg.do_rescale && cfg.do_normalize {
                 (x as f32 - fused_mean[c]) / fused_std[c]
             } else {
                 let mut v = if cfg.do_rescale {
@@ -121,16 +119,18 @@ fn normalize(img: &RgbImage, cfg: &ProcessorConfig, fused: bool) -> Vec<f32> {
                     v = (v - cfg.image_mean[c]) / cfg.image_std[c];
                 }
                 v
-            };
-            out[c * h * w + i] = v;
-        }
-    }
-    out
+            }
+        })
+    })
 }
 
-/// Flattens `frames` (each `(C, H, W)`, count a multiple of `T`) into patch rows.
-fn patchify(frames: &[Vec<f32>], height: usize, width: usize, cfg: &ProcessorConfig) -> Patches {
+/// Normalizes `frames` (all one size, count a multiple of `T`) through `table` straight into
+/// patch rows, without an intermediate float image.
+fn patchify(frames: &[&RgbImage], table: &[[f32; 256]; 3], cfg: &ProcessorConfig) -> Patches {
     let (p, m, tp) = (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size);
+    let (height, width) = frames
+        .first()
+        .map_or((0, 0), |f| (f.height() as usize, f.width() as usize));
     let (gt, gh, gw) = (frames.len() / tp, height / p, width / p);
     let channels = 3;
     let patch_dim = channels * tp * p * p;
@@ -141,12 +141,18 @@ fn patchify(frames: &[Vec<f32>], height: usize, width: usize, cfg: &ProcessorCon
                 for mh in 0..m {
                     for mw in 0..m {
                         let (y0, x0) = ((bh * m + mh) * p, (bw * m + mw) * p);
-                        for c in 0..channels {
-                            for tt in 0..tp {
-                                let frame = &frames[t * tp + tt];
+                        for (c, table) in table.iter().enumerate() {
+                            for frame in &frames[t * tp..(t + 1) * tp] {
+                                let raw = frame.as_raw();
                                 for py in 0..p {
-                                    let row = c * height * width + (y0 + py) * width + x0;
-                                    out.extend_from_slice(&frame[row..row + p]);
+                                    let row = ((y0 + py) * width + x0) * channels;
+                                    let px = &raw[row..row + p * channels];
+                                    out.extend(
+                                        px.iter()
+                                            .skip(c)
+                                            .step_by(channels)
+                                            .map(|&v| table[v as usize]),
+                                    );
                                 }
                             }
                         }
@@ -202,14 +208,8 @@ fn resized(what: &str, img: &RgbImage, cfg: &ProcessorConfig) -> Result<RgbImage
 /// `Qwen2VLImageProcessorPil` on one image: grid `[1, h, w]`.
 pub fn preprocess_image(img: &RgbImage, cfg: &ProcessorConfig) -> Result<Patches> {
     let img = resized("image", img, cfg)?;
-    let frame = normalize(&img, cfg, false);
-    let frames = vec![frame; cfg.temporal_patch_size];
-    Ok(patchify(
-        &frames,
-        img.height() as usize,
-        img.width() as usize,
-        cfg,
-    ))
+    let frames = vec![&img; cfg.temporal_patch_size];
+    Ok(patchify(&frames, &normalize_table(cfg, false), cfg))
 }
 
 /// `Qwen2VLVideoProcessor` on the frames of one clip (already sampled): every frame is resized
@@ -252,18 +252,19 @@ pub fn preprocess_video(frames: &[RgbImage], cfg: &ProcessorConfig) -> Result<Pa
     } else {
         cfg
     };
-    let mut planes = Vec::with_capacity(frames.len() + cfg.temporal_patch_size);
-    let mut size = (0, 0);
-    for f in frames {
-        let r = resized(VIDEO, f, cfg)?;
-        size = (r.height() as usize, r.width() as usize);
-        planes.push(normalize(&r, cfg, true));
+    let resized_frames = frames
+        .iter()
+        .map(|f| resized(VIDEO, f, cfg))
+        .collect::<Result<Vec<_>>>()?;
+    let mut refs: Vec<&RgbImage> = resized_frames.iter().collect();
+    // Padded by repeating the last frame.
+    while let Some(&last) = refs
+        .last()
+        .filter(|_| !refs.len().is_multiple_of(cfg.temporal_patch_size))
+    {
+        refs.push(last);
     }
-    while planes.len() % cfg.temporal_patch_size != 0 {
-        let last = planes[planes.len() - 1].clone();
-        planes.push(last);
-    }
-    Ok(patchify(&planes, size.0, size.1, cfg))
+    Ok(patchify(&refs, &normalize_table(cfg, true), cfg))
 }
 
 #[cfg(test)]
