@@ -40,8 +40,10 @@ import torch
 import transformers
 from PIL import Image
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu  # noqa: E402  (the Qwen2-VL-2B-shape checkpoint's config and files)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QWEN_TINY = os.path.join(REPO, "tests/fixtures/qwen2-vl-tiny")
 LLAVA_PROCESSOR = os.path.join(REPO, "tests/fixtures/image/llava15_preprocessor_config.json")
 SOURCE_PHOTO = os.path.join(REPO, "tests/data/minicpmv_china_1330x1240.jpg")
 PHOTO = os.path.join(REPO, "tests/data/llava_photo_1.jpg")
@@ -189,32 +191,14 @@ def whisper_row(binary, model_dir, runs, workdir):
 def make_qwen2vl_2b(out_dir):
     """Random Qwen2-VL-2B-shaped checkpoint (bf16, seed 0) with the tiny fixture's tokenizer
     files and the real model's pixel bounds, as bench/gpu.py builds it, on the CPU."""
-    import shutil
-    cfg = transformers.AutoConfig.from_pretrained(QWEN_TINY)
-    t, v = cfg.text_config, cfg.vision_config
-    t.hidden_size, t.intermediate_size, t.num_hidden_layers = 1536, 8960, 28
-    t.num_attention_heads, t.num_key_value_heads, t.vocab_size = 12, 2, 151936
-    t.max_position_embeddings = 32768
-    t.layer_types = ["full_attention"] * 28
-    t.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
-    v.depth, v.embed_dim, v.num_heads, v.hidden_size, v.mlp_ratio = 32, 1280, 16, 1536, 4
-    cfg.tie_word_embeddings = True
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    model = transformers.Qwen2VLForConditionalGeneration(cfg)
+    model = transformers.Qwen2VLForConditionalGeneration(gpu.qwen2vl_2b_config())
     torch.set_default_dtype(torch.float32)
     model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
     del model
     gc.collect()
-    for f in os.listdir(QWEN_TINY):
-        if f not in ("config.json", "model.safetensors", "generation_config.json",
-                     "processor_config.json") and os.path.isfile(os.path.join(QWEN_TINY, f)):
-            shutil.copy(os.path.join(QWEN_TINY, f), out_dir)
-    proc = json.load(open(os.path.join(QWEN_TINY, "processor_config.json")))
-    for key in ("image_processor", "video_processor"):
-        if key in proc:
-            proc[key]["size"] = {"shortest_edge": 3136, "longest_edge": 12845056}
-    json.dump(proc, open(os.path.join(out_dir, "processor_config.json"), "w"), indent=2)
+    gpu.qwen2vl_2b_files(out_dir)
 
 
 def qwen2b_rows(binary, cache, new_tokens, workdir):

@@ -139,8 +139,8 @@ def make_llava7b(out_dir):
     return model
 
 
-def make_qwen2vl_2b(out_dir):
-    """Random Qwen2-VL-2B-shaped checkpoint (bf16) with the tiny fixture's tokenizer files."""
+def qwen2vl_2b_config():
+    """The tiny Qwen2-VL fixture's config at Qwen2-VL-2B's real shape (bench/cpu.py too)."""
     cfg = transformers.AutoConfig.from_pretrained(QWEN_TINY)
     t, v = cfg.text_config, cfg.vision_config
     t.hidden_size, t.intermediate_size, t.num_hidden_layers = 1536, 8960, 28
@@ -150,16 +150,26 @@ def make_qwen2vl_2b(out_dir):
     t.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
     v.depth, v.embed_dim, v.num_heads, v.hidden_size, v.mlp_ratio = 32, 1280, 16, 1536, 4
     cfg.tie_word_embeddings = True
-    model = random_bf16(transformers.Qwen2VLForConditionalGeneration, cfg)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    return cfg
+
+
+def qwen2vl_2b_files(out_dir):
+    """Beside a saved Qwen2-VL-2B-shape model: the tiny fixture's tokenizer files, and its
+    processor settings with the real model's pixel bounds (the tiny fixture's are tiny)."""
     copy_tokenizer_files(QWEN_TINY, out_dir, ("config.json", "model.safetensors",
                                               "generation_config.json", "processor_config.json"))
-    # The real model's pixel bounds (the tiny fixture's are tiny).
     proc = json.load(open(os.path.join(QWEN_TINY, "processor_config.json")))
     for key in ("image_processor", "video_processor"):
         if key in proc:
             proc[key]["size"] = {"shortest_edge": 3136, "longest_edge": 12845056}
     json.dump(proc, open(os.path.join(out_dir, "processor_config.json"), "w"), indent=2)
+
+
+def make_qwen2vl_2b(out_dir):
+    """Random Qwen2-VL-2B-shaped checkpoint (bf16) with the tiny fixture's tokenizer files."""
+    model = random_bf16(transformers.Qwen2VLForConditionalGeneration, qwen2vl_2b_config())
+    model.save_pretrained(out_dir, safe_serialization=True)
+    qwen2vl_2b_files(out_dir)
     return model
 
 

@@ -45,13 +45,18 @@ macro_rules! instances {
 /// Device address of the first element of `t`, which must be contiguous. The caller keeps
 /// `t` alive while a kernel uses the address.
 fn ptr(t: &Tensor) -> Result<u64> {
-    let (storage, layout) = t.storage_and_layout();
-    if !layout.is_contiguous() {
+    if !t.layout().is_contiguous() {
         bail!(
             "fused kernel input of shape {:?} is not contiguous",
             t.dims()
         );
     }
+    address(t)
+}
+
+/// Device address of the first element of `t`'s view, whatever its strides.
+fn address(t: &Tensor) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
         bail!("fused kernel input is not on a CUDA device");
     };
@@ -579,24 +584,14 @@ pub fn flash_attention_supported(device: &Device, dtype: DType, head_dim: usize)
 /// Address and (batch, head, row) element strides of a rank-4 view whose last dimension is
 /// contiguous, with 16-byte aligned rows (what the kernel's vector loads need).
 fn strided_ptr(t: &Tensor) -> Result<(u64, [i64; 3])> {
-    let (storage, layout) = t.storage_and_layout();
-    let st = layout.stride();
+    let st = t.stride();
     if st.len() != 4 || st[3] != 1 || st[..3].iter().any(|s| s % 8 != 0) {
         bail!(
             "flash attention input of shape {:?} has strides {st:?}",
             t.dims()
         );
     }
-    let Storage::Cuda(cs) = &*storage else {
-        bail!("flash attention input is not on a CUDA device");
-    };
-    let stream = cs.device.cuda_stream();
-    let base = match &cs.slice {
-        CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
-        CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
-        _ => bail!("flash attention supports f16 and bf16, not {:?}", t.dtype()),
-    };
-    let address = base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64;
+    let address = address(t)?;
     if !address.is_multiple_of(16) {
         bail!("flash attention input is not 16-byte aligned");
     }
@@ -753,40 +748,29 @@ pub fn upload_safetensors(
             bail!("tensor {name}: {} bytes for shape {shape:?}", bytes.len());
         }
         let tensor = alloc(dev, stored, shape)?;
-        {
-            let (storage, _) = tensor.storage_and_layout();
-            let Storage::Cuda(cs) = &*storage else {
-                bail!("upload_safetensors: not a CUDA tensor");
-            };
-            let base = match &cs.slice {
-                CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
-                CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
-                CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
-                _ => bail!("upload_safetensors: unexpected storage"),
-            };
-            for (i, piece) in bytes.chunks(STAGING_BYTES).enumerate() {
-                let buf = &mut staging[turn];
-                turn ^= 1;
-                // Waits until this buffer's previous copy has finished.
-                let host = buf.as_mut_slice().map_err(candle_core::Error::wrap)?;
-                let part = piece.len().div_ceil(threads).max(1 << 20);
-                std::thread::scope(|scope| {
-                    for (dst, src) in host[..piece.len()].chunks_mut(part).zip(piece.chunks(part)) {
-                        scope.spawn(move || dst.copy_from_slice(src));
-                    }
-                });
-                // SAFETY: the destination holds `bytes.len()` bytes from `base`; the staged
-                // slice stays alive and unwritten until the event recorded when `_record`
-                // drops (after the copy is queued) has passed.
-                unsafe {
-                    let (host, _record) = buf.stream_synced_slice(&stream);
-                    result::memcpy_htod_async(
-                        base + (i * STAGING_BYTES) as u64,
-                        &host[..piece.len()],
-                        stream.cu_stream(),
-                    )
-                    .map_err(candle_core::Error::wrap)?;
+        let base = ptr(&tensor)?;
+        for (i, piece) in bytes.chunks(STAGING_BYTES).enumerate() {
+            let buf = &mut staging[turn];
+            turn ^= 1;
+            // Waits until this buffer's previous copy has finished.
+            let host = buf.as_mut_slice().map_err(candle_core::Error::wrap)?;
+            let part = piece.len().div_ceil(threads).max(1 << 20);
+            std::thread::scope(|scope| {
+                for (dst, src) in host[..piece.len()].chunks_mut(part).zip(piece.chunks(part)) {
+                    scope.spawn(move || dst.copy_from_slice(src));
                 }
+            });
+            // SAFETY: the destination holds `bytes.len()` bytes from `base`; the staged
+            // slice stays alive and unwritten until the event recorded when `_record`
+            // drops (after the copy is queued) has passed.
+            unsafe {
+                let (host, _record) = buf.stream_synced_slice(&stream);
+                result::memcpy_htod_async(
+                    base + (i * STAGING_BYTES) as u64,
+                    &host[..piece.len()],
+                    stream.cu_stream(),
+                )
+                .map_err(candle_core::Error::wrap)?;
             }
         }
         out.insert(name, tensor.to_dtype(dtype)?);

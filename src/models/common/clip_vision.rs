@@ -210,33 +210,26 @@ impl Attention {
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, h) = xs.dims3()?;
-        if kernels::flash_attention_supported(xs.device(), xs.dtype(), self.head_dim) {
-            let heads = |x: Tensor| -> candle_core::Result<Tensor> {
-                x.reshape((b, t, self.heads, self.head_dim))?
-                    .transpose(1, 2)
-            };
-            let (q, k, v) = (
-                heads(self.q.forward(xs)?)?,
-                heads(self.k.forward(xs)?)?,
-                heads(self.v.forward(xs)?)?,
-            );
-            let out = kernels::flash_attention(&q, &k, &v, None, self.scale as f32)?;
-            return self.out.forward(&out.reshape((b, t, h))?);
-        }
-        let split = |x: Tensor| -> candle_core::Result<Tensor> {
+        // (b, heads, t, head_dim) views of the projections.
+        let heads = |x: Tensor| -> candle_core::Result<Tensor> {
             x.reshape((b, t, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+                .transpose(1, 2)
         };
-        let q = split(self.q.forward(xs)?)?;
-        let k = split(self.k.forward(xs)?)?;
-        let v = split(self.v.forward(xs)?)?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        // Softmax in f32 then back, as HF's eager attention does.
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(xs.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
-        self.out.forward(&out)
+        let q = heads(self.q.forward(xs)?)?;
+        let k = heads(self.k.forward(xs)?)?;
+        let v = heads(self.v.forward(xs)?)?;
+        let out = if kernels::flash_attention_supported(xs.device(), xs.dtype(), self.head_dim) {
+            // Strided views in, `(b, t, heads, head_dim)` out.
+            kernels::flash_attention(&q, &k, &v, None, self.scale as f32)?
+        } else {
+            let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+            let scores = (q.matmul(&k.t()?)? * self.scale)?;
+            // Softmax in f32 then back, as HF's eager attention does.
+            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                .to_dtype(xs.dtype())?;
+            probs.matmul(&v)?.transpose(1, 2)?
+        };
+        self.out.forward(&out.reshape((b, t, h))?)
     }
 }
 

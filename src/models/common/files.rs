@@ -33,25 +33,29 @@ pub fn mmap_weights<P: AsRef<Path>>(
     // These are a model's weight files, which mmllm maps read-only and never writes, and
     // which nothing else is expected to rewrite while a model loads from them, as with every
     // mmap-based safetensors loader.
+    unsafe { MmapedSafetensors::multi(files) }
+        .and_then(|st| var_builder(st, dtype, device))
+        .map_err(|e| bad_weight_file(files).unwrap_or_else(|| e.into()))
+}
+
+/// The mapped files' tensors as a `VarBuilder`. On CUDA every tensor is uploaded at once
+/// through pinned buffers (several times the speed of candle's per-tensor copies from the
+/// mapping); elsewhere they are read on demand.
+fn var_builder(
+    st: MmapedSafetensors,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<VarBuilder<'static>> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        // Every tensor uploaded at once through pinned buffers (several times the speed of
-        // candle's per-tensor copies from the mmap).
-        let uploaded = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
-            .and_then(|st| crate::kernels::upload_safetensors(&st, dtype, device));
-        return match uploaded {
-            Ok(tensors) => Ok(VarBuilder::from_tensors(tensors, dtype, device)),
-            Err(e) => Err(bad_weight_file(files).unwrap_or_else(|| e.into())),
-        };
+        let tensors = crate::kernels::upload_safetensors(&st, dtype, device)?;
+        return Ok(VarBuilder::from_tensors(tensors, dtype, device));
     }
-    match unsafe { MmapedSafetensors::multi(files) } {
-        Ok(st) => Ok(VarBuilder::from_backend(
-            Box::new(Mapped(st)),
-            dtype,
-            device.clone(),
-        )),
-        Err(e) => Err(bad_weight_file(files).unwrap_or_else(|| e.into())),
-    }
+    Ok(VarBuilder::from_backend(
+        Box::new(Mapped(st)),
+        dtype,
+        device.clone(),
+    ))
 }
 
 /// The mapped weight files as a `VarBuilder` backend. candle copies a bf16 tensor out of the

@@ -123,64 +123,87 @@ impl Block {
         // The rotary embedding is applied in float32, as transformers does.
         let (q, k) = kernels::vision_rotary(&qkv, cos, sin)?;
         let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
-        if kernels::flash_attention_supported(x.device(), dtype, head_dim) {
-            // (1, heads, len, head_dim) views of each segment; the kernel's output is
-            // (1, len, heads, head_dim), i.e. the segment's rows of `(n, width)`.
-            let heads_view = |t: &Tensor, s: usize, len: usize| {
-                t.narrow(0, s, len)?.transpose(0, 1)?.unsqueeze(0)
-            };
-            let mut outs = Vec::with_capacity(segments.len());
-            for w in segments.windows(2) {
-                let (s, len) = (w[0], w[1] - w[0]);
-                if len == 0 {
-                    continue;
-                }
-                let o = kernels::flash_attention(
-                    &heads_view(&q, s, len)?,
-                    &heads_view(&k, s, len)?,
-                    &heads_view(&v, s, len)?,
-                    None,
-                    (head_dim as f32).powf(-0.5),
-                )?;
-                outs.push(o.reshape((len, width))?);
-            }
-            let x = (x + self.proj.forward(&Tensor::cat(&outs, 0)?)?)?;
-            let h = self.mlp.forward(&self.norm2.forward(&x)?)?;
-            return x + h;
-        }
-        // (heads, n, head_dim)
-        let q = q.transpose(0, 1)?.contiguous()?;
-        let k = k.transpose(0, 1)?.contiguous()?;
-        let v = v.transpose(0, 1)?.contiguous()?;
-        let scale = (head_dim as f64).powf(-0.5);
-        let mut outs = Vec::with_capacity(segments.len());
-        for w in segments.windows(2) {
-            let (s, len) = (w[0], w[1] - w[0]);
-            if len == 0 {
-                continue;
-            }
-            // A large image's score matrix is len^2 per head: take heads a few at a time.
-            let chunk = (MAX_SCORE_ELEMS / (len * len)).clamp(1, heads);
-            let mut parts = Vec::with_capacity(heads.div_ceil(chunk));
-            for h0 in (0..heads).step_by(chunk) {
-                let hn = chunk.min(heads - h0);
-                let qs = q.narrow(0, h0, hn)?.narrow(1, s, len)?;
-                let ks = k.narrow(0, h0, hn)?.narrow(1, s, len)?;
-                let vs = v.narrow(0, h0, hn)?.narrow(1, s, len)?;
-                let att = (qs.matmul(&ks.t()?)? * scale)?;
-                let att = candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?
-                    .to_dtype(dtype)?;
-                parts.push(att.matmul(&vs)?);
-            }
-            outs.push(Tensor::cat(&parts, 0)?);
-        }
-        let o = Tensor::cat(&outs, 1)?
-            .transpose(0, 1)?
-            .reshape((n, width))?;
+        let o = if kernels::flash_attention_supported(x.device(), dtype, head_dim) {
+            flash_segments(&q, &k, &v, segments)?
+        } else {
+            eager_segments(&q, &k, &v, segments)?
+        };
         let x = (x + self.proj.forward(&o)?)?;
         let h = self.mlp.forward(&self.norm2.forward(&x)?)?;
         x + h
     }
+}
+
+/// Attention within each segment: `q`, `k`, `v` are `(n, heads, head_dim)`; returns
+/// `(n, heads * head_dim)`. One flash kernel launch a segment, reading strided views.
+fn flash_segments(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[usize],
+) -> candle_core::Result<Tensor> {
+    let (_, heads, head_dim) = q.dims3()?;
+    // (1, heads, len, head_dim) views of each segment; the kernel's output is
+    // (1, len, heads, head_dim), i.e. the segment's rows of `(n, width)`.
+    let heads_view =
+        |t: &Tensor, s: usize, len: usize| t.narrow(0, s, len)?.transpose(0, 1)?.unsqueeze(0);
+    let mut outs = Vec::with_capacity(segments.len());
+    for w in segments.windows(2) {
+        let (s, len) = (w[0], w[1] - w[0]);
+        if len == 0 {
+            continue;
+        }
+        let o = kernels::flash_attention(
+            &heads_view(q, s, len)?,
+            &heads_view(k, s, len)?,
+            &heads_view(v, s, len)?,
+            None,
+            (head_dim as f32).powf(-0.5),
+        )?;
+        outs.push(o.reshape((len, heads * head_dim))?);
+    }
+    Tensor::cat(&outs, 0)
+}
+
+/// [`flash_segments`] with the scores materialised, softmax in f32 as transformers' eager
+/// attention does.
+fn eager_segments(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[usize],
+) -> candle_core::Result<Tensor> {
+    let (n, heads, head_dim) = q.dims3()?;
+    let dtype = q.dtype();
+    // (heads, n, head_dim)
+    let q = q.transpose(0, 1)?.contiguous()?;
+    let k = k.transpose(0, 1)?.contiguous()?;
+    let v = v.transpose(0, 1)?.contiguous()?;
+    let scale = (head_dim as f64).powf(-0.5);
+    let mut outs = Vec::with_capacity(segments.len());
+    for w in segments.windows(2) {
+        let (s, len) = (w[0], w[1] - w[0]);
+        if len == 0 {
+            continue;
+        }
+        // A large image's score matrix is len^2 per head: take heads a few at a time.
+        let chunk = (MAX_SCORE_ELEMS / (len * len)).clamp(1, heads);
+        let mut parts = Vec::with_capacity(heads.div_ceil(chunk));
+        for h0 in (0..heads).step_by(chunk) {
+            let hn = chunk.min(heads - h0);
+            let qs = q.narrow(0, h0, hn)?.narrow(1, s, len)?;
+            let ks = k.narrow(0, h0, hn)?.narrow(1, s, len)?;
+            let vs = v.narrow(0, h0, hn)?.narrow(1, s, len)?;
+            let att = (qs.matmul(&ks.t()?)? * scale)?;
+            let att =
+                candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+            parts.push(att.matmul(&vs)?);
+        }
+        outs.push(Tensor::cat(&parts, 0)?);
+    }
+    Tensor::cat(&outs, 1)?
+        .transpose(0, 1)?
+        .reshape((n, heads * head_dim))
 }
 
 struct Merger {

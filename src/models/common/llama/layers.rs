@@ -7,6 +7,8 @@ use candle_nn::{linear_b, Linear, VarBuilder};
 
 use super::config::{LlamaConfig, Rope, RopeScaling};
 use crate::kernels;
+// `l.forward(x)`, with a decode step's few CPU rows through the multithreaded GEMV.
+use crate::kernels::cpu::linear;
 use crate::models::kv::KvCache;
 
 /// Inverse rotary frequencies in f32, computed as transformers does (f32 throughout). For
@@ -73,11 +75,6 @@ fn divided(theta: f32, head_dim: usize, factors: &[f32]) -> Vec<f32> {
         .zip(factors)
         .map(|(i, f)| 1.0 / (f * theta.powf(i as f32 / dim)))
         .collect()
-}
-
-/// `l.forward(x)`; a decode step's few rows go through the CPU's multithreaded GEMV.
-pub(super) fn linear(l: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
-    kernels::cpu::linear(l, x)
 }
 
 /// RMSNorm, normalised in f32 in HF's order ([`kernels::add_rms_norm`]; one kernel on CUDA).

@@ -19,7 +19,7 @@ pub use config::{LlamaConfig, Rope, RopeScaling, TokenIds};
 use layers::{causal_mask, inv_freqs, long_inv_freqs, Attention, Block, Mlp, RmsNorm, Rotary};
 
 use crate::error::{Error, Result};
-use crate::kernels::DecodeOptions;
+use crate::kernels::{self, DecodeOptions};
 use crate::models::kv::KvCache;
 #[cfg(feature = "cuda")]
 use fused::DecodeGraph;
@@ -316,7 +316,7 @@ impl Llama {
         }
         cache.advance(t);
         let last = xs.narrow(1, t - 1, 1)?;
-        let logits = layers::linear(&self.lm_head, &self.norm.forward(&last)?)?;
+        let logits = kernels::cpu::linear(&self.lm_head, &self.norm.forward(&last)?)?;
         Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
     }
 
@@ -376,7 +376,7 @@ impl Llama {
         for cache in caches.iter_mut() {
             cache.advance(1);
         }
-        let logits = layers::linear(&self.lm_head, &self.norm.forward(&xs)?)?;
+        let logits = kernels::cpu::linear(&self.lm_head, &self.norm.forward(&xs)?)?;
         Ok(logits.to_dtype(DType::F32)?)
     }
 
