@@ -48,7 +48,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 pub fn linear(l: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     let y = matmul_t(x, l.weight())?;
     match l.bias() {
-        Some(b) => y.broadcast_add(b),
+        Some(b) => super::bias_add(&y, b),
         None => Ok(y),
     }
 }

@@ -191,6 +191,150 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// Name and elements per thread of an elementwise kernel over `t` (contiguous): the 16-byte
+/// vector instance when `n` (a row, or the whole tensor) and the address allow it.
+fn vectorised(
+    base: [&'static str; 3],
+    vec: [&'static str; 3],
+    t: &Tensor,
+    n: usize,
+) -> Result<(&'static str, usize)> {
+    let per = 16 / t.dtype().size_in_bytes();
+    if n.is_multiple_of(per) && address(t)?.is_multiple_of(16) {
+        Ok((kernel(vec, t.dtype())?, per))
+    } else {
+        Ok((kernel(base, t.dtype())?, 1))
+    }
+}
+
+pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let dev = cuda_device(x)?;
+    let x = x.contiguous()?;
+    let n = bias.elem_count();
+    if x.dim(candle_core::D::Minus1)? != n || bias.dtype() != x.dtype() {
+        bail!(
+            "bias_add: x {:?} {:?}, bias {:?} {:?}",
+            x.dims(),
+            x.dtype(),
+            bias.dims(),
+            bias.dtype()
+        );
+    }
+    let bias = bias.contiguous()?;
+    let out = alloc(&dev, x.dtype(), x.shape())?;
+    let total = x.elem_count();
+    let (name, per) = vectorised(instances!("bias_add"), instances!("bias_add_vec"), &x, n)?;
+    // The bias's address must allow the vector loads too.
+    let (name, per) = if per > 1 && !address(&bias)?.is_multiple_of(16) {
+        (kernel(instances!("bias_add"), x.dtype())?, 1)
+    } else {
+        (name, per)
+    };
+    let (xp, bp, op) = (ptr(&x)?, ptr(&bias)?, ptr(&out)?);
+    let (total64, n32) = (total as u64, n as i32);
+    launch!(
+        dev,
+        name,
+        elementwise(total / per),
+        &xp,
+        &bp,
+        &op,
+        &total64,
+        &n32
+    );
+    Ok(out)
+}
+
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    let dev = cuda_device(x)?;
+    let x = x.contiguous()?;
+    let out = alloc(&dev, x.dtype(), x.shape())?;
+    let total = x.elem_count();
+    let (name, per) = vectorised(
+        instances!("quick_gelu"),
+        instances!("quick_gelu_vec"),
+        &x,
+        total,
+    )?;
+    let (xp, op, total64) = (ptr(&x)?, ptr(&out)?, total as u64);
+    launch!(dev, name, elementwise(total / per), &xp, &op, &total64);
+    Ok(out)
+}
+
+/// [`super::prefill_rope_kv`] in one kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_rope_kv(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    cos: &Tensor,
+    sin: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    start: usize,
+    heads: usize,
+) -> Result<Tensor> {
+    let dev = cuda_device(qkv)?;
+    let qkv = qkv.contiguous()?;
+    let (_, kv_heads, cap, head_dim) = k_cache.dims4()?;
+    let half = head_dim / 2;
+    let t = qkv.elem_count() / ((heads + 2 * kv_heads) * head_dim).max(1);
+    let dtype = qkv.dtype();
+    let fits = qkv.dims().last() == Some(&((heads + 2 * kv_heads) * head_dim))
+        && t > 0
+        && start + t <= cap
+        && cos.dims() == [t, half]
+        && sin.dims() == [t, half]
+        && v_cache.dims() == k_cache.dims()
+        && k_cache.dim(0)? == 1
+        && [cos.dtype(), sin.dtype(), k_cache.dtype(), v_cache.dtype()]
+            .iter()
+            .all(|&d| d == dtype)
+        && bias
+            .is_none_or(|b| b.dims() == [(heads + 2 * kv_heads) * head_dim] && b.dtype() == dtype);
+    if !fits {
+        bail!(
+            "prefill_rope_kv: qkv {:?}, cos {:?}, cache {:?} at {start}",
+            qkv.dims(),
+            cos.dims(),
+            k_cache.dims()
+        );
+    }
+    let q = alloc(&dev, dtype, (1, heads, t, head_dim))?;
+    let bias_ptr = match bias {
+        Some(b) => ptr(b)?,
+        None => 0,
+    };
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    let ptrs = [
+        ptr(&qkv)?,
+        bias_ptr,
+        ptr(&cos)?,
+        ptr(&sin)?,
+        ptr(&q)?,
+        ptr(k_cache)?,
+        ptr(v_cache)?,
+    ];
+    let ints = [
+        t as i32,
+        start as i32,
+        cap as i32,
+        heads as i32,
+        kv_heads as i32,
+        head_dim as i32,
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (t as u32, (heads + kv_heads) as u32, 1),
+        block_dim: (threads_for(half), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = kernel(instances!("prefill_rope_kv"), dtype)?;
+    launch!(
+        dev, name, cfg, &ptrs[0], &ptrs[1], &ptrs[2], &ptrs[3], &ptrs[4], &ptrs[5], &ptrs[6],
+        &ints[0], &ints[1], &ints[2], &ints[3], &ints[4], &ints[5]
+    );
+    Ok(q)
+}
+
 pub fn argmax(logits: &Tensor) -> Result<u32> {
     let dev = cuda_device(logits)?;
     let logits = logits.to_dtype(DType::F32)?.contiguous()?;

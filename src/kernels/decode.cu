@@ -1,5 +1,7 @@
-// Fused kernels for the decode step of the Llama/Qwen2 decoder (one new position per
-// sequence), and the vision towers' rotary embedding. Each has a CPU reference in mod.rs and a test comparing the two.
+// Fused kernels for the Llama/Qwen2 decoder (the decode step of one new position per sequence,
+// and the prefill's rope and cache write), the vision towers' rotary embedding, and the bias
+// and activation after a projection. Each has a CPU reference in mod.rs and a test comparing
+// the two.
 // Rounding follows HF's bf16/f16 order where it is observable: a value that HF materialises
 // as a tensor of the model dtype is rounded to that dtype here too.
 // Compiled to PTX by build.rs with the nvcc the candle build uses; no fast-math (cosf/sinf
@@ -365,6 +367,101 @@ __device__ void vision_rotary(const T *qkv, const float *cos, const float *sin, 
     }
 }
 
+// Elementwise kernels over contiguous tensors: each thread takes VEC consecutive elements,
+// loaded and stored 16 bytes at a time where VEC * sizeof(T) == 16 (the caller checks n and
+// the alignment), one at a time with VEC == 1.
+template <typename T, int VEC> __device__ __forceinline__ void load_vec(T (&dst)[VEC], const T *src) {
+    if constexpr (VEC * sizeof(T) == 16) {
+        *reinterpret_cast<uint4 *>(dst) = *reinterpret_cast<const uint4 *>(src);
+    } else {
+        for (int k = 0; k < VEC; ++k) dst[k] = src[k];
+    }
+}
+
+template <typename T, int VEC> __device__ __forceinline__ void store_vec(T *dst, const T (&src)[VEC]) {
+    if constexpr (VEC * sizeof(T) == 16) {
+        *reinterpret_cast<uint4 *>(dst) = *reinterpret_cast<const uint4 *>(src);
+    } else {
+        for (int k = 0; k < VEC; ++k) dst[k] = src[k];
+    }
+}
+
+// out = x + bias, the bias (n) broadcast over the rows of x (total / n, n): a projection's
+// bias, rounded once as a separate add. VEC divides n, so a thread's elements share a row.
+template <typename T, int VEC>
+__device__ void bias_add(const T *x, const T *bias, T *out, size_t total, int n) {
+    for (size_t c = blockIdx.x * (size_t)blockDim.x + threadIdx.x; c < total / VEC;
+         c += (size_t)gridDim.x * blockDim.x) {
+        size_t i = c * VEC;
+        alignas(16) T xv[VEC];
+        alignas(16) T bv[VEC];
+        load_vec<T, VEC>(xv, x + i);
+        load_vec<T, VEC>(bv, bias + i % n);
+        for (int k = 0; k < VEC; ++k) xv[k] = from_f<T>(to_f(xv[k]) + to_f(bv[k]));
+        store_vec<T, VEC>(out + i, xv);
+    }
+}
+
+// out = x * sigmoid(1.702 x) (transformers' QuickGELUActivation), computed in f32 with the
+// scaled input and the sigmoid rounded to T, as HF materialises them.
+template <typename T, int VEC> __device__ void quick_gelu(const T *x, T *out, size_t total) {
+    for (size_t c = blockIdx.x * (size_t)blockDim.x + threadIdx.x; c < total / VEC;
+         c += (size_t)gridDim.x * blockDim.x) {
+        alignas(16) T xv[VEC];
+        load_vec<T, VEC>(xv, x + c * VEC);
+        for (int k = 0; k < VEC; ++k) {
+            float v = to_f(xv[k]);
+            float s = rnd<T>(1.f / (1.f + expf(-rnd<T>(v * 1.702f))));
+            xv[k] = from_f<T>(v * s);
+        }
+        store_vec<T, VEC>(out + c * VEC, xv);
+    }
+}
+
+// The prefill's counterpart of rope_write_kv, for t new rows of one sequence after `start`
+// cached positions: grid (t, heads + kv_heads), block >= head_dim / 2 threads. qkv is
+// (t, (heads + 2 kv_heads) head_dim) straight from the fused projection; cos and sin are the
+// rows' (t, head_dim / 2) tables in T. Adds the bias, rotates q and k with the same roundings
+// as the candle ops it replaces (bias add, rope), writes q as (heads, t, head_dim) and k, v
+// into the caches (kv_heads, cap, head_dim) at positions start .. start + t.
+template <typename T>
+__device__ void prefill_rope_kv(const T *qkv, const T *bias, const T *cos, const T *sin,
+                                T *q_out, T *k_cache, T *v_cache, int t, int start, int cap,
+                                int heads, int kv_heads, int head_dim) {
+    int r = blockIdx.x, h = blockIdx.y, half = head_dim / 2;
+    int width = (heads + 2 * kv_heads) * head_dim;
+    const T *row = qkv + (size_t)r * width;
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        int a = h * head_dim + j, b = a + half;
+        float x1 = to_f(row[a]), x2 = to_f(row[b]);
+        if (bias) {
+            x1 = rnd<T>(x1 + to_f(bias[a]));
+            x2 = rnd<T>(x2 + to_f(bias[b]));
+        }
+        float c = to_f(cos[(size_t)r * half + j]), s = to_f(sin[(size_t)r * half + j]);
+        T o1 = from_f<T>(rnd<T>(x1 * c) + rnd<T>(-x2 * s));
+        T o2 = from_f<T>(rnd<T>(x2 * c) + rnd<T>(x1 * s));
+        if (h < heads) {
+            T *q = q_out + ((size_t)h * t + r) * head_dim;
+            q[j] = o1;
+            q[j + half] = o2;
+        } else {
+            int kvh = h - heads;
+            size_t at = ((size_t)kvh * cap + start + r) * head_dim;
+            k_cache[at + j] = o1;
+            k_cache[at + j + half] = o2;
+            int va = (heads + kv_heads + kvh) * head_dim + j, vb = va + half;
+            float v1 = to_f(row[va]), v2 = to_f(row[vb]);
+            if (bias) {
+                v1 += to_f(bias[va]);
+                v2 += to_f(bias[vb]);
+            }
+            v_cache[at + j] = from_f<T>(v1);
+            v_cache[at + j + half] = from_f<T>(v2);
+        }
+    }
+}
+
 #define DTYPES(X) X(float, f32) X(__half, f16) X(__nv_bfloat16, bf16)
 
 #define GEMV_INSTANCE(T, S, R)                                                                 \
@@ -412,6 +509,26 @@ __device__ void vision_rotary(const T *qkv, const float *cos, const float *sin, 
                                                  const float *sin, T *q_out, T *k_out, int n,  \
                                                  int heads, int hd) {                          \
         vision_rotary<T>(qkv, cos, sin, q_out, k_out, n, heads, hd);                           \
+    }                                                                                          \
+    extern "C" __global__ void bias_add_##S(const T *x, const T *bias, T *out, size_t total,    \
+                                            int n) {                                           \
+        bias_add<T, 1>(x, bias, out, total, n);                                                \
+    }                                                                                          \
+    extern "C" __global__ void bias_add_vec_##S(const T *x, const T *bias, T *out,             \
+                                                size_t total, int n) {                         \
+        bias_add<T, 16 / sizeof(T)>(x, bias, out, total, n);                                   \
+    }                                                                                          \
+    extern "C" __global__ void quick_gelu_##S(const T *x, T *out, size_t total) {              \
+        quick_gelu<T, 1>(x, out, total);                                                       \
+    }                                                                                          \
+    extern "C" __global__ void quick_gelu_vec_##S(const T *x, T *out, size_t total) {          \
+        quick_gelu<T, 16 / sizeof(T)>(x, out, total);                                          \
+    }                                                                                          \
+    extern "C" __global__ void prefill_rope_kv_##S(                                         \
+        const T *qkv, const T *bias, const T *cos, const T *sin, T *q_out, T *k_cache,         \
+        T *v_cache, int t, int start, int cap, int heads, int kv_heads, int head_dim) {        \
+        prefill_rope_kv<T>(qkv, bias, cos, sin, q_out, k_cache, v_cache, t, start, cap, heads, \
+                           kv_heads, head_dim);                                                \
     }                                                                                          \
     GEMV_INSTANCE(T, S, 1) GEMV_INSTANCE(T, S, 2) GEMV_INSTANCE(T, S, 3)                      \
     GEMV_INSTANCE(T, S, 4) GEMV_INSTANCE(T, S, 5) GEMV_INSTANCE(T, S, 6)                       \

@@ -2,7 +2,9 @@
 // takes 64 query rows of one (batch, head); key/value tiles of 64 rows pass through shared
 // memory, scores stay in registers (tensor-core mma.sync m16n8k16, f32 accumulation) with an
 // online softmax, so no score matrix is ever written to memory and one launch covers every
-// head. Causal (query i sees keys <= causal_start + i) or bidirectional; grouped-query heads
+// head. Tiles arrive by cp.async: the values of a tile load while its scores are computed, the
+// next keys while the values are applied; ldmatrix.trans reads the values as the mma's B
+// operand from their row-major tile. Causal (query i sees keys <= causal_start + i) or bidirectional; grouped-query heads
 // read their key/value head directly. f16/bf16 only: the f32 path stays the eager one, which
 // is what the f32 parity tests hold to HF's numbers.
 // Compiled to PTX by build.rs; a test in cuda.rs compares it with the eager path.
@@ -45,6 +47,30 @@ template <typename T> __device__ __forceinline__ uint32_t ld32(const T *p) {
     return *reinterpret_cast<const uint32_t *>(p);
 }
 
+__device__ __forceinline__ unsigned smem(const void *p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+// Starts copying keys (or values) k0 .. k0 + FA_KEYS of a (rows, HD) matrix with row stride
+// `row` into the padded tile `dst` (FA_KEYS, STR), 16 bytes per cp.async; rows at or past `s`
+// are filled with zeros. Commits one group.
+template <typename T, int HD, int STR>
+__device__ __forceinline__ void load_tile(T *dst, const T *src, long long row, int k0, int s) {
+    for (int c = threadIdx.x; c < FA_KEYS * HD / 8; c += blockDim.x) {
+        const int r = c / (HD / 8), d = (c % (HD / 8)) * 8, key = k0 + r;
+        const bool in = key < s;
+        const T *from = in ? src + key * row + d : src;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem(dst + r * STR + d)),
+                     "l"(from), "r"(in ? 16 : 0));
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+// Waits until at most N committed copy groups of this thread are still in flight.
+template <int N> __device__ __forceinline__ void wait_copies() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 // Element strides (batch, head, row) of q, k, v and out, passed by value; the head dimension
 // is contiguous.
 struct Strides {
@@ -59,10 +85,9 @@ __device__ void flash_attention(const T *q, const T *k, const T *v, T *out, int 
                                 int heads, int kv_heads, int causal_start, float scale_log2,
                                 const Strides &st) {
     const long long *strides = st.s;
-    constexpr int KSTR = HD + 8;      // padded rows: the fragment loads hit distinct banks
-    constexpr int VSTR = FA_KEYS + 8;
-    __shared__ __align__(16) T ks[FA_KEYS * KSTR];
-    __shared__ __align__(16) T vt[HD * VSTR];  // v transposed: (HD, keys)
+    constexpr int STR = HD + 8;  // padded rows: fragment loads and ldmatrix hit distinct banks
+    __shared__ __align__(16) T ks[FA_KEYS * STR];
+    __shared__ __align__(16) T vs[FA_KEYS * STR];
     const T zero_t = T();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;
@@ -89,20 +114,10 @@ __device__ void flash_attention(const T *q, const T *k, const T *v, T *out, int 
 
     int kend = s;
     if (causal_start >= 0) kend = min(s, causal_start + min(t, (int)(blockIdx.x + 1) * FA_ROWS));
+    if (kend > 0) load_tile<T, HD, STR>(ks, kb, k_row, 0, s);
     for (int k0 = 0; k0 < kend; k0 += FA_KEYS) {
-        __syncthreads();  // every warp is done with the previous tile
-        for (int c = threadIdx.x; c < FA_KEYS * HD / 8; c += blockDim.x) {
-            const int r = c / (HD / 8), d = (c % (HD / 8)) * 8, key = k0 + r;
-            uint4 kx = make_uint4(0, 0, 0, 0), vx = make_uint4(0, 0, 0, 0);
-            if (key < s) {
-                kx = *reinterpret_cast<const uint4 *>(kb + key * k_row + d);
-                vx = *reinterpret_cast<const uint4 *>(vb + key * v_row + d);
-            }
-            *reinterpret_cast<uint4 *>(ks + r * KSTR + d) = kx;
-            const T *ve = reinterpret_cast<const T *>(&vx);
-#pragma unroll
-            for (int e = 0; e < 8; e++) vt[(d + e) * VSTR + r] = key < s ? ve[e] : zero_t;
-        }
+        load_tile<T, HD, STR>(vs, vb, v_row, k0, s);
+        wait_copies<1>();  // this tile's keys have landed; its values may still be in flight
         __syncthreads();
 
         float sc[FA_KEYS / 8][4];
@@ -111,7 +126,7 @@ __device__ void flash_attention(const T *q, const T *k, const T *v, T *out, int 
             sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < HD / 16; kk++) {
-                const T *kp = ks + (j * 8 + g) * KSTR + kk * 16 + 2 * tq;
+                const T *kp = ks + (j * 8 + g) * STR + kk * 16 + 2 * tq;
                 mma(sc[j], qf[kk], ld32(kp), ld32(kp + 8), zero_t);
             }
         }
@@ -167,7 +182,11 @@ __device__ void flash_attention(const T *q, const T *k, const T *v, T *out, int 
             o[n][2] *= alpha_hi;
             o[n][3] *= alpha_hi;
         }
-        // O += P V: the score accumulators of two key groups are the A operand of one step.
+        wait_copies<0>();
+        __syncthreads();  // the values are in; every warp is done with the keys
+        if (k0 + FA_KEYS < kend) load_tile<T, HD, STR>(ks, kb, k_row, k0 + FA_KEYS, s);
+        // O += P V: the score accumulators of two key groups are the A operand of one step;
+        // ldmatrix.trans gives two 8-wide column blocks of V's 16 keys at once.
 #pragma unroll
         for (int c = 0; c < FA_KEYS / 16; c++) {
             const uint32_t a[4] = {
@@ -176,12 +195,19 @@ __device__ void flash_attention(const T *q, const T *k, const T *v, T *out, int 
                 pack(sc[2 * c + 1][0], sc[2 * c + 1][1], zero_t),
                 pack(sc[2 * c + 1][2], sc[2 * c + 1][3], zero_t),
             };
+            const int key = c * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
-            for (int n = 0; n < HD / 8; n++) {
-                const T *vp = vt + (n * 8 + g) * VSTR + c * 16 + 2 * tq;
-                mma(o[n], a, ld32(vp), ld32(vp + 8), zero_t);
+            for (int n = 0; n < HD / 8; n += 2) {
+                uint32_t bf[4];
+                asm volatile(
+                    "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                    : "=r"(bf[0]), "=r"(bf[1]), "=r"(bf[2]), "=r"(bf[3])
+                    : "r"(smem(vs + key * STR + (n + (lane >> 4)) * 8)));
+                mma(o[n], a, bf[0], bf[1], zero_t);
+                mma(o[n + 1], a, bf[2], bf[3], zero_t);
             }
         }
+        __syncthreads();  // every warp is done with the values before the next tile's copy
     }
     const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f;
     const float inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;

@@ -12,7 +12,7 @@ mod cuda;
 #[cfg(feature = "cuda")]
 pub use cuda::{
     copy_to_f32, decode_attention, embedding, flash_attention, flash_attention_supported, matmul_t,
-    profile_step, rope_write_kv, upload_safetensors, write, Graph, StepTable,
+    prefill_rope_kv, profile_step, rope_write_kv, upload_safetensors, write, Graph, StepTable,
 };
 
 /// Without CUDA, attention takes the eager path everywhere.
@@ -160,6 +160,27 @@ pub fn argmax_slice(values: &[f32]) -> u32 {
     best as u32
 }
 
+/// `x + bias`, `bias` `(n,)` broadcast over the rows of `x` `(..., n)`: a projection's bias.
+/// On CUDA one vectorised pass (candle's broadcast add indexes each element through the
+/// strides, at a tenth of the bandwidth); the same bits either way.
+pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && bias.rank() == 1 && bias.dtype() == x.dtype() {
+        return cuda::bias_add(x, bias);
+    }
+    x.broadcast_add(bias)
+}
+
+/// `x * sigmoid(1.702 x)`, transformers' `QuickGELUActivation` (CLIP and Qwen2-VL's vision
+/// MLPs). On CUDA one kernel in f32 (candle's ops take three passes and round the constant).
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        return cuda::quick_gelu(x);
+    }
+    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+}
+
 /// `rotate_half`: `[-x2, x1]` over the last dimension.
 pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
@@ -300,6 +321,110 @@ mod tests {
                 let got = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let want = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 assert_eq!(got, want, "{dtype:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The bias kernel gives the bits of candle's broadcast add, on the vector path (rows of
+    /// 64), the scalar one (rows of 37) and a view at an odd offset; the quick GELU kernel
+    /// follows the f32 formula within the dtype's rounding.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_bias_add_and_quick_gelu_follow_candle_ops() -> Result<()> {
+        let gpu = Device::new_cuda(0)?;
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (rows, n, offset) in [(33, 64, 0), (5, 37, 0), (9, 64, 3)] {
+                let all = Tensor::randn(0f32, 2.0, rows * n + offset, &gpu)?.to_dtype(dtype)?;
+                let x = all.narrow(0, offset, rows * n)?.reshape((rows, n))?;
+                let bias = Tensor::randn(0f32, 1.0, n, &gpu)?.to_dtype(dtype)?;
+                let got = bias_add(&x, &bias)?
+                    .to_dtype(DType::F32)?
+                    .to_vec2::<f32>()?;
+                let want = x
+                    .broadcast_add(&bias)?
+                    .to_dtype(DType::F32)?
+                    .to_vec2::<f32>()?;
+                assert_eq!(got, want, "bias_add {dtype:?} {rows}x{n}+{offset}");
+
+                let got = quick_gelu(&x)?;
+                let f = x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                let want = (&f * candle_nn::ops::sigmoid(&(&f * 1.702)?)?)?;
+                let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+                let diff = max_diff(&want, &got)?;
+                assert!(
+                    diff < tol,
+                    "quick_gelu {dtype:?} {rows}x{n}+{offset}: {diff}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The prefill kernel (bias, rope, cache write) gives the bits of the candle ops it
+    /// replaces: q `(1, heads, t, hd)`, and the cache rows `start..start + t` of k and v with
+    /// the rows around them untouched.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_prefill_rope_kv_equals_candle_ops() -> Result<()> {
+        let gpu = Device::new_cuda(0)?;
+        let (heads, kv, hd, t, start, cap) = (4, 2, 64, 7, 5, 16);
+        let width = (heads + 2 * kv) * hd;
+        let qkv = Tensor::randn(0f32, 1.0, (1, t, width), &gpu)?;
+        let bias = Tensor::randn(0f32, 1.0, width, &gpu)?;
+        let angles = Tensor::randn(0f32, 3.0, (t, hd / 2), &gpu)?;
+        let cache = Tensor::randn(0f32, 1.0, (1, kv, cap, hd), &gpu)?;
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let (cos, sin) = (
+                angles.cos()?.to_dtype(dtype)?,
+                angles.sin()?.to_dtype(dtype)?,
+            );
+            for bias in [None, Some(bias.to_dtype(dtype)?)] {
+                let qkv = qkv.to_dtype(dtype)?;
+                let fresh = || -> Result<(Tensor, Tensor)> {
+                    Ok((cache.to_dtype(dtype)?, (cache.to_dtype(dtype)? * 0.5)?))
+                };
+                let (k_got, v_got) = fresh()?;
+                let q_got = prefill_rope_kv(
+                    &qkv,
+                    bias.as_ref(),
+                    &cos,
+                    &sin,
+                    &k_got,
+                    &v_got,
+                    start,
+                    heads,
+                )?;
+
+                let biased = match &bias {
+                    Some(b) => qkv.broadcast_add(b)?,
+                    None => qkv.clone(),
+                };
+                let part = |from: usize, n: usize| -> Result<Tensor> {
+                    biased
+                        .narrow(2, from * hd, n * hd)?
+                        .reshape((1, t, n, hd))?
+                        .transpose(1, 2)?
+                        .contiguous()
+                };
+                let q_want = candle_nn::rotary_emb::rope(&part(0, heads)?, &cos, &sin)?;
+                let k_new = candle_nn::rotary_emb::rope(&part(heads, kv)?, &cos, &sin)?;
+                let (k_want, v_want) = fresh()?;
+                k_want.slice_set(&k_new, 2, start)?;
+                v_want.slice_set(&part(heads + kv, kv)?, 2, start)?;
+                for (name, got, want) in [
+                    ("q", q_got, q_want),
+                    ("k", k_got, k_want),
+                    ("v", v_got, v_want),
+                ] {
+                    let flat = |x: Tensor| x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+                    assert_eq!(
+                        flat(got)?,
+                        flat(want)?,
+                        "{name} {dtype:?} bias {}",
+                        bias.is_some()
+                    );
+                }
             }
         }
         Ok(())

@@ -104,15 +104,8 @@ impl KvCache {
     /// position and returns all keys and values cached so far including them.
     /// Call [`KvCache::advance`] once per forward, after the last layer.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let new = k.dim(2)?;
-        let end = self.len + new;
-        if end > self.capacity {
-            candle_core::bail!(
-                "KV cache full: {end} positions needed, capacity {}",
-                self.capacity
-            );
-        }
-        let (ck, cv) = self.layer(layer)?;
+        let end = self.len + k.dim(2)?;
+        let (ck, cv) = self.reserve(layer, k.dim(2)?)?;
         ck.slice_set(&k.contiguous()?, 2, self.len)?;
         cv.slice_set(&v.contiguous()?, 2, self.len)?;
         Ok((ck.narrow(2, 0, end)?, cv.narrow(2, 0, end)?))
@@ -120,6 +113,20 @@ impl KvCache {
 
     /// The whole key and value buffers of `layer`, `(1, kv_heads, capacity, head_dim)`,
     /// allocated on first use; kernels that write in place (the fused decode step) take them.
+    /// Layer `layer`'s whole key and value caches `(1, kv_heads, capacity, head_dim)`, for a
+    /// kernel that writes `new` positions at [`KvCache::len`] itself; fails as
+    /// [`KvCache::append`] does when they do not fit.
+    pub fn reserve(&mut self, layer: usize, new: usize) -> Result<(Tensor, Tensor)> {
+        let end = self.len + new;
+        if end > self.capacity {
+            candle_core::bail!(
+                "KV cache full: {end} positions needed, capacity {}",
+                self.capacity
+            );
+        }
+        self.layer(layer)
+    }
+
     pub fn layer(&mut self, layer: usize) -> Result<(Tensor, Tensor)> {
         let entry = match &mut self.layers[layer] {
             Some(entry) => entry,

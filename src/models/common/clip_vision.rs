@@ -14,6 +14,8 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::kernels;
+// Projections with the bias in one pass on CUDA.
+use crate::kernels::cpu::linear;
 
 /// A `SiglipVisionConfig` (`config.json`'s `vision_config`) as the tower's config, with
 /// transformers' SigLIP defaults for missing keys.
@@ -176,7 +178,7 @@ impl Activation {
     fn apply(self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             // x * sigmoid(1.702 x), as transformers' QuickGELUActivation.
-            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+            Self::QuickGelu => kernels::quick_gelu(xs),
             Self::Gelu => xs.gelu_erf(),
             Self::GeluTanh => xs.gelu(),
         }
@@ -215,9 +217,9 @@ impl Attention {
             x.reshape((b, t, self.heads, self.head_dim))?
                 .transpose(1, 2)
         };
-        let q = heads(self.q.forward(xs)?)?;
-        let k = heads(self.k.forward(xs)?)?;
-        let v = heads(self.v.forward(xs)?)?;
+        let q = heads(linear(&self.q, xs)?)?;
+        let k = heads(linear(&self.k, xs)?)?;
+        let v = heads(linear(&self.v, xs)?)?;
         let out = if kernels::flash_attention_supported(xs.device(), xs.dtype(), self.head_dim) {
             // Strided views in, `(b, t, heads, head_dim)` out.
             kernels::flash_attention(&q, &k, &v, None, self.scale as f32)?
@@ -229,7 +231,7 @@ impl Attention {
                 .to_dtype(xs.dtype())?;
             probs.matmul(&v)?.transpose(1, 2)?
         };
-        self.out.forward(&out.reshape((b, t, h))?)
+        linear(&self.out, &out.reshape((b, t, h))?)
     }
 }
 
@@ -258,11 +260,8 @@ impl EncoderLayer {
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?)?)?;
-        let mlp = self.fc2.forward(
-            &self
-                .act
-                .apply(&self.fc1.forward(&self.norm2.forward(&xs)?)?)?,
-        )?;
+        let hidden = linear(&self.fc1, &self.norm2.forward(&xs)?)?;
+        let mlp = linear(&self.fc2, &self.act.apply(&hidden)?)?;
         xs + mlp
     }
 }

@@ -4,11 +4,13 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{linear_b, Linear, VarBuilder};
 
 use super::config::{Config, GenerationConfig, SelectStrategy};
 use crate::error::{Error, Result};
+use crate::kernels;
+use crate::kernels::cpu::linear;
 use crate::media::{Embeds, MediaItem, Modality};
 use crate::models::common::clip_processor::ClipProcessorConfig;
 use crate::models::common::clip_vision::ClipVisionTower;
@@ -48,7 +50,7 @@ impl Act {
         match self {
             Self::Gelu => xs.gelu_erf(),
             Self::GeluTanh => xs.gelu(),
-            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+            Self::QuickGelu => kernels::quick_gelu(xs),
             Self::Silu => candle_nn::ops::silu(xs),
             Self::Relu => xs.relu(),
         }
@@ -312,9 +314,7 @@ impl LlavaModel {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let features = Tensor::cat(&selected, 2)?;
         let p = &self.projector;
-        let hidden = p
-            .linear_2
-            .forward(&p.act.apply(&p.linear_1.forward(&features)?)?)?;
+        let hidden = linear(&p.linear_2, &p.act.apply(&linear(&p.linear_1, &features)?)?)?;
         let (b, n, h) = hidden.dims3()?;
         Ok(hidden.reshape((b * n, h))?)
     }

@@ -9,6 +9,8 @@ use candle_nn::{LayerNorm, Linear, RmsNorm, VarBuilder};
 use super::config::{Variant, VisionConfig};
 use crate::error::{Error, Result};
 use crate::kernels;
+// Projections with the bias in one pass on CUDA.
+use crate::kernels::cpu::linear;
 
 /// Activation by transformers' name.
 #[derive(Debug, Clone, Copy)]
@@ -38,7 +40,7 @@ impl Act {
 
     pub(crate) fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Act::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Act::QuickGelu => kernels::quick_gelu(x),
             Act::GeluErf => x.gelu_erf(),
             Act::GeluTanh => x.gelu(),
             Act::Silu => x.silu(),
@@ -82,13 +84,13 @@ enum Mlp {
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Mlp::Plain { fc1, fc2, act } => fc2.forward(&act.apply(&fc1.forward(x)?)?),
+            Mlp::Plain { fc1, fc2, act } => linear(fc2, &act.apply(&linear(fc1, x)?)?),
             Mlp::Gated {
                 gate,
                 up,
                 down,
                 act,
-            } => down.forward(&(act.apply(&gate.forward(x)?)? * up.forward(x)?)?),
+            } => linear(down, &(act.apply(&linear(gate, x)?)? * linear(up, x)?)?),
         }
     }
 }
@@ -118,7 +120,7 @@ impl Block {
         let (n, width) = x.dims2()?;
         let head_dim = width / heads;
         let h = self.norm1.forward(x)?;
-        let qkv = self.qkv.forward(&h)?.reshape((n, 3, heads, head_dim))?;
+        let qkv = linear(&self.qkv, &h)?.reshape((n, 3, heads, head_dim))?;
         let dtype = qkv.dtype();
         // The rotary embedding is applied in float32, as transformers does.
         let (q, k) = kernels::vision_rotary(&qkv, cos, sin)?;
@@ -128,7 +130,7 @@ impl Block {
         } else {
             eager_segments(&q, &k, &v, segments)?
         };
-        let x = (x + self.proj.forward(&o)?)?;
+        let x = (x + linear(&self.proj, &o)?)?;
         let h = self.mlp.forward(&self.norm2.forward(&x)?)?;
         x + h
     }
@@ -220,7 +222,7 @@ impl Merger {
             .ln_q
             .forward(x)?
             .reshape((n / self.unit, width * self.unit))?;
-        self.fc2.forward(&self.fc1.forward(&h)?.gelu_erf()?)
+        linear(&self.fc2, &linear(&self.fc1, &h)?.gelu_erf()?)
     }
 }
 

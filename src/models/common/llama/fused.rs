@@ -128,7 +128,7 @@ impl Llama {
             let mlp = &block.mlp;
             let mut gate_up = self.linear(&mlp.gate_up, &h_mid)?;
             if let Some(b) = &mlp.gate_up_bias {
-                gate_up = gate_up.broadcast_add(b)?;
+                gate_up = kernels::bias_add(&gate_up, b)?;
             }
             let down = self.linear(&mlp.down, &kernels::silu_mul(&gate_up)?)?;
             let next_norm = match self.blocks.get(i + 1) {
@@ -309,13 +309,15 @@ mod tests {
     #[test]
     fn flash_prefill_equals_eager_prefill() -> Result<()> {
         let dir = tempfile::tempdir().map_err(candle_core::Error::wrap)?;
-        for (hidden, heads, kv_heads) in [(256, 4, 2), (256, 2, 1)] {
-            let cfg = cfg(&format!(
+        for (hidden, heads, kv_heads, bias) in [(256, 4, 2, false), (256, 2, 1, true)] {
+            let mut cfg = cfg(&format!(
                 r#"{{"vocab_size": 64, "hidden_size": {hidden}, "intermediate_size": 96,
                     "num_hidden_layers": 2, "num_attention_heads": {heads},
                     "num_key_value_heads": {kv_heads}, "rms_norm_eps": 1e-5,
                     "tie_word_embeddings": true}}"#
             ));
+            // The prefill kernel adds the q/k/v bias itself.
+            cfg.qkv_bias = bias;
             let file = save_random(&cfg, dir.path())?;
             let flash = load_saved(&cfg, &file, DType::BF16)?;
             let mut eager = load_saved(&cfg, &file, DType::BF16)?;

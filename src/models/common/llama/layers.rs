@@ -77,23 +77,18 @@ fn divided(theta: f32, head_dim: usize, factors: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// RMSNorm, normalised in f32 in HF's order ([`kernels::add_rms_norm`]; one kernel on CUDA).
+/// An RMSNorm's weight; the norm itself is [`kernels::add_rms_norm`] with the config's eps,
+/// fused with the residual add before it (one kernel on CUDA).
 pub(super) struct RmsNorm {
     pub(super) weight: Tensor,
-    eps: f64,
 }
 
 impl RmsNorm {
-    pub(super) fn new(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(super) fn new(size: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
             // The hint only matters for freshly initialised weights (tests); files ignore it.
             weight: vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?,
-            eps,
         })
-    }
-
-    pub(super) fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        Ok(kernels::add_rms_norm(xs, None, &self.weight, self.eps)?.1)
     }
 }
 
@@ -198,7 +193,7 @@ impl Attention {
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let mut qkv = linear(&self.qkv, xs)?;
         if let Some(b) = &self.qkv_bias {
-            qkv = qkv.broadcast_add(b)?;
+            qkv = kernels::bias_add(&qkv, b)?;
         }
         let (q_w, kv_w) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let last = qkv.rank() - 1;
@@ -218,6 +213,10 @@ impl Attention {
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
+        #[cfg(feature = "cuda")]
+        if b == 1 && self.flash(xs) {
+            return self.forward_flash_prefill(xs, rot, layer, cache);
+        }
         let (q, k, v) = self.project(xs, |x, heads| {
             x.reshape((b, t, heads, self.head_dim))?
                 .transpose(1, 2)?
@@ -238,6 +237,40 @@ impl Attention {
                 .reshape((b, t, width))?
         };
         linear(&self.o, &out)
+    }
+
+    /// [`Attention::forward`] of one sequence on CUDA: the bias, rope and the cache write in
+    /// one kernel reading the projection's output, then the flash kernel, causal after the
+    /// cached positions (query `i` sits at position `start + i`).
+    #[cfg(feature = "cuda")]
+    fn forward_flash_prefill(
+        &self,
+        xs: &Tensor,
+        rot: &Rotary,
+        layer: usize,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let t = xs.dim(1)?;
+        let qkv = linear(&self.qkv, xs)?;
+        let start = cache.len();
+        let (k_all, v_all) = cache.reserve(layer, t)?;
+        let q = kernels::prefill_rope_kv(
+            &qkv,
+            self.qkv_bias.as_ref(),
+            &rot.cos,
+            &rot.sin,
+            &k_all,
+            &v_all,
+            start,
+            self.heads,
+        )?;
+        let (k, v) = (
+            k_all.narrow(2, 0, start + t)?,
+            v_all.narrow(2, 0, start + t)?,
+        );
+        let scale = (self.head_dim as f32).powf(-0.5);
+        let out = kernels::flash_attention(&q, &k, &v, Some(start), scale)?;
+        linear(&self.o, &out.reshape((1, t, self.heads * self.head_dim))?)
     }
 
     /// Whether attention on `device` in `dtype` runs in the fused kernel (CUDA, f16 or
@@ -345,7 +378,7 @@ impl Mlp {
     pub(super) fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let mut gate_up = linear(&self.gate_up, xs)?;
         if let Some(b) = &self.gate_up_bias {
-            gate_up = gate_up.broadcast_add(b)?;
+            gate_up = kernels::bias_add(&gate_up, b)?;
         }
         linear(&self.down, &kernels::silu_mul(&gate_up)?)
     }

@@ -102,9 +102,9 @@ impl Llama {
             .map(|i| {
                 let vb = vb.pp("layers").pp(i);
                 Ok(Block {
-                    norm1: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+                    norm1: RmsNorm::new(h, vb.pp("input_layernorm"))?,
                     attn: Attention::new(cfg, vb.pp("self_attn"), qk_scale)?,
-                    norm2: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+                    norm2: RmsNorm::new(h, vb.pp("post_attention_layernorm"))?,
                     mlp: Mlp::new(cfg, vb.pp("mlp"))?,
                 })
             })
@@ -135,7 +135,7 @@ impl Llama {
         let fused_decode = cfg!(feature = "cuda") && device.is_cuda() && decode.fused;
         Ok(Self {
             cfg: cfg.clone(),
-            norm: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("norm"))?,
+            norm: RmsNorm::new(h, vb.pp("norm"))?,
             embed,
             blocks,
             lm_head,
@@ -305,18 +305,11 @@ impl Llama {
         } else {
             None
         };
-        let mut xs = embeds.to_dtype(self.dtype)?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let attn =
-                block
-                    .attn
-                    .forward(&block.norm1.forward(&xs)?, &rot, mask.as_ref(), i, cache)?;
-            xs = (xs + attn)?;
-            xs = (&xs + block.mlp.forward(&block.norm2.forward(&xs)?)?)?;
-        }
+        let normed = self.run_blocks(&embeds.to_dtype(self.dtype)?, |block, i, h| {
+            block.attn.forward(h, &rot, mask.as_ref(), i, cache)
+        })?;
         cache.advance(t);
-        let last = xs.narrow(1, t - 1, 1)?;
-        let logits = kernels::cpu::linear(&self.lm_head, &self.norm.forward(&last)?)?;
+        let logits = kernels::cpu::linear(&self.lm_head, &normed.narrow(1, t - 1, 1)?)?;
         Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
     }
 
@@ -365,19 +358,37 @@ impl Llama {
         let half = self.inv_freqs.len();
         let positions: Vec<[i64; 3]> = caches.iter().map(|c| [Self::next_position(c); 3]).collect();
         let rot = self.rotary_at(&positions, &[b, 1, half], true)?;
-        let mut xs = embeds.to_dtype(self.dtype)?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let attn = block
-                .attn
-                .forward_batch(&block.norm1.forward(&xs)?, &rot, i, caches)?;
-            xs = (xs + attn)?;
-            xs = (&xs + block.mlp.forward(&block.norm2.forward(&xs)?)?)?;
-        }
+        let normed = self.run_blocks(&embeds.to_dtype(self.dtype)?, |block, i, h| {
+            block.attn.forward_batch(h, &rot, i, caches)
+        })?;
         for cache in caches.iter_mut() {
             cache.advance(1);
         }
-        let logits = kernels::cpu::linear(&self.lm_head, &self.norm.forward(&xs)?)?;
+        let logits = kernels::cpu::linear(&self.lm_head, &normed)?;
         Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// The blocks over `xs`, attention by `attend(block, layer, normed input)`; returns the
+    /// output after the final norm. Each residual add goes with the norm after it (one kernel
+    /// on CUDA; on the CPU the same add then norm as HF).
+    fn run_blocks(
+        &self,
+        xs: &Tensor,
+        mut attend: impl FnMut(&Block, usize, &Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        let norm_before = |i: usize| match self.blocks.get(i) {
+            Some(block) => &block.norm1.weight,
+            None => &self.norm.weight,
+        };
+        let (mut x, mut h) = kernels::add_rms_norm(xs, None, norm_before(0), eps)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let attn = attend(block, i, &h)?;
+            let (mid, h_mid) = kernels::add_rms_norm(&x, Some(&attn), &block.norm2.weight, eps)?;
+            let mlp = block.mlp.forward(&h_mid)?;
+            (x, h) = kernels::add_rms_norm(&mid, Some(&mlp), norm_before(i + 1), eps)?;
+        }
+        Ok(h)
     }
 
     /// One token of one sequence: through a captured CUDA graph of the fused step when it
