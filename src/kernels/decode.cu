@@ -421,9 +421,9 @@ template <typename T, int VEC> __device__ void quick_gelu(const T *x, T *out, si
 // The prefill's counterpart of rope_write_kv, for t new rows of one sequence after `start`
 // cached positions: grid (t, heads + kv_heads), block >= head_dim / 2 threads. qkv is
 // (t, (heads + 2 kv_heads) head_dim) straight from the fused projection; cos and sin are the
-// rows' (t, head_dim / 2) tables in T. Adds the bias, rotates q and k with the same roundings
-// as the candle ops it replaces (bias add, rope), writes q as (heads, t, head_dim) and k, v
-// into the caches (kv_heads, cap, head_dim) at positions start .. start + t.
+// rows' (t, head_dim / 2) tables in T. Adds the bias, rotates q and k in HF's order (each
+// product rounded to T, then their sum), writes q as (heads, t, head_dim) and k, v into the
+// caches (kv_heads, cap, head_dim) at positions start .. start + t.
 template <typename T>
 __device__ void prefill_rope_kv(const T *qkv, const T *bias, const T *cos, const T *sin,
                                 T *q_out, T *k_cache, T *v_cache, int t, int start, int cap,
