@@ -18,7 +18,7 @@
 
 __device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1,
                                     __nv_bfloat16) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -26,7 +26,7 @@ __device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, ui
 }
 
 __device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1, __half) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -120,12 +120,15 @@ __device__ void flash_attention(const T *q, const T *k, const T *v, T *out, int 
         wait_copies<1>();  // this tile's keys have landed; its values may still be in flight
         __syncthreads();
 
+        // Key groups inner: consecutive mma's accumulate into different registers, so they
+        // overlap instead of waiting on each other.
         float sc[FA_KEYS / 8][4];
 #pragma unroll
-        for (int j = 0; j < FA_KEYS / 8; j++) {
-            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+        for (int j = 0; j < FA_KEYS / 8; j++) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
 #pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) {
+        for (int kk = 0; kk < HD / 16; kk++) {
+#pragma unroll
+            for (int j = 0; j < FA_KEYS / 8; j++) {
                 const T *kp = ks + (j * 8 + g) * STR + kk * 16 + 2 * tq;
                 mma(sc[j], qf[kk], ld32(kp), ld32(kp + 8), zero_t);
             }
