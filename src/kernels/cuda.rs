@@ -178,11 +178,16 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     let out = alloc(&dev, gate_up.dtype(), dims)?;
     let (gp, op) = (ptr(&gate_up)?, ptr(&out)?);
     let (rows32, inter32) = (rows as i32, inter as i32);
-    let name = kernel(instances!("silu_mul"), gate_up.dtype())?;
+    let (name, per) = vectorised(
+        instances!("silu_mul"),
+        instances!("silu_mul_vec"),
+        &gate_up,
+        inter,
+    )?;
     launch!(
         dev,
         name,
-        elementwise(rows * inter),
+        elementwise(rows * inter / per),
         &gp,
         &op,
         &rows32,
@@ -207,11 +212,15 @@ fn vectorised(
     }
 }
 
-pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+pub fn bias_add(x: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
     let dev = cuda_device(x)?;
     let x = x.contiguous()?;
     let n = bias.elem_count();
-    if x.dim(candle_core::D::Minus1)? != n || bias.dtype() != x.dtype() {
+    let residual = residual.map(|r| r.contiguous()).transpose()?;
+    let residual_fits = residual
+        .as_ref()
+        .is_none_or(|r| r.dims() == x.dims() && r.dtype() == x.dtype());
+    if x.dim(candle_core::D::Minus1)? != n || bias.dtype() != x.dtype() || !residual_fits {
         bail!(
             "bias_add: x {:?} {:?}, bias {:?} {:?}",
             x.dims(),
@@ -224,12 +233,18 @@ pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let out = alloc(&dev, x.dtype(), x.shape())?;
     let total = x.elem_count();
     let (name, per) = vectorised(instances!("bias_add"), instances!("bias_add_vec"), &x, n)?;
-    // The bias's address must allow the vector loads too.
-    let (name, per) = if per > 1 && !address(&bias)?.is_multiple_of(16) {
+    // The bias's and the residual's addresses must allow the vector loads too.
+    let aligned = |t: Option<&Tensor>| -> Result<bool> {
+        Ok(t.map(address)
+            .transpose()?
+            .is_none_or(|a| a.is_multiple_of(16)))
+    };
+    let (name, per) = if per > 1 && !(aligned(Some(&bias))? && aligned(residual.as_ref())?) {
         (kernel(instances!("bias_add"), x.dtype())?, 1)
     } else {
         (name, per)
     };
+    let rp = residual.as_ref().map(ptr).transpose()?.unwrap_or(0);
     let (xp, bp, op) = (ptr(&x)?, ptr(&bias)?, ptr(&out)?);
     let (total64, n32) = (total as u64, n as i32);
     launch!(
@@ -238,6 +253,7 @@ pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
         elementwise(total / per),
         &xp,
         &bp,
+        &rp,
         &op,
         &total64,
         &n32
@@ -323,8 +339,8 @@ pub fn prefill_rope_kv(
         head_dim as i32,
     ];
     let cfg = LaunchConfig {
-        grid_dim: (t as u32, (heads + kv_heads) as u32, 1),
-        block_dim: (threads_for(half), 1, 1),
+        grid_dim: (t as u32, 1, 1),
+        block_dim: (threads_for((heads + kv_heads) * half).min(256), 1, 1),
         shared_mem_bytes: 0,
     };
     let name = kernel(instances!("prefill_rope_kv"), dtype)?;
@@ -814,7 +830,9 @@ pub fn flash_attention(
 pub fn vision_rotary(qkv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
     let dev = cuda_device(qkv)?;
     let (n, three, heads, hd) = qkv.dims4()?;
-    if three != 3 || cos.dims() != [n, 1, hd] || sin.dims() != [n, 1, hd] || hd % 2 != 0 {
+    // The kernel indexes the pairs with 32-bit integers.
+    let fits = n * heads * hd <= i32::MAX as usize;
+    if three != 3 || cos.dims() != [n, 1, hd] || sin.dims() != [n, 1, hd] || hd % 2 != 0 || !fits {
         bail!(
             "vision_rotary: qkv {:?}, cos {:?}, sin {:?}",
             qkv.dims(),
@@ -834,7 +852,7 @@ pub fn vision_rotary(qkv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor
     launch!(
         dev,
         name,
-        elementwise(n * 2 * heads * hd),
+        elementwise(n * heads * hd),
         &xp,
         &cp,
         &sp,

@@ -25,6 +25,25 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 // Rounds through the storage type: what a tensor of dtype T holds for the float v.
 template <typename T> __device__ __forceinline__ float rnd(float v) { return to_f(from_f<T>(v)); }
 
+// Elementwise kernels over contiguous tensors: each thread takes VEC consecutive elements,
+// loaded and stored 16 bytes at a time where VEC * sizeof(T) == 16 (the caller checks n and
+// the alignment), one at a time with VEC == 1.
+template <typename T, int VEC> __device__ __forceinline__ void load_vec(T (&dst)[VEC], const T *src) {
+    if constexpr (VEC * sizeof(T) == 16) {
+        *reinterpret_cast<uint4 *>(dst) = *reinterpret_cast<const uint4 *>(src);
+    } else {
+        for (int k = 0; k < VEC; ++k) dst[k] = src[k];
+    }
+}
+
+template <typename T, int VEC> __device__ __forceinline__ void store_vec(T *dst, const T (&src)[VEC]) {
+    if constexpr (VEC * sizeof(T) == 16) {
+        *reinterpret_cast<uint4 *>(dst) = *reinterpret_cast<const uint4 *>(src);
+    } else {
+        for (int k = 0; k < VEC; ++k) dst[k] = src[k];
+    }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
@@ -73,15 +92,22 @@ __device__ void add_rms_norm(const T *x, const T *residual, const T *weight, T *
 }
 
 // out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i], the activation rounded to T first.
-template <typename T>
+// VEC divides inter.
+template <typename T, int VEC>
 __device__ void silu_mul(const T *gate_up, T *out, int rows, int inter) {
     size_t total = (size_t)rows * inter;
-    for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < total;
-         k += (size_t)gridDim.x * blockDim.x) {
-        size_t r = k / inter, i = k % inter;
-        float g = to_f(gate_up[r * 2 * inter + i]);
-        float u = to_f(gate_up[r * 2 * inter + inter + i]);
-        out[k] = from_f<T>(rnd<T>(g / (1.f + expf(-g))) * u);
+    for (size_t c = blockIdx.x * (size_t)blockDim.x + threadIdx.x; c < total / VEC;
+         c += (size_t)gridDim.x * blockDim.x) {
+        size_t k = c * VEC, r = k / inter, i = k % inter;
+        alignas(16) T g[VEC];
+        alignas(16) T u[VEC];
+        load_vec<T, VEC>(g, gate_up + r * 2 * inter + i);
+        load_vec<T, VEC>(u, gate_up + r * 2 * inter + inter + i);
+        for (int e = 0; e < VEC; ++e) {
+            float x = to_f(g[e]);
+            g[e] = from_f<T>(rnd<T>(x / (1.f + expf(-x))) * to_f(u[e]));
+        }
+        store_vec<T, VEC>(out + k, g);
     }
 }
 
@@ -352,52 +378,42 @@ template <typename T> __device__ void copy_to_f32(const T *x, float *out, int n)
 template <typename T>
 __device__ void vision_rotary(const T *qkv, const float *cos, const float *sin, T *q_out,
                               T *k_out, int n, int heads, int hd) {
-    const size_t width = (size_t)heads * hd, total = (size_t)n * 2 * width;
-    const int half = hd / 2;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const size_t row = i / (2 * width), rest = i % (2 * width);
-        const int which = rest / width;  // 0: q, 1: k
-        const int d = rest % hd;
-        const T *x = qkv + row * 3 * width + which * width + (rest % width - d);
-        const float v = to_f(x[d]);
-        const float other = d < half ? -to_f(x[d + half]) : to_f(x[d - half]);
-        const float out = __fadd_rn(__fmul_rn(v, cos[row * hd + d]), __fmul_rn(other, sin[row * hd + d]));
-        (which == 0 ? q_out : k_out)[row * width + rest % width] = from_f<T>(out);
+    // One thread per (row, q or k, head, pair j < half): it writes d = j and d = j + half.
+    const int half = hd / 2, width = heads * hd, per_row = 2 * heads * half;
+    const int total = n * per_row;  // the caller checks that this fits an int
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        const int row = i / per_row, rest = i % per_row;
+        const int which = rest / (heads * half);  // 0: q, 1: k
+        const int h = rest % (heads * half) / half, j = rest % half;
+        const T *x = qkv + (size_t)row * 3 * width + which * width + h * hd;
+        const float x1 = to_f(x[j]), x2 = to_f(x[j + half]);
+        const float *c = cos + (size_t)row * hd, *s = sin + (size_t)row * hd;
+        T *out = (which == 0 ? q_out : k_out) + (size_t)row * width + h * hd;
+        out[j] = from_f<T>(__fadd_rn(__fmul_rn(x1, c[j]), __fmul_rn(-x2, s[j])));
+        out[j + half] =
+            from_f<T>(__fadd_rn(__fmul_rn(x2, c[j + half]), __fmul_rn(x1, s[j + half])));
     }
 }
 
-// Elementwise kernels over contiguous tensors: each thread takes VEC consecutive elements,
-// loaded and stored 16 bytes at a time where VEC * sizeof(T) == 16 (the caller checks n and
-// the alignment), one at a time with VEC == 1.
-template <typename T, int VEC> __device__ __forceinline__ void load_vec(T (&dst)[VEC], const T *src) {
-    if constexpr (VEC * sizeof(T) == 16) {
-        *reinterpret_cast<uint4 *>(dst) = *reinterpret_cast<const uint4 *>(src);
-    } else {
-        for (int k = 0; k < VEC; ++k) dst[k] = src[k];
-    }
-}
-
-template <typename T, int VEC> __device__ __forceinline__ void store_vec(T *dst, const T (&src)[VEC]) {
-    if constexpr (VEC * sizeof(T) == 16) {
-        *reinterpret_cast<uint4 *>(dst) = *reinterpret_cast<const uint4 *>(src);
-    } else {
-        for (int k = 0; k < VEC; ++k) dst[k] = src[k];
-    }
-}
-
-// out = x + bias, the bias (n) broadcast over the rows of x (total / n, n): a projection's
-// bias, rounded once as a separate add. VEC divides n, so a thread's elements share a row.
+// out = x + bias (+ residual), the bias (n) broadcast over the rows of x (total / n, n): a
+// projection's bias, then the residual stream it joins, each rounded as a separate add would.
+// VEC divides n, so a thread's elements share a row.
 template <typename T, int VEC>
-__device__ void bias_add(const T *x, const T *bias, T *out, size_t total, int n) {
+__device__ void bias_add(const T *x, const T *bias, const T *residual, T *out, size_t total,
+                         int n) {
     for (size_t c = blockIdx.x * (size_t)blockDim.x + threadIdx.x; c < total / VEC;
          c += (size_t)gridDim.x * blockDim.x) {
         size_t i = c * VEC;
         alignas(16) T xv[VEC];
         alignas(16) T bv[VEC];
+        alignas(16) T rv[VEC];
         load_vec<T, VEC>(xv, x + i);
         load_vec<T, VEC>(bv, bias + i % n);
-        for (int k = 0; k < VEC; ++k) xv[k] = from_f<T>(to_f(xv[k]) + to_f(bv[k]));
+        if (residual) load_vec<T, VEC>(rv, residual + i);
+        for (int k = 0; k < VEC; ++k) {
+            float v = to_f(xv[k]) + to_f(bv[k]);
+            xv[k] = residual ? from_f<T>(rnd<T>(v) + to_f(rv[k])) : from_f<T>(v);
+        }
         store_vec<T, VEC>(out + i, xv);
     }
 }
@@ -419,7 +435,7 @@ template <typename T, int VEC> __device__ void quick_gelu(const T *x, T *out, si
 }
 
 // The prefill's counterpart of rope_write_kv, for t new rows of one sequence after `start`
-// cached positions: grid (t, heads + kv_heads), block >= head_dim / 2 threads. qkv is
+// cached positions: one block per row, its threads over (head, pair) of q and k. qkv is
 // (t, (heads + 2 kv_heads) head_dim) straight from the fused projection; cos and sin are the
 // rows' (t, head_dim / 2) tables in T. Adds the bias, rotates q and k in HF's order (each
 // product rounded to T, then their sum), writes q as (heads, t, head_dim) and k, v into the
@@ -428,10 +444,11 @@ template <typename T>
 __device__ void prefill_rope_kv(const T *qkv, const T *bias, const T *cos, const T *sin,
                                 T *q_out, T *k_cache, T *v_cache, int t, int start, int cap,
                                 int heads, int kv_heads, int head_dim) {
-    int r = blockIdx.x, h = blockIdx.y, half = head_dim / 2;
+    int r = blockIdx.x, half = head_dim / 2;
     int width = (heads + 2 * kv_heads) * head_dim;
     const T *row = qkv + (size_t)r * width;
-    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+    for (int p = threadIdx.x; p < (heads + kv_heads) * half; p += blockDim.x) {
+        int h = p / half, j = p % half;
         int a = h * head_dim + j, b = a + half;
         float x1 = to_f(row[a]), x2 = to_f(row[b]);
         if (bias) {
@@ -478,7 +495,11 @@ __device__ void prefill_rope_kv(const T *qkv, const T *bias, const T *cos, const
         add_rms_norm<T>(x, residual, weight, out_sum, out_norm, n, eps);                       \
     }                                                                                          \
     extern "C" __global__ void silu_mul_##S(const T *gate_up, T *out, int rows, int inter) {   \
-        silu_mul<T>(gate_up, out, rows, inter);                                                \
+        silu_mul<T, 1>(gate_up, out, rows, inter);                                             \
+    }                                                                                          \
+    extern "C" __global__ void silu_mul_vec_##S(const T *gate_up, T *out, int rows,            \
+                                                int inter) {                                   \
+        silu_mul<T, 16 / sizeof(T)>(gate_up, out, rows, inter);                                \
     }                                                                                          \
     extern "C" __global__ void rope_write_kv_##S(const T *qkv, const T *bias,                  \
                                                  const float *inv_freq, const int64_t *table,  \
@@ -510,13 +531,13 @@ __device__ void prefill_rope_kv(const T *qkv, const T *bias, const T *cos, const
                                                  int heads, int hd) {                          \
         vision_rotary<T>(qkv, cos, sin, q_out, k_out, n, heads, hd);                           \
     }                                                                                          \
-    extern "C" __global__ void bias_add_##S(const T *x, const T *bias, T *out, size_t total,    \
-                                            int n) {                                           \
-        bias_add<T, 1>(x, bias, out, total, n);                                                \
+    extern "C" __global__ void bias_add_##S(const T *x, const T *bias, const T *residual,      \
+                                            T *out, size_t total, int n) {                     \
+        bias_add<T, 1>(x, bias, residual, out, total, n);                                      \
     }                                                                                          \
-    extern "C" __global__ void bias_add_vec_##S(const T *x, const T *bias, T *out,             \
-                                                size_t total, int n) {                         \
-        bias_add<T, 16 / sizeof(T)>(x, bias, out, total, n);                                   \
+    extern "C" __global__ void bias_add_vec_##S(const T *x, const T *bias, const T *residual,  \
+                                                T *out, size_t total, int n) {                 \
+        bias_add<T, 16 / sizeof(T)>(x, bias, residual, out, total, n);                         \
     }                                                                                          \
     extern "C" __global__ void quick_gelu_##S(const T *x, T *out, size_t total) {              \
         quick_gelu<T, 1>(x, out, total);                                                       \

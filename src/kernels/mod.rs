@@ -166,9 +166,23 @@ pub fn argmax_slice(values: &[f32]) -> u32 {
 pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && bias.rank() == 1 && bias.dtype() == x.dtype() {
-        return cuda::bias_add(x, bias);
+        return cuda::bias_add(x, bias, None);
     }
     x.broadcast_add(bias)
+}
+
+/// `residual + l(x)`: a projection joining the residual stream. On CUDA the bias and the
+/// residual add are one pass after the product (each rounded as its own add would be).
+pub fn linear_residual(l: &candle_nn::Linear, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    let y = cpu::matmul_t(x, l.weight())?;
+    match l.bias() {
+        #[cfg(feature = "cuda")]
+        Some(b) if y.device().is_cuda() && b.rank() == 1 && b.dtype() == y.dtype() => {
+            cuda::bias_add(&y, b, Some(residual))
+        }
+        Some(b) => residual + y.broadcast_add(b)?,
+        None => residual + y,
+    }
 }
 
 /// `x * sigmoid(1.702 x)`, transformers' `QuickGELUActivation` (CLIP and Qwen2-VL's vision
@@ -326,9 +340,10 @@ mod tests {
         Ok(())
     }
 
-    /// The bias kernel gives the bits of candle's broadcast add, on the vector path (rows of
-    /// 64), the scalar one (rows of 37) and a view at an odd offset; the quick GELU kernel
-    /// follows the f32 formula within the dtype's rounding.
+    /// The bias kernel (alone, and with a residual after a projection) gives the bits of
+    /// candle's adds, on the vector path (rows of 64), the scalar one (rows of 37) and a view at
+    /// an odd offset; silu_mul and the quick GELU kernel follow the f32 formulas within the
+    /// dtype's rounding.
     #[cfg(feature = "cuda")]
     #[test]
     fn cuda_bias_add_and_quick_gelu_follow_candle_ops() -> Result<()> {
@@ -346,6 +361,29 @@ mod tests {
                     .to_dtype(DType::F32)?
                     .to_vec2::<f32>()?;
                 assert_eq!(got, want, "bias_add {dtype:?} {rows}x{n}+{offset}");
+
+                let residual = Tensor::randn(0f32, 1.0, (rows, n), &gpu)?.to_dtype(dtype)?;
+                let w = Tensor::randn(0f32, 0.3, (n, 24), &gpu)?.to_dtype(dtype)?;
+                let input = Tensor::randn(0f32, 1.0, (rows, 24), &gpu)?.to_dtype(dtype)?;
+                let l = candle_nn::Linear::new(w.clone(), Some(bias.clone()));
+                let got = linear_residual(&l, &input, &residual)?;
+                let product =
+                    candle_core::Module::forward(&candle_nn::Linear::new(w, None), &input)?;
+                let want = (&residual + product.broadcast_add(&bias)?)?;
+                let flat = |t: Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+                assert_eq!(
+                    flat(got)?,
+                    flat(want)?,
+                    "linear_residual {dtype:?} {rows}x{n}"
+                );
+
+                // silu_mul's vector (n = 64) and scalar (n = 37) paths.
+                let gate_up = Tensor::cat(&[&x, &x.affine(0.5, 0.1)?], 1)?;
+                let got = silu_mul(&gate_up)?;
+                let f = gate_up.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                let want = silu_mul(&f)?;
+                let diff = max_diff(&want, &got)?;
+                assert!(diff < 1e-2, "silu_mul {dtype:?} {rows}x{n}: {diff}");
 
                 let got = quick_gelu(&x)?;
                 let f = x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;

@@ -261,8 +261,7 @@ impl EncoderLayer {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?)?)?;
         let hidden = linear(&self.fc1, &self.norm2.forward(&xs)?)?;
-        let mlp = linear(&self.fc2, &self.act.apply(&hidden)?)?;
-        xs + mlp
+        kernels::linear_residual(&self.fc2, &self.act.apply(&hidden)?, &xs)
     }
 }
 

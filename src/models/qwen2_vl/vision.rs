@@ -82,15 +82,22 @@ enum Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `residual + mlp(x)`.
+    fn forward(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Mlp::Plain { fc1, fc2, act } => linear(fc2, &act.apply(&linear(fc1, x)?)?),
+            Mlp::Plain { fc1, fc2, act } => {
+                kernels::linear_residual(fc2, &act.apply(&linear(fc1, x)?)?, residual)
+            }
             Mlp::Gated {
                 gate,
                 up,
                 down,
                 act,
-            } => linear(down, &(act.apply(&linear(gate, x)?)? * linear(up, x)?)?),
+            } => kernels::linear_residual(
+                down,
+                &(act.apply(&linear(gate, x)?)? * linear(up, x)?)?,
+                residual,
+            ),
         }
     }
 }
@@ -130,9 +137,8 @@ impl Block {
         } else {
             eager_segments(&q, &k, &v, segments)?
         };
-        let x = (x + linear(&self.proj, &o)?)?;
-        let h = self.mlp.forward(&self.norm2.forward(&x)?)?;
-        x + h
+        let x = kernels::linear_residual(&self.proj, &o, x)?;
+        self.mlp.forward(&self.norm2.forward(&x)?, &x)
     }
 }
 
