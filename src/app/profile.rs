@@ -11,8 +11,8 @@
 //! into host enqueue and GPU time as a step is (host time includes CPU preprocessing). Every
 //! time is taken after a warm-up run. Prints one JSON line on stdout.
 
-use std::path::Path;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
 
@@ -20,8 +20,10 @@ use crate::cli::{DTypeArg, ProcessorArg};
 use crate::engine::device::DeviceChoice;
 use crate::error::{Error, Result};
 use crate::kernels;
+use crate::media::fetch::FetchPolicy;
 use crate::media::image::{decode_image, ImageLimits};
-use crate::media::RgbImage;
+use crate::media::source::Source;
+use crate::media::{Modality, RgbImage};
 use crate::models::common::clip_processor::ClipProcessorConfig;
 use crate::models::qwen2_vl::config::ProcessorConfig;
 use crate::models::qwen2_vl::preprocessor::preprocess_image;
@@ -29,6 +31,18 @@ use crate::models::qwen2_vl::preprocessor::preprocess_image;
 use super::pipeline;
 
 const WARMUP_STEPS: usize = 8;
+
+/// The bytes of the image file at `path`, refused above `limits.max_bytes` before they are
+/// read (as the real commands read a media path).
+fn read_image(path: &Path, limits: &ImageLimits) -> Result<Vec<u8>> {
+    Source::Path(PathBuf::from(path)).read_with_timeout(
+        Modality::Image,
+        limits.max_bytes,
+        Duration::ZERO,
+        &FetchPolicy::permissive(),
+        &mut std::io::empty(),
+    )
+}
 
 /// Seconds `f` takes, waiting for the GPU work it queued (by reading back a sum of the tensor
 /// it returns); the best of three runs after one warm-up.
@@ -58,6 +72,18 @@ pub fn run(
         ));
     }
     let device = DeviceChoice::parse(device)?;
+    // The image is read and decoded before the weights load, so a bad one fails first.
+    let item = match image {
+        Some(path) => {
+            let limits = ImageLimits::from_env()?;
+            let bytes = read_image(path, &limits)?;
+            let name = path.display().to_string();
+            Some(crate::media::MediaItem::Image(decode_image(
+                &bytes, &name, &limits,
+            )?))
+        }
+        None => None,
+    };
     let resolved = pipeline::resolve(model)?;
     let loaded = pipeline::load(&resolved, device, dtype.into())?;
     let m = loaded.model.as_ref();
@@ -73,17 +99,8 @@ pub fn run(
         let (host, gpu) = kernels::profile_step(&logits_device, &mut || f().map(|_| ()))?;
         Ok([Some(synced), Some(host), Some(gpu)])
     };
-    let encode = match image {
-        Some(path) => {
-            let name = path.display().to_string();
-            let bytes = std::fs::read(path)
-                .map_err(|e| Error::input(&name, e.to_string(), "a readable image"))?;
-            let limits = crate::media::image::ImageLimits::from_env()?;
-            let item = crate::media::MediaItem::Image(crate::media::image::decode_image(
-                &bytes, &name, &limits,
-            )?);
-            parts(&mut || Ok(m.encode(&item)?.features))?
-        }
+    let encode = match &item {
+        Some(item) => parts(&mut || Ok(m.encode(item)?.features))?,
         None => [None; 3],
     };
     let prefill = parts(&mut || {
@@ -196,9 +213,8 @@ pub fn preprocess(
             })
         }
     };
-    let bytes =
-        std::fs::read(image).map_err(|e| Error::input(&name, e.to_string(), "a readable image"))?;
     let limits = ImageLimits::from_env()?;
+    let bytes = read_image(image, &limits)?;
     let (mut decode_s, mut pre_s, mut total_s) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
     let mut last = None;
     for i in 0..=runs {

@@ -118,6 +118,272 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + s
 }
 
+/// Query rows per task of [`attention`]: one head's block of scores (rows x keys f32, 384 KB
+/// for 1500 keys) stays in a core's L2 between its GEMM, softmax and product with v.
+const ATTN_ROWS: usize = 64;
+
+/// Bidirectional multi-head attention, `softmax(q_h k_h^T * scale + mask) v_h` for each head,
+/// with q `(..., n, heads * hd)` and k, v `(..., kv_n, heads * hd)` (the projections' own
+/// layout, heads side by side) and the result in that layout; `mask` (`kv_n` elements) is
+/// added to every row of scores, `scale` (if any) multiplies them first. This is what
+/// candle's ops compute (split heads, matmul, scale, mask, `softmax_last_dim`, matmul,
+/// merge heads), and on the CPU in f32 it runs without materialising all heads' `n * kv_n`
+/// scores: tasks of [`ATTN_ROWS`] query rows over the rayon pool, each taking every head in
+/// turn through a single-threaded GEMM, the softmax in place (as candle's, element for
+/// element) and a GEMM with v written straight into the output rows. Elsewhere, candle's ops.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: Option<f64>,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let d = q.dim(candle_core::D::Minus1)?;
+    let (n, kv_n) = (q.elem_count() / d.max(1), k.elem_count() / d.max(1));
+    let fast = matches!(q.device(), Device::Cpu)
+        && [q, k, v].iter().all(|t| t.dtype() == DType::F32)
+        && mask.is_none_or(|m| m.dtype() == DType::F32 && m.elem_count() == kv_n)
+        && heads > 0
+        && d % heads == 0
+        && k.dims() == v.dims()
+        && k.dim(candle_core::D::Minus1)? == d
+        && n > 0
+        && kv_n > 0;
+    if !fast {
+        return attention_candle(q, k, v, heads, scale, mask);
+    }
+    let flat = |t: &Tensor| -> Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
+    let mask = mask.map(flat).transpose()?;
+    let out = attention_f32(
+        &flat(q)?,
+        &flat(k)?,
+        &flat(v)?,
+        [n, kv_n, heads, d / heads],
+        scale.map(|s| s as f32),
+        mask.as_deref(),
+    );
+    Tensor::from_vec(out, q.shape(), q.device())
+}
+
+/// [`attention`] with candle's ops: the reference the fused path is tested against, and the
+/// path for other devices and dtypes (softmax in f32).
+pub fn attention_candle(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: Option<f64>,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let split = |t: &Tensor| {
+        let d = t.dim(candle_core::D::Minus1)?;
+        let rows = t.elem_count() / d;
+        t.reshape((1, rows, heads, d / heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let mut w = split(q)?.matmul(&split(k)?.t()?)?;
+    if let Some(scale) = scale {
+        w = (w * scale)?;
+    }
+    if let Some(mask) = mask {
+        w = w.broadcast_add(mask)?;
+    }
+    let dtype = w.dtype();
+    let w = candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+    let y = w.matmul(&split(v)?)?.transpose(1, 2)?;
+    y.reshape(q.shape())
+}
+
+/// The CPU body of [`attention`]: `dims` is `[n, kv_n, heads, hd]`, the slices row-major with
+/// rows of `heads * hd`.
+fn attention_f32(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dims: [usize; 4],
+    scale: Option<f32>,
+    mask: Option<&[f32]>,
+) -> Vec<f32> {
+    use candle_core::cpu::kernels::VecOps;
+    let [n, kv_n, heads, hd] = dims;
+    let d = heads * hd;
+    assert!(q.len() == n * d && k.len() == kv_n * d && v.len() == kv_n * d);
+    let mut out = vec![0f32; n * d];
+    out.par_chunks_mut(ATTN_ROWS * d)
+        .enumerate()
+        .for_each(|(block, out)| {
+            let rows = out.len() / d;
+            let q = &q[block * ATTN_ROWS * d..];
+            let mut scores = vec![0f32; rows * kv_n];
+            for h in 0..heads {
+                // SAFETY: every pointer/stride pair addresses inside its slice: q rows
+                // `0..rows` and k, v rows `0..kv_n`, columns `h * hd..(h + 1) * hd`; scores is
+                // `rows * kv_n` and out `rows * d`.
+                unsafe {
+                    // scores = q_h k_h^T: lhs (rows, hd) with row stride d; rhs (hd, kv_n)
+                    // read from k's rows.
+                    gemm::gemm(
+                        rows,
+                        kv_n,
+                        hd,
+                        scores.as_mut_ptr(),
+                        1,
+                        kv_n as isize,
+                        false,
+                        q.as_ptr().add(h * hd),
+                        1,
+                        d as isize,
+                        k.as_ptr().add(h * hd),
+                        d as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for row in scores.chunks_exact_mut(kv_n) {
+                    if let Some(scale) = scale {
+                        row.iter_mut().for_each(|s| *s *= scale);
+                    }
+                    if let Some(mask) = mask {
+                        row.iter_mut().zip(mask).for_each(|(s, m)| *s += m);
+                    }
+                    // As candle-nn's softmax_last_dim computes each row, but for a vectorised exp.
+                    let mut max = f32::NEG_INFINITY;
+                    // SAFETY: `row` holds `kv_n > 0` elements.
+                    unsafe { f32::vec_reduce_max(row.as_ptr(), &mut max, kv_n) };
+                    row.iter_mut().for_each(|s| *s -= max);
+                    exp_in_place(row);
+                    let mut sum = 0f32;
+                    // SAFETY: as above.
+                    unsafe { f32::vec_reduce_sum(row.as_ptr(), &mut sum, kv_n) };
+                    row.iter_mut().for_each(|s| *s /= sum);
+                }
+                // SAFETY: as above; the destination is out's columns of head h.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        hd,
+                        kv_n,
+                        out.as_mut_ptr().add(h * hd),
+                        1,
+                        d as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        kv_n as isize,
+                        v.as_ptr().add(h * hd),
+                        1,
+                        d as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        });
+    out
+}
+
+/// `e^x` for every element in place: Cephes' `expf` (a degree-7 polynomial in
+/// `r = x - n ln 2`, `n = round(x / ln 2)`, times `2^n` built from its exponent bits), in a
+/// form the compiler vectorises; glibc's `expf`, one call an element, took a tenth of a Whisper
+/// utterance in the attention softmax. Within 2 ulp of `f32::exp`; 0 below -87, where the
+/// result leaves f32's normal range (only softmax inputs, at most 0, come here).
+fn exp_in_place(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA, which is all `exp_avx2` is compiled for.
+        return unsafe { exp_avx2(xs) };
+    }
+    xs.iter_mut().for_each(|x| *x = exp_one(*x));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_avx2(xs: &mut [f32]) {
+    xs.iter_mut().for_each(|x| *x = exp_one(*x));
+}
+
+#[inline(always)]
+fn exp_one(x: f32) -> f32 {
+    // ln 2 split in two so that n * C1 is exact.
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = (xc - n * C1) - n * C2;
+    let mut p = 1.987_569_1e-4f32;
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        p = p * r + c;
+    }
+    let y = p * r * r + r + 1.0;
+    // 2^n: n + 127 lies in 1..=254 after the clamp; added to 1.5 * 2^23 it is the low
+    // mantissa bits, shifted here into the exponent field (an `as i32` would not vectorise).
+    let e = y * f32::from_bits((n + (12_582_912.0 + 127.0)).to_bits() << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        e
+    }
+}
+
+/// `Tensor::cat(parts, 0)`, for the projections fused at load (q/k/v, gate/up: 3.4 GB of a
+/// 2B model's f32 weights). On the CPU with contiguous f32 parts the rows are copied in
+/// parallel into a buffer advised to huge pages: candle's copy ran on one thread into 4 KiB
+/// pages, four fifths of the load's page faults. Elsewhere, candle's `cat`.
+pub fn cat_rows(parts: &[&Tensor]) -> Result<Tensor> {
+    let Some(first) = parts.first() else {
+        candle_core::bail!("cat_rows: no tensors");
+    };
+    let tail = &first.dims()[1..];
+    let fast = parts.iter().all(|t| {
+        matches!(t.device(), Device::Cpu)
+            && t.dtype() == DType::F32
+            && t.is_contiguous()
+            && t.rank() >= 1
+            && &t.dims()[1..] == tail
+    });
+    if !fast {
+        return Tensor::cat(parts, 0);
+    }
+    let rows: usize = parts.iter().map(|t| t.dim(0)).sum::<Result<usize>>()?;
+    let mut shape = first.dims().to_vec();
+    shape[0] = rows;
+    let len: usize = parts.iter().map(|t| t.elem_count()).sum();
+    let mut out = vec![0f32; len];
+    advise_huge_pages(&mut out);
+    let mut rest = out.as_mut_slice();
+    for t in parts {
+        let (dst, next) = rest.split_at_mut(t.elem_count());
+        rest = next;
+        let storage = t.storage_and_layout();
+        let src = match &*storage.0 {
+            candle_core::Storage::Cpu(s) => s.as_slice::<f32>()?,
+            _ => candle_core::bail!("cat_rows: not on the CPU"),
+        };
+        let src = &src[storage.1.start_offset()..][..dst.len()];
+        dst.par_chunks_mut(1 << 16)
+            .zip(src.par_chunks(1 << 16))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    }
+    Tensor::from_vec(out, shape, first.device())
+}
+
 /// Little-endian bf16 bytes as f32 values (exact: bf16 is f32's upper half), converted in
 /// parallel chunks.
 pub fn bf16_bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
@@ -226,6 +492,94 @@ mod tests {
             .to_vec1()?;
         let got: Vec<f32> = matmul_t(&x, &w)?.flatten_all()?.to_vec1()?;
         assert_eq!(got, want);
+        Ok(())
+    }
+
+    /// The fused attention against candle's ops on random inputs of odd sizes: several row
+    /// blocks and a ragged last one, one head and several, with and without scale and mask,
+    /// queries and keys of different lengths.
+    #[test]
+    fn attention_matches_candle_on_odd_sizes() -> Result<()> {
+        let dev = Device::Cpu;
+        for (n, kv_n, heads, hd, scaled, masked) in [
+            (1, 1, 1, 1, false, false),
+            (3, 5, 2, 7, true, false),
+            (ATTN_ROWS + 1, 37, 3, 16, true, true),
+            (2 * ATTN_ROWS + 13, 3 * ATTN_ROWS - 5, 6, 64, true, false),
+            (150, 150, 5, 13, false, true),
+        ] {
+            let d = heads * hd;
+            let q = Tensor::randn(0f32, 1.0, (1, n, d), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (1, kv_n, d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (1, kv_n, d), &dev)?;
+            let scale = scaled.then(|| 1.0 / (hd as f64).sqrt());
+            // Some keys masked out (a large negative number, as the encoders' masks).
+            let mask = masked
+                .then(|| {
+                    let m: Vec<f32> = (0..kv_n)
+                        .map(|j| if j % 3 == 2 { -1e9 } else { 0.0 })
+                        .collect();
+                    Tensor::from_vec(m, (1, 1, 1, kv_n), &dev)
+                })
+                .transpose()?;
+            let want = attention_candle(&q, &k, &v, heads, scale, mask.as_ref())?;
+            let got = attention(&q, &k, &v, heads, scale, mask.as_ref())?;
+            assert_eq!(got.dims(), want.dims());
+            let got: Vec<f32> = got.flatten_all()?.to_vec1()?;
+            let want: Vec<f32> = want.flatten_all()?.to_vec1()?;
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            // Outputs are averages of v (|v| ~ 1): only the summation order may differ.
+            assert!(worst <= 1e-5, "{n}x{kv_n}, {heads} heads of {hd}: {worst}");
+        }
+        Ok(())
+    }
+
+    /// The vectorised exp against the library's on a fine grid of softmax inputs (and the
+    /// scalar path, which the vectorised one must equal).
+    #[test]
+    fn exp_is_within_two_ulp_of_std() {
+        let xs: Vec<f32> = (0..=200_000).map(|i| -100.0 + i as f32 * 5e-4).collect();
+        let mut got = xs.clone();
+        exp_in_place(&mut got);
+        for (&x, &g) in xs.iter().zip(&got) {
+            assert_eq!(g.to_bits(), exp_one(x).to_bits(), "{x}");
+            let want = x.exp();
+            if x < -87.0 {
+                assert!(g == 0.0 && want < 1.7e-38, "{x}: {g}");
+            } else {
+                let ulp = (want.to_bits() as i64 - g.to_bits() as i64).abs();
+                assert!(ulp <= 2, "{x}: {g} against {want} ({ulp} ulp)");
+            }
+        }
+        let mut edge = [0.0f32, -0.0, f32::NEG_INFINITY, f32::NAN];
+        exp_in_place(&mut edge);
+        assert_eq!(&edge[..3], &[1.0, 1.0, 0.0]);
+        assert!(edge[3].is_nan());
+    }
+
+    /// The parallel concatenation equals candle's, for parts of different row counts (one of
+    /// them a narrowed view at an offset in its storage), 1-D and 2-D.
+    #[test]
+    fn cat_rows_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (37, 129), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, (1000, 129), &dev)?;
+        let c = Tensor::randn(0f32, 1.0, (3, 129), &dev)?;
+        let narrowed = b.narrow(0, 5, 7)?;
+        for parts in [vec![&a, &b, &c], vec![&c], vec![&a, &narrowed]] {
+            let want: Vec<f32> = Tensor::cat(&parts, 0)?.flatten_all()?.to_vec1()?;
+            let got = cat_rows(&parts)?;
+            assert_eq!(got.dims(), Tensor::cat(&parts, 0)?.dims());
+            assert_eq!(got.flatten_all()?.to_vec1::<f32>()?, want);
+        }
+        let v = Tensor::randn(0f32, 1.0, 70_001, &dev)?;
+        let w = Tensor::randn(0f32, 1.0, 3, &dev)?;
+        let want: Vec<f32> = Tensor::cat(&[&v, &w], 0)?.to_vec1()?;
+        assert_eq!(cat_rows(&[&v, &w])?.to_vec1::<f32>()?, want);
         Ok(())
     }
 

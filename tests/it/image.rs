@@ -356,3 +356,68 @@ fn profile_preprocess_times_and_dumps_the_processors_pixels() {
     ]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The hidden profiling commands read an image through the same byte cap as the real commands:
+/// an over-cap file is an input error naming it (exit 2), before any weights load, and an
+/// endless one (/dev/zero) is refused after `cap + 1` bytes instead of being read whole.
+#[test]
+fn profile_commands_refuse_an_image_over_the_byte_cap() {
+    let image = repo()
+        .join("tests/data/image")
+        .join(cases()["clip"][0].as_str().unwrap());
+    let image = image.to_str().unwrap();
+    let size = std::fs::metadata(image).unwrap().len();
+    let model = repo().join("tests/fixtures/llava-tiny");
+    let model = model.to_str().unwrap();
+    let run = |args: &[&str], file: &str, cap: u64| {
+        let mut child = crate::util::mmllm()
+            .args(args)
+            .arg(file)
+            .env("MMLLM_MAX_IMAGE_BYTES", cap.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // An uncapped read of /dev/zero never ends: fail instead of hanging.
+        let start = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > std::time::Duration::from_secs(60) {
+                child.kill().unwrap();
+                panic!("{args:?} {file}: still running after 60 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    };
+    let commands: [&[&str]; 2] = [
+        &["profile-preprocess", "--processor", "clip"],
+        &[
+            "profile-decode",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--context",
+            "4",
+            "--steps",
+            "2",
+            "--image",
+        ],
+    ];
+    for args in commands {
+        for (file, cap) in [(image, size - 1), ("/dev/zero", 1 << 20)] {
+            let out = run(args, file, cap);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?} {file}: {stderr}");
+            assert!(stderr.contains(file), "{args:?}: {stderr}");
+            assert!(stderr.contains("cap"), "{args:?}: {stderr}");
+        }
+        // At the file's size it is read.
+        let out = run(args, image, size);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

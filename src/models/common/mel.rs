@@ -8,6 +8,8 @@
 
 use std::borrow::Cow;
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::media::resample::resample;
 use crate::media::Audio;
@@ -244,29 +246,47 @@ impl MelExtractor {
         // HF computes 1 + len / hop frames and drops the last one.
         let frames = len / cfg.hop_length;
         let n_freq = cfg.n_fft / 2 + 1;
-        let mut power = vec![0.0f64; n_freq];
-        let mut buf = vec![Complex::default(); cfg.n_fft];
-        let mut scratch = vec![Complex::default(); cfg.n_fft];
+        // Frames in parallel, each into its own row of `by_frame` (frames, n_mels).
+        let mut by_frame = vec![0.0f32; frames * cfg.n_mels];
+        let scratch = || {
+            let zero = Complex::default();
+            (
+                vec![0.0f64; n_freq],
+                vec![zero; cfg.n_fft],
+                vec![zero; cfg.n_fft],
+            )
+        };
+        by_frame
+            .par_chunks_mut(cfg.n_mels)
+            .enumerate()
+            .for_each_init(scratch, |(power, buf, scratch), (t, out)| {
+                let window = &padded[t * cfg.hop_length..t * cfg.hop_length + cfg.n_fft];
+                // A window of zeros (the padding after a short utterance) has a spectrum of
+                // zeros: every mel value is then log10 of the 1e-10 floor, as computed below.
+                if window.iter().all(|&x| x == 0.0) {
+                    out.fill(1e-10f64.log10() as f32);
+                    return;
+                }
+                for ((c, &x), &w) in buf.iter_mut().zip(window).zip(&self.window) {
+                    *c = Complex { re: x * w, im: 0.0 };
+                }
+                self.fft.run(buf, scratch);
+                for (p, c) in power.iter_mut().zip(buf.iter()) {
+                    // numpy stores the spectrum as complex64 before taking |.|^2 in f64.
+                    let re = f64::from(c.re as f32);
+                    let im = f64::from(c.im as f32);
+                    *p = re * re + im * im;
+                }
+                for (m, &(lo, hi)) in self.support.iter().enumerate() {
+                    let row = &self.filters[m * n_freq + lo..m * n_freq + hi];
+                    let mel: f64 = row.iter().zip(&power[lo..hi]).map(|(w, p)| w * p).sum();
+                    out[m] = mel.max(1e-10).log10() as f32;
+                }
+            });
         let mut logmel = vec![0.0f32; cfg.n_mels * frames];
-        for t in 0..frames {
-            let start = t * cfg.hop_length;
-            for (i, c) in buf.iter_mut().enumerate() {
-                *c = Complex {
-                    re: padded[start + i] * self.window[i],
-                    im: 0.0,
-                };
-            }
-            self.fft.run(&mut buf, &mut scratch);
-            for (p, c) in power.iter_mut().zip(&buf) {
-                // numpy stores the spectrum as complex64 before taking |.|^2 in f64.
-                let re = f64::from(c.re as f32);
-                let im = f64::from(c.im as f32);
-                *p = re * re + im * im;
-            }
-            for (m, &(lo, hi)) in self.support.iter().enumerate() {
-                let row = &self.filters[m * n_freq + lo..m * n_freq + hi];
-                let mel: f64 = row.iter().zip(&power[lo..hi]).map(|(w, p)| w * p).sum();
-                logmel[m * frames + t] = mel.max(1e-10).log10() as f32;
+        for (t, row) in by_frame.chunks_exact(cfg.n_mels).enumerate() {
+            for (m, &v) in row.iter().enumerate() {
+                logmel[m * frames + t] = v;
             }
         }
         let max = logmel.iter().copied().fold(f32::NEG_INFINITY, f32::max);

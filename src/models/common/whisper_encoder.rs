@@ -3,7 +3,7 @@
 //! final layer norm. The families differ only around it (which frames they keep, masked keys,
 //! pooling), so they call its three stages themselves.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -177,38 +177,21 @@ impl WhisperEncoder {
         x: &Tensor,
         mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        let hd = d / self.heads;
+        let hd = x.dim(2)? / self.heads;
         // Each reference's own expression for the scale (they can differ in the last bit).
         let scale = match self.scale_at {
             ScaleAt::Queries => (hd as f64).powf(-0.5),
             ScaleAt::Scores => 1.0 / (hd as f64).sqrt(),
-        };
-        let split = |t: Tensor| {
-            t.reshape((b, n, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
         };
         let q = layer.q.forward(x)?;
         let q = match self.scale_at {
             ScaleAt::Queries => (q * scale)?,
             ScaleAt::Scores => q,
         };
-        let (q, k, v) = (
-            split(q)?,
-            split(layer.k.forward(x)?)?,
-            split(layer.v.forward(x)?)?,
-        );
-        let mut w = q.matmul(&k.t()?)?;
-        if self.scale_at == ScaleAt::Scores {
-            w = (w * scale)?;
-        }
-        if let Some(mask) = mask {
-            w = w.broadcast_add(mask)?;
-        }
-        let dtype = w.dtype();
-        let w = candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-        let y = w.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        let score_scale = (self.scale_at == ScaleAt::Scores).then_some(scale);
+        let (k, v) = (layer.k.forward(x)?, layer.v.forward(x)?);
+        // On the CPU without all heads' (n, n) scores in memory at once.
+        let y = crate::kernels::cpu::attention(&q, &k, &v, self.heads, score_scale, mask)?;
         layer.out.forward(&y)
     }
 }

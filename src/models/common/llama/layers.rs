@@ -110,7 +110,7 @@ fn fuse(parts: &[Linear]) -> candle_core::Result<(Linear, Option<Tensor>)> {
     let weights: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
     let biases: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias()).collect();
     let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
-    Ok((Linear::new(Tensor::cat(&weights, 0)?, None), bias))
+    Ok((Linear::new(kernels::cpu::cat_rows(&weights)?, None), bias))
 }
 
 /// A projection stored already fused (Phi-3's `qkv_proj`, `gate_up_proj`), split as [`fuse`]
