@@ -131,6 +131,34 @@ struct Step {
     }
 };
 
+// Pair (j, j + half) of head h in one row of the fused q/k/v projection, for the rope kernels:
+// the bias added (if any, rounded as a separate add does), rotated by (c, s) in HF's order (each
+// product rounded to T, then their sum) into o. For a key head (h >= heads) also its value
+// pair, biased, into v.
+template <typename T>
+__device__ __forceinline__ void rope_pair(const T *row, const T *bias, int h, int j, int heads,
+                                          int kv_heads, int head_dim, float c, float s, T (&o)[2],
+                                          T (&v)[2]) {
+    int half = head_dim / 2, a = h * head_dim + j, b = a + half;
+    float x1 = to_f(row[a]), x2 = to_f(row[b]);
+    if (bias) {
+        x1 = rnd<T>(x1 + to_f(bias[a]));
+        x2 = rnd<T>(x2 + to_f(bias[b]));
+    }
+    o[0] = from_f<T>(rnd<T>(x1 * c) + rnd<T>(-x2 * s));
+    o[1] = from_f<T>(rnd<T>(x2 * c) + rnd<T>(x1 * s));
+    if (h >= heads) {
+        int va = (kv_heads + h) * head_dim + j, vb = va + half;
+        float v1 = to_f(row[va]), v2 = to_f(row[vb]);
+        if (bias) {
+            v1 += to_f(bias[va]);
+            v2 += to_f(bias[vb]);
+        }
+        v[0] = from_f<T>(v1);
+        v[1] = from_f<T>(v2);
+    }
+}
+
 // Grid (rows, heads + kv_heads), block >= head_dim / 2 threads. Adds the q/k/v bias (if any,
 // rounding as a separate add does), applies rotary embeddings (HF's rotate-half layout, cos and
 // sin rounded to T as HF casts them) to q and k, writes q to q_out (rows, heads, head_dim) and
@@ -144,35 +172,21 @@ __device__ void rope_write_kv(const T *qkv, const T *bias, const float *inv_freq
     const T *row = qkv + (size_t)r * width;
     float pos = (float)step.pos(r);
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
-        int a = h * head_dim + j, b = a + half;
-        float x1 = to_f(row[a]), x2 = to_f(row[b]);
-        if (bias) {
-            x1 = rnd<T>(x1 + to_f(bias[a]));
-            x2 = rnd<T>(x2 + to_f(bias[b]));
-        }
         float angle = pos * inv_freq[j];
-        float c = rnd<T>(cosf(angle)), s = rnd<T>(sinf(angle));
-        T o1 = from_f<T>(rnd<T>(x1 * c) + rnd<T>(-x2 * s));
-        T o2 = from_f<T>(rnd<T>(x2 * c) + rnd<T>(x1 * s));
+        T o[2], vp[2];
+        rope_pair<T>(row, bias, h, j, heads, kv_heads, head_dim, rnd<T>(cosf(angle)),
+                     rnd<T>(sinf(angle)), o, vp);
         if (h < heads) {
             T *q = q_out + ((size_t)r * heads + h) * head_dim;
-            q[j] = o1;
-            q[j + half] = o2;
+            q[j] = o[0];
+            q[j + half] = o[1];
         } else {
-            int kvh = h - heads;
-            size_t at = ((size_t)kvh * step.cap(r) + step.slot(r)) * head_dim;
-            T *k = step.k<T>(layer, r) + at;
-            k[j] = o1;
-            k[j + half] = o2;
-            T *v = step.v<T>(layer, r) + at;
-            int va = (heads + kv_heads + kvh) * head_dim + j, vb = va + half;
-            float v1 = to_f(row[va]), v2 = to_f(row[vb]);
-            if (bias) {
-                v1 = v1 + to_f(bias[va]);
-                v2 = v2 + to_f(bias[vb]);
-            }
-            v[j] = from_f<T>(v1);
-            v[j + half] = from_f<T>(v2);
+            size_t at = ((size_t)(h - heads) * step.cap(r) + step.slot(r)) * head_dim;
+            T *k = step.k<T>(layer, r) + at, *v = step.v<T>(layer, r) + at;
+            k[j] = o[0];
+            k[j + half] = o[1];
+            v[j] = vp[0];
+            v[j + half] = vp[1];
         }
     }
 }
@@ -449,32 +463,19 @@ __device__ void prefill_rope_kv(const T *qkv, const T *bias, const T *cos, const
     const T *row = qkv + (size_t)r * width;
     for (int p = threadIdx.x; p < (heads + kv_heads) * half; p += blockDim.x) {
         int h = p / half, j = p % half;
-        int a = h * head_dim + j, b = a + half;
-        float x1 = to_f(row[a]), x2 = to_f(row[b]);
-        if (bias) {
-            x1 = rnd<T>(x1 + to_f(bias[a]));
-            x2 = rnd<T>(x2 + to_f(bias[b]));
-        }
-        float c = to_f(cos[(size_t)r * half + j]), s = to_f(sin[(size_t)r * half + j]);
-        T o1 = from_f<T>(rnd<T>(x1 * c) + rnd<T>(-x2 * s));
-        T o2 = from_f<T>(rnd<T>(x2 * c) + rnd<T>(x1 * s));
+        T o[2], vp[2];
+        rope_pair<T>(row, bias, h, j, heads, kv_heads, head_dim, to_f(cos[(size_t)r * half + j]),
+                     to_f(sin[(size_t)r * half + j]), o, vp);
         if (h < heads) {
             T *q = q_out + ((size_t)h * t + r) * head_dim;
-            q[j] = o1;
-            q[j + half] = o2;
+            q[j] = o[0];
+            q[j + half] = o[1];
         } else {
-            int kvh = h - heads;
-            size_t at = ((size_t)kvh * cap + start + r) * head_dim;
-            k_cache[at + j] = o1;
-            k_cache[at + j + half] = o2;
-            int va = (heads + kv_heads + kvh) * head_dim + j, vb = va + half;
-            float v1 = to_f(row[va]), v2 = to_f(row[vb]);
-            if (bias) {
-                v1 += to_f(bias[va]);
-                v2 += to_f(bias[vb]);
-            }
-            v_cache[at + j] = from_f<T>(v1);
-            v_cache[at + j + half] = from_f<T>(v2);
+            size_t at = ((size_t)(h - heads) * cap + start + r) * head_dim;
+            k_cache[at + j] = o[0];
+            k_cache[at + j + half] = o[1];
+            v_cache[at + j] = vp[0];
+            v_cache[at + j + half] = vp[1];
         }
     }
 }
